@@ -1,0 +1,152 @@
+"""Prompt-embeds wire format: encode our tensors, and safely decode untrusted ones.
+
+The wire format is vLLM's: base64 of `torch.save(tensor)` for a `(rows, hidden)` tensor.
+Decoding follows DESIGN.md's safety list (CVE-2025-62164): length cap before decoding,
+strict base64, `weights_only` load inside sparse-invariant checks under one process-wide
+lock, then shape / dtype / layout / stride / finiteness checks. What leaves the gateway is
+always a fresh encode of a contiguous clone, never the client's bytes.
+"""
+
+from __future__ import annotations
+
+import binascii
+import io
+import threading
+from dataclasses import dataclass
+
+import pybase64
+import torch
+
+from serve_app.errors import GatewayError
+
+# torch.load's unpickler and sparse invariant checking are process-global state.
+_LOAD_LOCK = threading.Lock()
+
+# A torch.save zip adds a few KiB of headers and alignment padding to the raw data.
+_ARCHIVE_OVERHEAD_BYTES = 64 * 1024
+_ACCEPTED_TYPES = (torch.Tensor, torch.nn.Parameter)
+
+
+@dataclass(frozen=True)
+class EncodedPromptEmbeds:
+    """One prompt's embeddings on the wire: base64 text (ASCII bytes) and its row count."""
+
+    data: bytes
+    rows: int
+
+
+@dataclass(frozen=True)
+class EmbedsSpec:
+    """What a decoded tensor must look like for the served model."""
+
+    hidden_size: int
+    max_rows: int
+    max_bytes: int
+    dtype: torch.dtype
+
+    @property
+    def max_base64_chars(self) -> int:
+        return (self.max_bytes + _ARCHIVE_OVERHEAD_BYTES + 2) // 3 * 4
+
+
+def encode_prompt_embeds(tensor: torch.Tensor) -> EncodedPromptEmbeds:
+    """`torch.save` + pybase64 of a 2-D tensor, saving only its own elements.
+
+    `torch.save` writes a view's whole underlying storage, so a row slice of a batch is
+    cloned first; a tensor that owns exactly its storage is saved as is.
+    """
+    if tensor.dim() != 2:
+        raise ValueError(f"expected a 2-D (rows, hidden) tensor, got shape {tuple(tensor.shape)}")
+    tensor = tensor.detach().to("cpu")
+    owns_storage = (
+        tensor.is_contiguous()
+        and tensor.storage_offset() == 0
+        and tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size()
+    )
+    if not owns_storage:
+        tensor = tensor.contiguous().clone()
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    return EncodedPromptEmbeds(pybase64.b64encode(buffer.getbuffer()), int(tensor.shape[0]))
+
+
+def _invalid(message: str, param: str) -> GatewayError:
+    return GatewayError(message, 400, param=param, code="invalid_prompt_embeds")
+
+
+def _has_internal_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> bool:
+    """True when two indices of the tensor address the same element (e.g. zero strides)."""
+    span = 1
+    for size, stride in sorted(zip(shape, strides, strict=True), key=lambda pair: pair[1]):
+        if size == 1:
+            continue
+        if stride < span:
+            return True
+        span = stride * size
+    return False
+
+
+def _load_untrusted(raw: bytes, param: str) -> object:
+    try:
+        with _LOAD_LOCK, torch.sparse.check_sparse_tensor_invariants():
+            return torch.load(io.BytesIO(raw), weights_only=True, map_location="cpu")
+    except Exception as exc:  # any failure of an untrusted archive is the client's error
+        raise _invalid(
+            f"{param} is not a tensor saved with torch.save ({type(exc).__name__})", param
+        ) from None
+
+
+def decode_prompt_embeds(
+    text: str | bytes, spec: EmbedsSpec, param: str = "prompt_embeds"
+) -> torch.Tensor:
+    """Decode and validate one client-supplied base64 tensor; raise a 400 on any violation.
+
+    Returns a fresh contiguous `(rows, hidden)` tensor in `spec.dtype`.
+    """
+    if len(text) > spec.max_base64_chars:
+        raise _invalid(
+            f"{param} is {len(text)} base64 characters; the limit is {spec.max_base64_chars}",
+            param,
+        )
+    if len(text) == 0:
+        raise _invalid(f"{param} is empty", param)
+    try:
+        raw = pybase64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise _invalid(f"{param} is not valid base64", param) from None
+
+    loaded = _load_untrusted(raw, param)
+    if type(loaded) not in _ACCEPTED_TYPES:
+        raise _invalid(f"{param} must hold a tensor, not {type(loaded).__name__}", param)
+    assert isinstance(loaded, torch.Tensor)
+    tensor = loaded.detach()
+    if tensor.layout != torch.strided:
+        raise _invalid(f"{param} must be a dense tensor, not {tensor.layout}", param)
+    if not tensor.is_floating_point():
+        raise _invalid(f"{param} must be a floating-point tensor, not {tensor.dtype}", param)
+    if tensor.dim() == 3 and tensor.shape[0] == 1:
+        tensor = tensor[0]
+    if tensor.dim() != 2:
+        raise _invalid(
+            f"{param} must have shape (rows, hidden) or (1, rows, hidden), got "
+            f"{tuple(loaded.shape)}",
+            param,
+        )
+    rows, hidden = tensor.shape
+    if hidden != spec.hidden_size:
+        raise _invalid(
+            f"{param} hidden size is {hidden}; the model's is {spec.hidden_size}", param
+        )
+    if not 1 <= rows <= spec.max_rows:
+        raise _invalid(f"{param} has {rows} rows; allowed is 1 to {spec.max_rows}", param)
+    if tensor.numel() * tensor.element_size() > spec.max_bytes:
+        raise _invalid(f"{param} is larger than the limit of {spec.max_bytes} bytes", param)
+    if _has_internal_overlap(tuple(tensor.shape), tuple(tensor.stride())):
+        raise _invalid(f"{param} has overlapping (e.g. zero) strides", param)
+    converted = tensor.to(dtype=spec.dtype, copy=True, memory_format=torch.contiguous_format)
+    if not bool(torch.isfinite(converted).all()):
+        raise _invalid(
+            f"{param} contains NaN or infinite values (after conversion to {spec.dtype})",
+            param,
+        )
+    return converted

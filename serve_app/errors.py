@@ -1,0 +1,116 @@
+"""OpenAI-shaped errors: one exception type, one body builder, one exception mapper.
+
+Every error the gateway answers has the body `{"error": {"message", "type", "param",
+"code"}}` and an HTTP status the OpenAI SDK maps to its exception classes.
+"""
+
+from __future__ import annotations
+
+import logging
+from http import HTTPStatus
+from typing import Any
+
+import orjson
+from pydantic import ValidationError
+from starlette.responses import Response
+
+logger = logging.getLogger(__name__)
+
+_TYPE_BY_STATUS = {
+    400: "BadRequestError",
+    401: "AuthenticationError",
+    404: "NotFoundError",
+    413: "RequestTooLargeError",
+    429: "RateLimitError",
+    500: "InternalServerError",
+    502: "BadGatewayError",
+    503: "ServiceUnavailableError",
+    504: "GatewayTimeoutError",
+}
+
+
+class GatewayError(Exception):
+    """A request failure with its HTTP status and OpenAI error fields."""
+
+    def __init__(
+        self,
+        message: str,
+        status: int = 400,
+        *,
+        param: str | None = None,
+        code: str | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        self.status = status
+        self.param = param
+        self.code = code
+        self.headers = headers or {}
+
+    @property
+    def type(self) -> str:
+        if self.status in _TYPE_BY_STATUS:
+            return _TYPE_BY_STATUS[self.status]
+        return HTTPStatus(self.status).phrase.replace(" ", "") + "Error"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "error": {
+                "message": self.message,
+                "type": self.type,
+                "param": self.param,
+                "code": self.code if self.code is not None else self.status,
+            }
+        }
+
+    def to_body(self) -> bytes:
+        return orjson.dumps(self.to_dict())
+
+    def to_response(self) -> Response:
+        return Response(
+            self.to_body(),
+            status_code=self.status,
+            media_type="application/json",
+            headers=self.headers,
+        )
+
+    def to_sse_event(self) -> bytes:
+        return b"data: " + self.to_body() + b"\n\n"
+
+
+def from_validation_error(exc: ValidationError) -> GatewayError:
+    """The first pydantic error as a 400 naming the offending field (never its value)."""
+    first = exc.errors(include_url=False, include_input=False)[0]
+    location = ".".join(str(part) for part in first["loc"]) or None
+    message = first["msg"]
+    if location:
+        message = f"{location}: {message}"
+    return GatewayError(message, 400, param=location, code="invalid_request")
+
+
+def to_gateway_error(exc: BaseException) -> GatewayError:
+    """Map any exception raised while serving a request to an OpenAI error.
+
+    Ray wraps replica exceptions; `RayTaskError` subclasses the original type, so the
+    isinstance checks see through it.
+    """
+    if isinstance(exc, GatewayError):
+        return exc
+    if isinstance(exc, ValidationError):
+        return from_validation_error(exc)
+    if isinstance(exc, orjson.JSONDecodeError):
+        return GatewayError("The request body is not valid JSON.", 400, code="invalid_json")
+    name = type(exc).__name__
+    if "BackPressureError" in name:
+        return GatewayError(
+            "The gateway is overloaded; retry shortly.",
+            429,
+            code="overloaded",
+            headers={"Retry-After": "1"},
+        )
+    if "DeploymentUnavailableError" in name:
+        return GatewayError("A gateway component is unavailable.", 503, code="unavailable")
+    # Messages of unexpected exceptions may quote request data: log the type only.
+    logger.error("internal error while serving a request: %s", name)
+    return GatewayError("Internal server error.", 500, code="internal_error")

@@ -1,0 +1,156 @@
+"""Pydantic mirrors of the OpenAI completions schema, plus the gateway's extras.
+
+Fields follow the OpenAI API reference's order; our extras sit together at the end of
+each model with descriptions. Unknown request fields are kept (`extra="allow"`) and
+forwarded upstream, as vLLM does with its own extensions; only their names are logged.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+logger = logging.getLogger(__name__)
+
+TokenIds = list[int]
+
+
+class OpenAIBaseModel(BaseModel):
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
+
+    @model_validator(mode="after")
+    def _log_extra_field_names(self) -> OpenAIBaseModel:
+        if self.model_extra:
+            logger.info("forwarding unrecognised fields: %s", sorted(self.model_extra))
+        return self
+
+
+class StreamOptions(OpenAIBaseModel):
+    include_usage: bool | None = False
+
+
+class CompletionRequest(OpenAIBaseModel):
+    # Ordered as in https://platform.openai.com/docs/api-reference/completions/create
+    model: str
+    prompt: str | list[str] | TokenIds | list[TokenIds] | None = None
+    best_of: int | None = Field(None, ge=1)
+    echo: bool | None = False
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: int | None = Field(None, ge=0)
+    max_tokens: int | None = Field(None, ge=1)
+    n: int = Field(1, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    suffix: str | None = None
+    temperature: float | None = Field(None, ge=0.0)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    user: str | None = None
+
+    # --- extras (vLLM / NIM) ---
+    prompt_embeds: str | list[str] | None = Field(
+        None,
+        description=(
+            "Base64 of torch.save of a (rows, hidden) tensor, or a list of them. NIM's "
+            "spelling `prompt-embeds` is accepted too."
+        ),
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _merge_embeds_spellings(cls, data: Any) -> Any:
+        if isinstance(data, dict) and "prompt-embeds" in data:
+            data = dict(data)
+            nim_spelling = data.pop("prompt-embeds")
+            if data.get("prompt_embeds") is not None:
+                raise ValueError("send prompt_embeds or prompt-embeds, not both")
+            data["prompt_embeds"] = nim_spelling
+        return data
+
+    def text_prompts(self) -> list[str] | list[TokenIds]:
+        """The `prompt` field as a list of texts or of token-id lists (maybe empty).
+
+        An empty string beside embeddings is NIM's convention for "no text prompt".
+        """
+        prompt = self.prompt
+        if prompt is None:
+            return []
+        if isinstance(prompt, str):
+            return [] if prompt == "" and self.prompt_embeds is not None else [prompt]
+        if prompt and isinstance(prompt[0], int):
+            return [prompt]  # type: ignore[list-item]
+        if prompt == [""] and self.prompt_embeds is not None:
+            return []
+        return prompt  # type: ignore[return-value]
+
+    def embeds_list(self) -> list[str]:
+        if self.prompt_embeds is None:
+            return []
+        return [self.prompt_embeds] if isinstance(self.prompt_embeds, str) else self.prompt_embeds
+
+    def upstream_fields(self) -> dict[str, Any]:
+        """Everything the client set except the model and the prompt itself, for forwarding."""
+        return self.model_dump(exclude_unset=True, exclude={"model", "prompt", "prompt_embeds"})
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "serve_app"
+    max_model_len: int | None = None
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int | None = 0
+    total_tokens: int = 0
+
+
+class CompletionLogprobs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] | None = None
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogprobs | None = None
+    finish_reason: str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChoice]
+    usage: UsageInfo | None = None
