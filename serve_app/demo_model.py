@@ -1,0 +1,155 @@
+"""The demo model: a tiny Llama-architecture checkpoint with a byte-level tokenizer.
+
+Built locally with no network in a few seconds, identical on every build (seeded,
+single-threaded training on `DEMO_TEXT`), so the default config runs anywhere and a client
+can rebuild the very same model to compute its own prompt embeddings:
+
+    python -m serve_app.demo_model DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import fcntl
+import logging
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from serve_app.demo_text import DEMO_TEXT
+
+logger = logging.getLogger(__name__)
+
+BUILD_VERSION = "v1"
+"""Bump when the recipe changes, so caches of older builds are not reused."""
+
+SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
+CHAT_TEMPLATE = (
+    "{{ bos_token }}"
+    "{% for message in messages %}"
+    "{{ '<|' + message['role'] + '|>\n' + message['content'] + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
+)
+_CONTEXT = 512
+_TRAIN_STEPS = 300
+_TRAIN_SEQ = 64
+_TRAIN_BATCH = 16
+_SEED = 1234
+
+
+def _build_tokenizer() -> object:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: index for index, token in enumerate(SPECIAL_TOKENS + alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    core.post_processor = processors.TemplateProcessing(
+        single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
+    )
+    core.add_special_tokens(SPECIAL_TOKENS)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=core,
+        bos_token="<s>",
+        eos_token="</s>",
+        pad_token="<pad>",
+        model_max_length=_CONTEXT,
+        chat_template=CHAT_TEMPLATE,
+    )
+
+
+def _train(model: torch.nn.Module, ids: torch.Tensor, eos_id: int) -> None:
+    generator = torch.Generator().manual_seed(_SEED)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, _TRAIN_STEPS)
+    model.train()
+    for _ in range(_TRAIN_STEPS):
+        starts = torch.randint(0, ids.numel() - _TRAIN_SEQ - 1, (_TRAIN_BATCH,), generator=generator)
+        batch = torch.stack([ids[s : s + _TRAIN_SEQ] for s in starts.tolist()])
+        loss = model(input_ids=batch, labels=batch).loss
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        schedule.step()
+    model.eval()
+
+
+@contextlib.contextmanager
+def _single_threaded() -> Iterator[None]:
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def build_demo_model(target: Path) -> Path:
+    """Write the demo checkpoint (config, safetensors, tokenizer) into `target`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = _build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=192,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=_CONTEXT,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=False,
+        torch_dtype="float32",
+    )
+    with _single_threaded(), torch.random.fork_rng(devices=[]):
+        torch.manual_seed(_SEED)
+        model = LlamaForCausalLM(config)
+        lines = [line for line in DEMO_TEXT.splitlines() if line]
+        encoded = tokenizer("\n".join(lines * 4), verbose=False).input_ids
+        _train(model, torch.tensor(encoded), tokenizer.eos_token_id)
+    target.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(target, safe_serialization=True)
+    tokenizer.save_pretrained(target)
+    return target
+
+
+def ensure_demo_model(cache_dir: Path) -> Path:
+    """The demo checkpoint under `cache_dir`, built once; concurrent callers wait for it."""
+    target = cache_dir / f"demo-llama-{BUILD_VERSION}"
+    if (target / "config.json").exists():
+        return target
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with open(cache_dir / f".demo-llama-{BUILD_VERSION}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if (target / "config.json").exists():
+            return target
+        logger.warning("building the demo model into %s (first start only)", target)
+        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".demo-build-"))
+        try:
+            build_demo_model(staging)
+            os.replace(staging, target)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+    return target
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Build the serve_app demo model into DIR.")
+    parser.add_argument("dir", type=Path)
+    args = parser.parse_args()
+    path = build_demo_model(args.dir)
+    print(f"demo model written to {path}")
+
+
+if __name__ == "__main__":
+    main()
