@@ -1,0 +1,135 @@
+"""Ray Serve shells over the plain cores, and the application builders.
+
+`build_app(AppConfig)` is the gateway's entry point in `serve_config.yaml`;
+`build_reference_app(ReferenceBackendConfig)` is the embedded default upstream's. Serve
+validates each YAML `args` block against the builder's annotated pydantic type.
+"""
+
+# No `from __future__ import annotations` here: Serve validates YAML args only when the
+# builder's annotation is a real pydantic class, not a string.
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Sequence
+from typing import Any
+
+from fastapi import FastAPI
+from ray import serve
+from ray.serve.handle import DeploymentHandle
+
+from serve_app.checkpoint import resolve_model_dir
+from serve_app.codec import EncodedPromptEmbeds
+from serve_app.config import AppConfig, BatchingConfig, ReferenceBackendConfig
+from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
+from serve_app.embedder import EmbedderCore
+from serve_app.ingress import CompletionsService, create_gateway_app
+from serve_app.reference_backend import ReferenceBackend, create_reference_app
+
+logger = logging.getLogger(__name__)
+
+# Fractional CPUs so the whole graph (and the reference backend) fits on a 2-core machine;
+# serve_config.yaml may override any of these per deployment.
+_SMALL = {"num_cpus": 0.25}
+_EMBEDDER_AUTOSCALING = {
+    "min_replicas": 1,
+    "max_replicas": 2,
+    "target_ongoing_requests": 8,
+}
+
+
+@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=64,
+                  autoscaling_config=_EMBEDDER_AUTOSCALING)
+class Embedder:
+    def __init__(self, config: dict[str, Any]) -> None:
+        config = AppConfig.model_validate(config)
+        self.core = EmbedderCore.from_checkpoint(resolve_model_dir(config.model), config.model)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batching from `user_config`: `serve deploy` changes it without a restart."""
+        batching = BatchingConfig.model_validate(user_config)
+        self.embed.set_max_batch_size(batching.max_batch_size)
+        self.embed.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    async def embed(self, batch: list[list[int]]) -> list[EncodedPromptEmbeds]:
+        # Lookup, torch.save and base64 run off the event loop so queued requests keep flowing.
+        return await asyncio.to_thread(self.core.embed_batch, batch)
+
+
+@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=256)
+class Dispatcher:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.core = DispatcherCore.from_config(AppConfig.model_validate(config).upstream)
+
+    async def complete(self, call: UpstreamCall, *embeds: EncodedPromptEmbeds) -> UpstreamReply:
+        return await self.core.complete(call, embeds)
+
+    async def stream(
+        self, call: UpstreamCall, *embeds: EncodedPromptEmbeds
+    ) -> AsyncIterator[UpstreamReply | bytes]:
+        async for item in self.core.stream(call, embeds):
+            yield item
+
+
+class ServeBackend:
+    """Embedder and dispatcher reached through Serve handles.
+
+    The embedder's DeploymentResponse goes into the dispatcher call as a top-level argument,
+    so Serve hands the embeddings from replica to replica without this process reading them.
+    """
+
+    def __init__(self, embedder: DeploymentHandle, dispatcher: DeploymentHandle) -> None:
+        self.embedder = embedder
+        self.dispatcher = dispatcher
+        self.streaming_dispatcher = dispatcher.options(stream=True)
+
+    def embed(self, token_ids: list[int]) -> Any:
+        return self.embedder.embed.remote(token_ids)
+
+    async def complete(self, call: UpstreamCall, embeds: Sequence[Any]) -> UpstreamReply:
+        reply: UpstreamReply = await self.dispatcher.complete.remote(call, *embeds)
+        return reply
+
+    async def stream(
+        self, call: UpstreamCall, embeds: Sequence[Any]
+    ) -> AsyncIterator[UpstreamReply | bytes]:
+        events = self.streaming_dispatcher.stream.remote(call, *embeds)
+        try:
+            async for item in events:
+                yield item
+        finally:
+            events.cancel()
+
+
+@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=128)
+@serve.ingress()
+class Gateway:
+    def __init__(self, config: dict[str, Any], embedder: DeploymentHandle,
+                 dispatcher: DeploymentHandle) -> None:
+        self.service = CompletionsService.from_config(
+            AppConfig.model_validate(config), ServeBackend(embedder, dispatcher))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_gateway_app(self.service)
+
+
+@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=32)
+@serve.ingress()
+class Reference:
+    def __init__(self, config: dict[str, Any]) -> None:
+        self.backend = ReferenceBackend.from_config(ReferenceBackendConfig.model_validate(config))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        return create_reference_app(self.backend)
+
+
+def build_app(config: AppConfig) -> serve.Application:
+    """The gateway graph: Gateway (ingress) -> Embedder (batched) -> Dispatcher -> upstream."""
+    # Deployments receive the validated config as plain data and re-validate it on start.
+    plain = config.model_dump(mode="json")
+    embedder = Embedder.options(user_config=plain["batching"]).bind(plain)
+    dispatcher = Dispatcher.bind(plain)
+    return Gateway.bind(plain, embedder, dispatcher)
+
+
+def build_reference_app(config: ReferenceBackendConfig) -> serve.Application:
+    return Reference.bind(config.model_dump(mode="json"))

@@ -1,0 +1,212 @@
+"""The gateway's HTTP surface: OpenAI `/v1/completions`, `/v1/models`, `/health`.
+
+`CompletionsService` turns a request into prompt embeddings and hands them to a
+`GatewayBackend`: in Serve, the embedder and dispatcher deployment handles (the
+embedder's responses go to the dispatcher by reference, never awaited here); in tests,
+the plain cores in this process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Sequence
+from typing import Any, Protocol
+
+import orjson
+from fastapi import FastAPI, Request
+from starlette.exceptions import HTTPException
+from starlette.responses import Response, StreamingResponse
+
+from serve_app.checkpoint import ModelSpec, load_tokenizer, read_model_spec, resolve_model_dir
+from serve_app.codec import (
+    EmbedsSpec,
+    EncodedPromptEmbeds,
+    decode_prompt_embeds,
+    encode_prompt_embeds,
+)
+from serve_app.config import AppConfig
+from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
+from serve_app.embedder import EmbedderCore
+from serve_app.errors import GatewayError, to_gateway_error
+from serve_app.protocol import CompletionRequest, ModelCard, ModelList
+
+# Tokenize on the event loop below this many characters; above it, in a worker thread.
+_INLINE_TOKENIZE_CHARS = 8192
+_SSE_DONE = b"data: [DONE]\n\n"
+
+
+class GatewayBackend(Protocol):
+    """Where embedding and dispatch happen; `embed` returns an opaque, unawaited reference."""
+
+    def embed(self, token_ids: list[int]) -> Any: ...
+
+    async def complete(self, call: UpstreamCall, embeds: Sequence[Any]) -> UpstreamReply: ...
+
+    def stream(
+        self, call: UpstreamCall, embeds: Sequence[Any]
+    ) -> AsyncIterator[UpstreamReply | bytes]: ...
+
+
+class InProcessBackend:
+    """The embedder and dispatcher cores called directly, for running without Ray."""
+
+    def __init__(self, embedder: EmbedderCore, dispatcher: DispatcherCore) -> None:
+        self.embedder = embedder
+        self.dispatcher = dispatcher
+
+    def embed(self, token_ids: list[int]) -> asyncio.Task[EncodedPromptEmbeds]:
+        async def lookup() -> EncodedPromptEmbeds:
+            return (await asyncio.to_thread(self.embedder.embed_batch, [token_ids]))[0]
+
+        return asyncio.ensure_future(lookup())
+
+    async def _resolve(self, embeds: Sequence[Any]) -> list[EncodedPromptEmbeds]:
+        return [await item if asyncio.isfuture(item) else item for item in embeds]
+
+    async def complete(self, call: UpstreamCall, embeds: Sequence[Any]) -> UpstreamReply:
+        return await self.dispatcher.complete(call, await self._resolve(embeds))
+
+    async def stream(
+        self, call: UpstreamCall, embeds: Sequence[Any]
+    ) -> AsyncIterator[UpstreamReply | bytes]:
+        async for item in self.dispatcher.stream(call, await self._resolve(embeds)):
+            yield item
+
+
+class CompletionsService:
+    def __init__(
+        self, served_name: str, tokenizer: Any, model: ModelSpec, embeds: EmbedsSpec,
+        backend: GatewayBackend,
+    ) -> None:
+        self.served_name = served_name
+        self.tokenizer = tokenizer
+        self.model = model
+        self.embeds_spec = embeds
+        self.backend = backend
+
+    @classmethod
+    def from_config(cls, config: AppConfig, backend: GatewayBackend) -> CompletionsService:
+        model_dir = resolve_model_dir(config.model)
+        spec = read_model_spec(model_dir, config.model)
+        embeds = EmbedsSpec(
+            hidden_size=spec.hidden_size,
+            max_rows=spec.max_model_len,
+            max_bytes=config.limits.max_embeds_bytes
+            or spec.max_model_len * spec.hidden_size * 4,
+            dtype=spec.dtype,
+        )
+        return cls(config.model.name, load_tokenizer(model_dir), spec, embeds, backend)
+
+    def model_list(self) -> ModelList:
+        return ModelList(data=[ModelCard(id=self.served_name,
+                                         max_model_len=self.model.max_model_len)])
+
+    async def _token_ids(self, request: CompletionRequest) -> list[list[int]]:
+        prompts = request.text_prompts()
+        if not prompts or not isinstance(prompts[0], str):
+            return prompts  # type: ignore[return-value]
+        if sum(len(p) for p in prompts) <= _INLINE_TOKENIZE_CHARS:
+            return list(self.tokenizer(prompts).input_ids)
+        return list((await asyncio.to_thread(self.tokenizer, prompts)).input_ids)
+
+    def _check_token_ids(self, prompts: list[list[int]], max_tokens: int | None) -> None:
+        vocab = self.model.vocab_size
+        for ids in prompts:
+            if not ids:
+                raise GatewayError("A prompt has no tokens.", 400, param="prompt")
+            if any(not 0 <= i < vocab for i in ids):
+                raise GatewayError(f"Token ids must lie in [0, {vocab}).", 400, param="prompt")
+            self._check_length(len(ids), max_tokens)
+
+    def _check_length(self, rows: int, max_tokens: int | None) -> None:
+        limit = self.model.max_model_len
+        if rows + (max_tokens or 0) > limit:
+            raise GatewayError(
+                f"This model's maximum context length is {limit} tokens; the request has "
+                f"{rows} prompt tokens and max_tokens {max_tokens or 0}.",
+                400, param="max_tokens" if max_tokens else "prompt",
+                code="context_length_exceeded")
+
+    def _reencode(self, texts: list[str], max_tokens: int | None) -> list[EncodedPromptEmbeds]:
+        """Client embeddings: safe decode, then a fresh encode in the model's dtype."""
+        encoded = []
+        for index, text in enumerate(texts):
+            param = "prompt_embeds" if len(texts) == 1 else f"prompt_embeds[{index}]"
+            tensor = decode_prompt_embeds(text, self.embeds_spec, param)
+            self._check_length(int(tensor.shape[0]), max_tokens)
+            encoded.append(encode_prompt_embeds(tensor))
+        return encoded
+
+    async def _prepare(self, request: CompletionRequest) -> tuple[UpstreamCall, list[Any]]:
+        if request.model != self.served_name:
+            raise GatewayError(f"The model `{request.model}` does not exist.", 404,
+                               param="model", code="model_not_found")
+        client_embeds = request.embeds_list()
+        token_ids = await self._token_ids(request)
+        if not client_embeds and not token_ids:
+            raise GatewayError("Either prompt or prompt_embeds must be given.", 400,
+                               param="prompt")
+        self._check_token_ids(token_ids, request.max_tokens)
+        refs: list[Any] = []
+        if client_embeds:
+            refs += await asyncio.to_thread(self._reencode, client_embeds, request.max_tokens)
+        # vLLM's order: the embeddings' choices first, then the text prompts'.
+        refs += [self.backend.embed(ids) for ids in token_ids]
+        call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream))
+        return call, refs
+
+    async def completions(self, body: bytes) -> Response:
+        try:
+            request = CompletionRequest.model_validate(orjson.loads(body))
+            call, refs = await self._prepare(request)
+            if not call.stream:
+                reply = await self.backend.complete(call, refs)
+                return Response(reply.body, status_code=reply.status,
+                                media_type="application/json")
+            events = self.backend.stream(call, refs)
+            head = await anext(events)
+            assert isinstance(head, UpstreamReply)
+            if head.status != 200:
+                return Response(head.body, status_code=head.status,
+                                media_type="application/json")
+            return StreamingResponse(_relay(events), media_type="text/event-stream")
+        except Exception as exc:
+            return to_gateway_error(exc).to_response()
+
+
+async def _relay(events: AsyncIterator[UpstreamReply | bytes]) -> AsyncIterator[bytes]:
+    """Pass SSE events through; a failure after the first byte ends with an error + [DONE]."""
+    try:
+        async for event in events:
+            assert isinstance(event, bytes)
+            yield event
+    except Exception as exc:
+        yield to_gateway_error(exc).to_sse_event()
+        yield _SSE_DONE
+
+
+def create_gateway_app(service: CompletionsService) -> FastAPI:
+    app = FastAPI(title="serve_app gateway",
+                  description="OpenAI-compatible completions over prompt embeddings.")
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, exc: HTTPException) -> Response:
+        return GatewayError(str(exc.detail), exc.status_code).to_response()
+
+    @app.exception_handler(Exception)
+    async def _error(_: Request, exc: Exception) -> Response:
+        return to_gateway_error(exc).to_response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return service.model_list()
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        return await service.completions(await request.body())
+
+    return app
