@@ -1,0 +1,38 @@
+"""Fixtures shared by every tier: the demo checkpoint, built once per test session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from serve_app import envs
+from serve_app.demo_model import ensure_demo_model
+
+
+@pytest.fixture(scope="session")
+def cache_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A session-private SERVE_APP_CACHE_DIR, so tests never touch the user's cache."""
+    path = tmp_path_factory.mktemp("serve-app-cache")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv(envs.CACHE_DIR_ENV, str(path))
+        yield path
+
+
+@pytest.fixture(scope="session")
+def demo_model_dir(cache_dir: Path) -> Path:
+    return ensure_demo_model(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer(demo_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_model_dir)
+
+
+@pytest.fixture(scope="session")
+def demo_causal_lm(demo_model_dir: Path):  # type: ignore[no-untyped-def]
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(demo_model_dir).eval()
