@@ -1,0 +1,110 @@
+"""One local Ray + Serve for the whole integration session, deployed from serve_config.yaml.
+
+The gateway's upstream is pointed at a recording proxy in this process that forwards to
+the reference backend, so tests can inspect every byte the upstream received.
+"""
+
+from __future__ import annotations
+
+import http.server
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class RecordingProxy:
+    """Forwards POSTs to `target`, streaming the answer back; keeps each request body."""
+
+    target: str
+    bodies: list[bytes] = field(default_factory=list)
+    port: int = 0
+    server: http.server.ThreadingHTTPServer | None = None
+
+    def start(self) -> None:
+        proxy = self
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.0"  # close-delimited bodies: streams pass straight through
+
+            def do_POST(self) -> None:  # noqa: N802 - stdlib naming
+                body = self.rfile.read(int(self.headers.get("content-length", 0)))
+                proxy.bodies.append(body)
+                headers = {"content-type": self.headers.get("content-type", "application/json")}
+                with httpx.stream("POST", proxy.target + self.path, content=body,
+                                  headers=headers, timeout=120) as upstream:
+                    self.send_response(upstream.status_code)
+                    self.send_header("content-type", upstream.headers.get("content-type", ""))
+                    self.end_headers()
+                    for chunk in upstream.iter_raw():
+                        self.wfile.write(chunk)
+                        self.wfile.flush()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.port = _free_port()
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def stop(self) -> None:
+        if self.server:
+            self.server.shutdown()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+
+@dataclass
+class ServeGraph:
+    base_url: str
+    proxy: RecordingProxy
+    model: str
+
+
+@pytest.fixture(scope="session")
+def serve_graph(cache_dir: Path, demo_model_dir: Path) -> Iterator[ServeGraph]:
+    import ray
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.utils import import_attr
+
+    from serve_app import envs
+
+    port = _free_port()
+    # Logical CPUs above the real two: replicas ask for fractions, the reference backend more.
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {envs.CACHE_DIR_ENV: str(cache_dir)}})
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    proxy = RecordingProxy(target=f"http://127.0.0.1:{port}/reference")
+    proxy.start()
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    try:
+        for app in config["applications"]:
+            args = dict(app.get("args") or {})
+            if app["name"] == "gateway":
+                args["upstream"] = {**args.get("upstream", {}), "url": f"{proxy.url}/v1"}
+            built = call_user_app_builder_with_args_if_necessary(
+                import_attr(app["import_path"]), args)
+            serve.run(built, name=app["name"], route_prefix=app["route_prefix"])
+        yield ServeGraph(f"http://127.0.0.1:{port}", proxy, "serve-app-demo")
+    finally:
+        proxy.stop()
+        serve.shutdown()
+        ray.shutdown()
