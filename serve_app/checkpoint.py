@@ -63,7 +63,9 @@ def read_model_spec(model_dir: Path, config: ModelConfig) -> ModelSpec:
     raw = _text_config(model_dir)
     context = config.max_model_len or raw.get("max_position_embeddings") or raw.get("n_positions")
     if not context:
-        raise ValueError(f"{model_dir}/config.json names no context length; set model.max_model_len")
+        raise ValueError(
+            f"{model_dir}/config.json names no context length; set model.max_model_len"
+        )
     declared = raw.get("dtype") or raw.get("torch_dtype") or "float32"
     dtype_name = declared if config.dtype == "auto" else config.dtype
     if dtype_name not in _DTYPES:

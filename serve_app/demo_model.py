@@ -18,6 +18,7 @@ import shutil
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,7 +44,7 @@ _TRAIN_BATCH = 16
 _SEED = 1234
 
 
-def _build_tokenizer() -> object:
+def _build_tokenizer() -> Any:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
 
@@ -72,7 +73,8 @@ def _train(model: torch.nn.Module, ids: torch.Tensor, eos_id: int) -> None:
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, _TRAIN_STEPS)
     model.train()
     for _ in range(_TRAIN_STEPS):
-        starts = torch.randint(0, ids.numel() - _TRAIN_SEQ - 1, (_TRAIN_BATCH,), generator=generator)
+        high = ids.numel() - _TRAIN_SEQ - 1
+        starts = torch.randint(0, high, (_TRAIN_BATCH,), generator=generator)
         batch = torch.stack([ids[s : s + _TRAIN_SEQ] for s in starts.tolist()])
         loss = model(input_ids=batch, labels=batch).loss
         optimizer.zero_grad()
@@ -109,7 +111,6 @@ def build_demo_model(target: Path) -> Path:
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
         tie_word_embeddings=False,
-        torch_dtype="float32",
     )
     with _single_threaded(), torch.random.fork_rng(devices=[]):
         torch.manual_seed(_SEED)

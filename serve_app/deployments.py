@@ -40,8 +40,8 @@ _EMBEDDER_AUTOSCALING = {
                   autoscaling_config=_EMBEDDER_AUTOSCALING)
 class Embedder:
     def __init__(self, config: dict[str, Any]) -> None:
-        config = AppConfig.model_validate(config)
-        self.core = EmbedderCore.from_checkpoint(resolve_model_dir(config.model), config.model)
+        model = AppConfig.model_validate(config).model
+        self.core = EmbedderCore.from_checkpoint(resolve_model_dir(model), model)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batching from `user_config`: `serve deploy` changes it without a restart."""

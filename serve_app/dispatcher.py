@@ -92,7 +92,9 @@ def _upstream_error(status: int, body: bytes) -> GatewayError:
         pass
     if 400 <= status < 500:
         return GatewayError(message, status, code="upstream_error")
-    return GatewayError(f"upstream failed with HTTP {status}: {message}", 502, code="upstream_error")
+    return GatewayError(
+        f"upstream failed with HTTP {status}: {message}", 502, code="upstream_error"
+    )
 
 
 def _transport_error(exc: httpx.HTTPError) -> GatewayError:
@@ -208,7 +210,9 @@ async def _relay_events(
         try:
             payload = orjson.loads(data)
         except orjson.JSONDecodeError:
-            error = GatewayError("upstream sent an invalid stream event", 502, code="upstream_error")
+            error = GatewayError(
+                "upstream sent an invalid stream event", 502, code="upstream_error"
+            )
             yield error.to_sse_event()
             yield _SSE_DONE
             return

@@ -84,7 +84,7 @@ class CompletionRequest(OpenAIBaseModel):
         if isinstance(prompt, str):
             return [] if prompt == "" and self.prompt_embeds is not None else [prompt]
         if prompt and isinstance(prompt[0], int):
-            return [prompt]  # type: ignore[list-item]
+            return [prompt]
         if prompt == [""] and self.prompt_embeds is not None:
             return []
         return prompt  # type: ignore[return-value]

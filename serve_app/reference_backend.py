@@ -99,7 +99,7 @@ class ReferenceBackend:
 
         model_dir: Path = resolve_model_dir(config.model)
         spec = read_model_spec(model_dir, config.model)
-        model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=spec.dtype)
+        model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=spec.dtype)
         model.to(select_device(config.model.device)).eval()
         embeds_spec = EmbedsSpec(
             hidden_size=spec.hidden_size,
