@@ -1,0 +1,162 @@
+"""serve_config.yaml and the typed configs: validated exactly as `serve deploy` would, no Ray."""
+
+from __future__ import annotations
+
+import copy
+import importlib
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from pydantic import ValidationError
+from ray import serve
+from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+from ray.serve._private.build_app import build_app as build_serve_app
+from ray.serve.schema import ServeDeploySchema
+
+from serve_app.config import (
+    DEMO_SERVED_NAME,
+    AppConfig,
+    ModelConfig,
+    ReferenceBackendConfig,
+    UpstreamConfig,
+)
+
+CONFIG_PATH = Path(__file__).resolve().parents[2] / "serve_config.yaml"
+
+
+@pytest.fixture(scope="module")
+def raw_config() -> dict[str, Any]:
+    config: dict[str, Any] = yaml.safe_load(CONFIG_PATH.read_text())
+    return config
+
+
+def _builder(import_path: str) -> Any:
+    module, attribute = import_path.split(":")
+    return getattr(importlib.import_module(module), attribute)
+
+
+def _app(raw_config: dict[str, Any], name: str) -> dict[str, Any]:
+    (app,) = [app for app in raw_config["applications"] if app["name"] == name]
+    return app
+
+
+def _deployment(app: dict[str, Any], name: str) -> dict[str, Any]:
+    (deployment,) = [d for d in app["deployments"] if d["name"] == name]
+    return deployment
+
+
+def test_yaml_passes_serve_schema(raw_config: dict[str, Any]) -> None:
+    schema = ServeDeploySchema.model_validate(raw_config)
+    assert sorted(app.name for app in schema.applications) == ["gateway", "reference"]
+    routes = {app.name: app.route_prefix for app in schema.applications}
+    assert routes == {"gateway": "/", "reference": "/reference"}
+
+
+def test_every_application_builds(raw_config: dict[str, Any]) -> None:
+    for app in raw_config["applications"]:
+        application = call_user_app_builder_with_args_if_necessary(
+            _builder(app["import_path"]), app["args"]
+        )
+        assert isinstance(application, serve.Application)
+        # Every deployment the yaml configures exists in the built graph (a misspelt name
+        # would be rejected at deploy time), and the code defaults are fractional CPUs too.
+        built = build_serve_app(application, name=app["name"])
+        names = {deployment.name for deployment in built.deployments}
+        assert {d["name"] for d in app["deployments"]} <= names
+        for deployment in built.deployments:
+            assert 0 < deployment.ray_actor_options["num_cpus"] < 1, deployment.name
+
+
+def test_gateway_graph_shape(raw_config: dict[str, Any]) -> None:
+    app = _app(raw_config, "gateway")
+    application = call_user_app_builder_with_args_if_necessary(
+        _builder(app["import_path"]), app["args"]
+    )
+    built = build_serve_app(application, name="gateway")
+    assert sorted(d.name for d in built.deployments) == ["Dispatcher", "Embedder", "Gateway"]
+    assert built.ingress_deployment_name == "Gateway"
+
+
+def test_embedder_autoscales_with_headroom(raw_config: dict[str, Any]) -> None:
+    embedder = _deployment(_app(raw_config, "gateway"), "Embedder")
+    autoscaling = embedder["autoscaling_config"]
+    assert autoscaling["min_replicas"] <= autoscaling["max_replicas"]
+    assert embedder["max_ongoing_requests"] > autoscaling["target_ongoing_requests"]
+    assert "num_replicas" not in embedder  # autoscaling and a fixed count exclude each other
+
+
+def test_every_yaml_deployment_uses_fractional_cpus(raw_config: dict[str, Any]) -> None:
+    deployments = [d for app in raw_config["applications"] for d in app["deployments"]]
+    assert len(deployments) == 4
+    for deployment in deployments:
+        num_cpus = deployment["ray_actor_options"]["num_cpus"]
+        assert 0 < num_cpus < 1, deployment["name"]
+
+
+def test_embedder_user_config_is_valid_batching(raw_config: dict[str, Any]) -> None:
+    app = _app(raw_config, "gateway")
+    user_config = _deployment(app, "Embedder")["user_config"]
+    validated = AppConfig.model_validate(app["args"])
+    assert validated.batching.model_dump() == user_config
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "field"),
+    [
+        (("upstream", "dialect"), "openai", "dialect"),
+        (("batching", "max_batch"), 8, "max_batch"),
+        (("upstream", "url"), "127.0.0.1:9000/v1", "url"),
+        (("model", "dtype"), "int8", "dtype"),
+        (("batching", "max_batch_size"), 0, "max_batch_size"),
+        (("model", "source"), "  ", "source"),
+    ],
+)
+def test_bad_gateway_args_name_the_field(
+    raw_config: dict[str, Any], path: tuple[str, str], value: object, field: str
+) -> None:
+    app = _app(raw_config, "gateway")
+    args = copy.deepcopy(app["args"])
+    args[path[0]][path[1]] = value
+    with pytest.raises(ValidationError) as info:
+        call_user_app_builder_with_args_if_necessary(_builder(app["import_path"]), args)
+    assert field in str(info.value)
+    assert any(error["loc"] == path for error in info.value.errors())
+
+
+def test_bad_reference_args_name_the_field(raw_config: dict[str, Any]) -> None:
+    app = _app(raw_config, "reference")
+    args = {**copy.deepcopy(app["args"]), "max_tokens_defualt": 3}
+    with pytest.raises(ValidationError, match="max_tokens_defualt"):
+        call_user_app_builder_with_args_if_necessary(_builder(app["import_path"]), args)
+
+
+def test_app_config_defaults() -> None:
+    config = AppConfig()
+    assert config.model.source == "demo"
+    assert config.model.name == DEMO_SERVED_NAME == "serve-app-demo"
+    assert config.upstream.dialect == "vllm"
+    assert config.upstream.url.startswith("http://")
+    assert ReferenceBackendConfig().model.name == "serve-app-demo"
+
+
+def test_model_name_resolution() -> None:
+    assert ModelConfig(served_name="mine").name == "mine"
+    assert ModelConfig(source="org/model/").name == "org/model"
+
+
+@pytest.mark.parametrize("url", ["127.0.0.1:8000/v1", "ftp://host/v1", "ws://host/v1", ""])
+def test_upstream_url_needs_http_scheme(url: str) -> None:
+    with pytest.raises(ValidationError, match="http"):
+        UpstreamConfig(url=url)
+
+
+def test_upstream_url_trailing_slash_is_stripped() -> None:
+    assert UpstreamConfig(url="https://nim.example/v1/").url == "https://nim.example/v1"
+
+
+def test_configs_are_frozen() -> None:
+    config = AppConfig()
+    with pytest.raises(ValidationError):
+        config.model.source = "other"  # type: ignore[misc]

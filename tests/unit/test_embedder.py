@@ -1,0 +1,138 @@
+"""EmbedderCore and the checkpoint loader: the lookup equals the model's own embedding layer."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from serve_app.checkpoint import ModelSpec, load_input_embeddings, read_model_spec
+from serve_app.codec import EmbedsSpec, decode_prompt_embeds
+from serve_app.config import ModelConfig
+from serve_app.embedder import EmbedderCore
+
+# Different lengths in one batch, including a single token and the whole vocabulary.
+BATCH = [[0, 54, 71, 78], [7], list(range(259)), [258, 0, 258, 3, 3, 3, 100, 1, 2]]
+
+
+@pytest.fixture(scope="module")
+def core(demo_model_dir: Path) -> EmbedderCore:
+    return EmbedderCore.from_checkpoint(demo_model_dir, ModelConfig())
+
+
+def reference_rows(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
+    with torch.no_grad():
+        return model.get_input_embeddings()(torch.tensor(ids))
+
+
+def test_lookup_equals_model_embedding(core: EmbedderCore, demo_causal_lm: Any) -> None:
+    assert core.dtype == torch.float32
+    assert core.weight.shape == (259, 64)
+    rows = core.lookup(BATCH)
+    assert len(rows) == len(BATCH)
+    for ids, got in zip(BATCH, rows, strict=True):
+        assert got.device.type == "cpu"
+        assert got.shape == (len(ids), 64)
+        assert torch.equal(got, reference_rows(demo_causal_lm, ids))
+
+
+def test_embed_batch_round_trips_through_codec(core: EmbedderCore, demo_causal_lm: Any) -> None:
+    spec = EmbedsSpec(hidden_size=64, max_rows=512, max_bytes=512 * 64 * 4, dtype=torch.float32)
+    encoded = core.embed_batch(BATCH)
+    assert [item.rows for item in encoded] == [len(ids) for ids in BATCH]
+    for ids, item in zip(BATCH, encoded, strict=True):
+        assert torch.equal(
+            decode_prompt_embeds(item.data, spec), reference_rows(demo_causal_lm, ids)
+        )
+    # Each prompt carries only its own rows, not the whole batch's lookup.
+    single, whole_vocab = encoded[1], encoded[2]
+    assert len(single.data) * 10 < len(whole_vocab.data)
+
+
+def test_bfloat16_weight_is_fp32_weight_cast(core: EmbedderCore, demo_model_dir: Path) -> None:
+    bf16 = EmbedderCore.from_checkpoint(demo_model_dir, ModelConfig(dtype="bfloat16"))
+    assert bf16.dtype == torch.bfloat16
+    assert torch.equal(bf16.weight, core.weight.to(torch.bfloat16))
+    assert bf16.lookup([[5, 6]])[0].dtype == torch.bfloat16
+
+
+def test_embedder_core_rejects_non_matrix() -> None:
+    with pytest.raises(ValueError, match="vocab, hidden"):
+        EmbedderCore(torch.zeros(3))
+
+
+def test_read_model_spec_of_demo(demo_model_dir: Path) -> None:
+    assert read_model_spec(demo_model_dir, ModelConfig()) == ModelSpec(
+        hidden_size=64, vocab_size=259, max_model_len=512, dtype=torch.float32
+    )
+    overridden = read_model_spec(demo_model_dir, ModelConfig(max_model_len=100, dtype="float16"))
+    assert overridden.max_model_len == 100
+    assert overridden.dtype == torch.float16
+    assert overridden.hidden_size == 64
+
+
+def _tiny_llama(tmp_path: Path, tied: bool, max_shard_size: str | None = None) -> Any:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(
+        vocab_size=100,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        tie_word_embeddings=tied,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).eval()
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(tmp_path, **kwargs)
+    return model
+
+
+def test_loads_embedding_from_sharded_checkpoint(tmp_path: Path) -> None:
+    model = _tiny_llama(tmp_path, tied=False, max_shard_size="20KB")
+    index = tmp_path / "model.safetensors.index.json"
+    assert index.exists()
+    weight_map = json.loads(index.read_text())["weight_map"]
+    assert len(set(weight_map.values())) > 1, "the checkpoint is not actually sharded"
+    assert not (tmp_path / "model.safetensors").exists()
+
+    expected = model.get_input_embeddings().weight.detach()
+    # The lm_head differs, so picking the wrong tensor would be noticed.
+    assert not torch.equal(expected, model.lm_head.weight.detach())
+    loaded = load_input_embeddings(tmp_path)
+    assert loaded.dtype == torch.float32
+    assert torch.equal(loaded, expected)
+
+    core = EmbedderCore.from_checkpoint(tmp_path, ModelConfig())
+    assert torch.equal(core.lookup([[1, 99, 50]])[0], expected[[1, 99, 50]])
+
+
+def test_loads_embedding_of_tied_checkpoint(tmp_path: Path) -> None:
+    model = _tiny_llama(tmp_path, tied=True)
+    expected = model.get_input_embeddings().weight.detach()
+    assert model.lm_head.weight is model.get_input_embeddings().weight
+    assert torch.equal(load_input_embeddings(tmp_path), expected)
+    assert torch.equal(load_input_embeddings(tmp_path, torch.bfloat16), expected.bfloat16())
+
+
+def test_tied_checkpoint_storing_only_lm_head(tmp_path: Path) -> None:
+    """A tied checkpoint that names the shared matrix `lm_head.weight` still loads."""
+    model = _tiny_llama(tmp_path, tied=True)
+    expected = model.get_input_embeddings().weight.detach()
+    file = tmp_path / "model.safetensors"
+    tensors = load_file(file)
+    embedding = tensors.pop("model.embed_tokens.weight")
+    tensors.pop("lm_head.weight", None)
+    tensors["lm_head.weight"] = embedding
+    save_file(tensors, file, metadata={"format": "pt"})
+    with safe_open(str(file), framework="pt") as handle:
+        assert "model.embed_tokens.weight" not in handle.keys()
+    assert torch.equal(load_input_embeddings(tmp_path), expected)
