@@ -155,9 +155,8 @@ class DispatcherCore:
         if response.status_code >= 400:
             error = _upstream_error(response.status_code, response.content)
             return UpstreamReply(error.status, error.to_body())
-        try:
-            payload = orjson.loads(response.content)
-        except orjson.JSONDecodeError:
+        payload = _json_object(response.content)
+        if payload is None:
             error = GatewayError("upstream sent invalid JSON", 502, code="upstream_error")
             return UpstreamReply(error.status, error.to_body())
         rows = sum(item.rows for item in embeds)
@@ -186,7 +185,7 @@ class DispatcherCore:
                     return
                 yield UpstreamReply(200)
                 started = True
-                async for event in _relay_events(response, call, rows, self._patch):
+                async for event in self._relay_events(response, call, rows):
                     yield event
             finally:
                 await response.aclose()
@@ -199,30 +198,38 @@ class DispatcherCore:
             yield _SSE_DONE
 
 
-async def _relay_events(
-    response: httpx.Response, call: UpstreamCall, rows: int, patch: Any
-) -> AsyncIterator[bytes]:
-    """Re-emit each upstream SSE data event, patched; end with `[DONE]` in every case."""
-    async for data in _sse_data(response):
-        if data == b"[DONE]":
-            yield _SSE_DONE
-            return
-        try:
-            payload = orjson.loads(data)
-        except orjson.JSONDecodeError:
-            error = GatewayError(
-                "upstream sent an invalid stream event", 502, code="upstream_error"
-            )
-            yield error.to_sse_event()
-            yield _SSE_DONE
-            return
-        if isinstance(payload, dict) and "error" in payload:
-            yield b"data: " + data + b"\n\n"
-            continue
-        yield b"data: " + patch(payload, call, rows) + b"\n\n"
-    error = GatewayError("upstream stream ended before [DONE]", 502, code="upstream_error")
-    yield error.to_sse_event()
-    yield _SSE_DONE
+    async def _relay_events(
+        self, response: httpx.Response, call: UpstreamCall, rows: int
+    ) -> AsyncIterator[bytes]:
+        """Re-emit each upstream SSE data event, patched; end with `[DONE]` in every case."""
+        async for data in _sse_data(response):
+            if data == b"[DONE]":
+                yield _SSE_DONE
+                return
+            payload = _json_object(data)
+            if payload is None:
+                error = GatewayError(
+                    "upstream sent an invalid stream event", 502, code="upstream_error"
+                )
+                yield error.to_sse_event()
+                yield _SSE_DONE
+                return
+            if "error" in payload:
+                yield b"data: " + data + b"\n\n"
+                continue
+            yield b"data: " + self._patch(payload, call, rows) + b"\n\n"
+        error = GatewayError("upstream stream ended before [DONE]", 502, code="upstream_error")
+        yield error.to_sse_event()
+        yield _SSE_DONE
+
+
+def _json_object(data: bytes) -> dict[str, Any] | None:
+    """The upstream's JSON object, or None for invalid JSON or any other JSON type."""
+    try:
+        payload = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return payload if isinstance(payload, dict) else None
 
 
 async def _sse_data(response: httpx.Response) -> AsyncIterator[bytes]:

@@ -1,0 +1,348 @@
+"""The reference backend's HTTP app, driven in-process through httpx.ASGITransport."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+import pybase64
+import pytest
+import torch
+
+from serve_app.config import ReferenceBackendConfig
+from serve_app.reference_backend import ReferenceBackend, create_reference_app
+
+MODEL = "serve-app-demo"
+FRANCE = "What is the capital of France?"
+JAPAN = "Tell me about Japan."
+
+
+@pytest.fixture(scope="module")
+def backend(cache_dir: Path) -> ReferenceBackend:
+    return ReferenceBackend.from_config(ReferenceBackendConfig())
+
+
+@pytest.fixture(scope="module")
+def reference_app(backend: ReferenceBackend) -> Any:
+    return create_reference_app(backend)
+
+
+@pytest.fixture
+async def client(reference_app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=reference_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ref") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def embed(demo_tokenizer: Any, demo_causal_lm: Any) -> Any:
+    """Text -> (embeddings tensor, base64 of torch.save of it), as a client computes them."""
+
+    def compute(text: str) -> tuple[torch.Tensor, str]:
+        ids = torch.tensor(demo_tokenizer(text).input_ids)
+        with torch.no_grad():
+            tensor = demo_causal_lm.get_input_embeddings()(ids)
+        buffer = io.BytesIO()
+        torch.save(tensor, buffer)
+        return tensor, pybase64.b64encode(buffer.getvalue()).decode("ascii")
+
+    return compute
+
+
+@pytest.fixture(scope="module")
+def hf_greedy(demo_tokenizer: Any, demo_causal_lm: Any) -> Any:
+    def generate(tensor: torch.Tensor, max_new_tokens: int) -> str:
+        inputs = tensor[None]
+        with torch.no_grad():
+            out = demo_causal_lm.generate(
+                inputs_embeds=inputs,
+                attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                pad_token_id=demo_tokenizer.pad_token_id,
+            )
+        return demo_tokenizer.decode(out[0], skip_special_tokens=True)
+
+    return generate
+
+
+async def complete(client: httpx.AsyncClient, **body: Any) -> httpx.Response:
+    body.setdefault("model", MODEL)
+    return await client.post("/v1/completions", json=body)
+
+
+async def ok(client: httpx.AsyncClient, **body: Any) -> dict[str, Any]:
+    response = await complete(client, **body)
+    assert response.status_code == 200, response.text
+    return response.json()
+
+
+def error_of(response: httpx.Response, status: int) -> dict[str, Any]:
+    assert response.status_code == status, response.text
+    body = response.json()
+    assert set(body) == {"error"}
+    assert set(body["error"]) == {"message", "type", "param", "code"}
+    return body["error"]
+
+
+def parse_sse(text: str) -> list[Any]:
+    """Each `data:` event in order; `[DONE]` kept as the string."""
+    assert text.endswith("\n\n")
+    events = []
+    for block in text.split("\n\n")[:-1]:
+        assert block.startswith("data: "), block
+        data = block[len("data: ") :]
+        events.append(data if data == "[DONE]" else orjson.loads(data))
+    return events
+
+
+# --------------------------------------------------------------------------- generation
+
+
+@pytest.mark.parametrize("prompt", [FRANCE, JAPAN])
+async def test_greedy_matches_transformers_generate(
+    client: httpx.AsyncClient, embed: Any, hf_greedy: Any, prompt: str
+) -> None:
+    tensor, b64 = embed(prompt)
+    body = await ok(client, prompt_embeds=b64, temperature=0, max_tokens=24)
+    expected = hf_greedy(tensor, 24)
+    assert expected  # the demo model writes something
+    assert body["model"] == MODEL
+    assert body["object"] == "text_completion"
+    [choice] = body["choices"]
+    assert choice["index"] == 0
+    assert choice["text"] == expected
+    assert body["usage"]["prompt_tokens"] == tensor.shape[0]
+
+
+async def test_greedy_is_deterministic(client: httpx.AsyncClient, embed: Any) -> None:
+    _, b64 = embed(JAPAN)
+    texts = [
+        (await ok(client, prompt_embeds=b64, temperature=0, max_tokens=20))["choices"][0]["text"]
+        for _ in range(3)
+    ]
+    assert texts[0] and texts.count(texts[0]) == 3
+
+
+async def test_3d_tensor_and_nim_spelling(client: httpx.AsyncClient, embed: Any) -> None:
+    tensor, b64 = embed(FRANCE)
+    buffer = io.BytesIO()
+    torch.save(tensor[None], buffer)
+    batched = pybase64.b64encode(buffer.getvalue()).decode()
+    base = (await ok(client, prompt_embeds=b64, temperature=0, max_tokens=12))["choices"]
+    from_3d = (await ok(client, prompt_embeds=batched, temperature=0, max_tokens=12))["choices"]
+    nim = await complete(client, prompt="", temperature=0, max_tokens=12, **{"prompt-embeds": b64})
+    assert nim.status_code == 200, nim.text
+    assert from_3d[0]["text"] == base[0]["text"] == nim.json()["choices"][0]["text"]
+
+
+async def test_max_tokens_gives_length(client: httpx.AsyncClient, embed: Any) -> None:
+    tensor, b64 = embed(FRANCE)
+    for max_tokens in (1, 7):
+        body = await ok(client, prompt_embeds=b64, temperature=0, max_tokens=max_tokens)
+        [choice] = body["choices"]
+        assert choice["finish_reason"] == "length"
+        assert len(choice["text"]) == max_tokens  # byte-level tokens of ASCII text
+        usage = body["usage"]
+        assert usage["completion_tokens"] == max_tokens
+        assert usage["prompt_tokens"] == tensor.shape[0]
+        assert usage["total_tokens"] == tensor.shape[0] + max_tokens
+
+
+async def test_default_max_tokens(client: httpx.AsyncClient, embed: Any) -> None:
+    _, b64 = embed(FRANCE)
+    body = await ok(client, prompt_embeds=b64, temperature=0)
+    assert body["usage"]["completion_tokens"] == ReferenceBackendConfig().max_tokens_default
+
+
+async def test_stop_string_truncates(client: httpx.AsyncClient, embed: Any) -> None:
+    _, b64 = embed(FRANCE)
+    greedy = (await ok(client, prompt_embeds=b64, temperature=0, max_tokens=32))["choices"][0]
+    text = greedy["text"]
+    assert len(text) >= 12
+    stop = text[6:10]
+    expected = text[: text.find(stop)]
+    for stops in (stop, [stop], ["never-appears-xyz", stop]):
+        body = await ok(client, prompt_embeds=b64, temperature=0, max_tokens=32, stop=stops)
+        [choice] = body["choices"]
+        assert choice["text"] == expected
+        assert stop not in choice["text"]
+        assert choice["finish_reason"] == "stop"
+        assert body["usage"]["completion_tokens"] < 32
+
+
+async def test_n_greedy_identical(client: httpx.AsyncClient, embed: Any) -> None:
+    _, b64 = embed(JAPAN)
+    single = (await ok(client, prompt_embeds=b64, temperature=0, max_tokens=10))["choices"][0]
+    body = await ok(client, prompt_embeds=b64, temperature=0, max_tokens=10, n=2)
+    assert [c["index"] for c in body["choices"]] == [0, 1]
+    assert [c["text"] for c in body["choices"]] == [single["text"]] * 2
+    assert body["usage"]["completion_tokens"] == 20
+
+
+async def test_two_prompts_times_n(client: httpx.AsyncClient, embed: Any) -> None:
+    (t_fr, fr), (t_jp, jp) = embed(FRANCE), embed(JAPAN)
+    text_fr = (await ok(client, prompt_embeds=fr, temperature=0, max_tokens=12))["choices"][0]
+    text_jp = (await ok(client, prompt_embeds=jp, temperature=0, max_tokens=12))["choices"][0]
+    assert text_fr["text"] != text_jp["text"]
+    body = await ok(client, prompt_embeds=[fr, jp], temperature=0, max_tokens=12, n=2)
+    choices = body["choices"]
+    assert [c["index"] for c in choices] == [0, 1, 2, 3]
+    assert [c["text"] for c in choices] == [text_fr["text"]] * 2 + [text_jp["text"]] * 2
+    assert body["usage"]["prompt_tokens"] == t_fr.shape[0] + t_jp.shape[0]
+
+
+async def test_seed_reproducible(client: httpx.AsyncClient, embed: Any) -> None:
+    _, b64 = embed(JAPAN)
+
+    async def sample(seed: int) -> str:
+        body = await ok(client, prompt_embeds=b64, temperature=1.0, seed=seed, max_tokens=24)
+        return body["choices"][0]["text"]
+
+    assert await sample(7) == await sample(7)
+    assert await sample(123) == await sample(123)
+    # The seed really drives sampling: several seeds do not all give one text.
+    assert len({await sample(seed) for seed in range(5)}) > 1
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+@pytest.mark.parametrize("with_stop", [False, True])
+async def test_stream_matches_non_stream(
+    client: httpx.AsyncClient, embed: Any, with_stop: bool
+) -> None:
+    _, b64 = embed(FRANCE)
+    params: dict[str, Any] = {"prompt_embeds": b64, "temperature": 0, "max_tokens": 28}
+    stop = None
+    if with_stop:
+        text = (await ok(client, **params))["choices"][0]["text"]
+        stop = text[8:12]
+        params["stop"] = stop
+    full = await ok(client, **params)
+    response = await complete(client, stream=True, **params)
+    assert response.status_code == 200
+    assert response.headers["content-type"].startswith("text/event-stream")
+    events = parse_sse(response.text)
+    assert events[-1] == "[DONE]"
+    chunks = events[:-1]
+    assert chunks and all(e["model"] == MODEL for e in chunks)
+    assert all("usage" not in e or e["usage"] is None for e in chunks)
+    assert "".join(e["choices"][0]["text"] for e in chunks) == full["choices"][0]["text"]
+    finishes = [e["choices"][0]["finish_reason"] for e in chunks]
+    assert finishes[-1] == full["choices"][0]["finish_reason"]
+    assert finishes[:-1] == [None] * (len(finishes) - 1)
+    if stop is not None:
+        assert all(stop not in e["choices"][0]["text"] for e in chunks)
+
+
+async def test_stream_include_usage(client: httpx.AsyncClient, embed: Any) -> None:
+    tensor, b64 = embed(JAPAN)
+    response = await complete(
+        client, prompt_embeds=b64, temperature=0, max_tokens=9, n=2, stream=True,
+        stream_options={"include_usage": True},
+    )
+    events = parse_sse(response.text)
+    assert events[-1] == "[DONE]"
+    final = events[-2]
+    assert final["choices"] == []
+    rows = tensor.shape[0]
+    assert final["usage"] == {"prompt_tokens": rows, "completion_tokens": 18,
+                              "total_tokens": rows + 18}
+    texts: dict[int, str] = {}
+    for event in events[:-2]:
+        [choice] = event["choices"]
+        texts[choice["index"]] = texts.get(choice["index"], "") + choice["text"]
+    assert set(texts) == {0, 1}
+    assert texts[0] == texts[1] and len(texts[0]) == 9
+
+
+async def test_stream_validation_error_is_http_error(
+    client: httpx.AsyncClient, embed: Any
+) -> None:
+    response = await complete(client, prompt="plain text", stream=True)
+    assert error_of(response, 400)["param"] == "prompt"
+
+
+# --------------------------------------------------------------------------- rejections
+
+
+async def test_text_prompt_rejected(client: httpx.AsyncClient, embed: Any) -> None:
+    error = error_of(await complete(client, prompt="Tell me about France."), 400)
+    assert error["param"] == "prompt"
+    _, b64 = embed(FRANCE)
+    error_of(await complete(client, prompt="some text", prompt_embeds=b64), 400)
+    error_of(await complete(client, prompt=[1, 2, 3]), 400)
+
+
+async def test_missing_embeds_rejected(client: httpx.AsyncClient) -> None:
+    error = error_of(await complete(client), 400)
+    assert error["param"] == "prompt_embeds"
+
+
+async def test_unknown_model(client: httpx.AsyncClient, embed: Any) -> None:
+    _, b64 = embed(FRANCE)
+    error = error_of(await complete(client, model="gpt-4", prompt_embeds=b64), 404)
+    assert error["code"] == "model_not_found"
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("echo", True), ("suffix", "tail"), ("prompt_logprobs", 1)]
+)
+async def test_incompatible_options(
+    client: httpx.AsyncClient, embed: Any, field: str, value: Any
+) -> None:
+    _, b64 = embed(FRANCE)
+    error = error_of(await complete(client, prompt_embeds=b64, **{field: value}), 400)
+    assert "not compatible" in error["message"]
+    assert error["param"] == field
+
+
+@pytest.mark.parametrize("bad", ["!!!not base64!!!", "QUJD", "", "QUJDRA=="])
+async def test_invalid_embeds(client: httpx.AsyncClient, bad: str) -> None:
+    error = error_of(await complete(client, prompt_embeds=bad), 400)
+    assert error["param"] == "prompt_embeds"
+
+
+async def test_wrong_hidden_size(client: httpx.AsyncClient) -> None:
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(3, 7), buffer)
+    error = error_of(
+        await complete(client, prompt_embeds=pybase64.b64encode(buffer.getvalue()).decode()),
+        400,
+    )
+    assert "hidden size" in error["message"]
+
+
+async def test_context_length(client: httpx.AsyncClient, demo_causal_lm: Any) -> None:
+    hidden = demo_causal_lm.config.hidden_size
+
+    def encoded(rows: int) -> str:
+        buffer = io.BytesIO()
+        torch.save(torch.zeros(rows, hidden), buffer)
+        return pybase64.b64encode(buffer.getvalue()).decode()
+
+    error = error_of(await complete(client, prompt_embeds=encoded(500), max_tokens=13), 400)
+    assert "maximum context length" in error["message"]
+    error_of(await complete(client, prompt_embeds=encoded(500)), 400)  # default 16
+    error_of(
+        await complete(client, prompt_embeds=encoded(500), max_tokens=13, stream=True), 400
+    )
+    body = await ok(client, prompt_embeds=encoded(500), max_tokens=12, temperature=0)
+    assert body["usage"]["prompt_tokens"] == 500
+
+
+async def test_malformed_json(client: httpx.AsyncClient) -> None:
+    response = await client.post("/v1/completions", content=b"{not json")
+    error_of(response, 400)
+
+
+async def test_models_and_health(client: httpx.AsyncClient) -> None:
+    models = (await client.get("/v1/models")).json()
+    assert [card["id"] for card in models["data"]] == [MODEL]
+    assert models["data"][0]["max_model_len"] == 512
+    assert (await client.get("/health")).json() == {"status": "ok"}
