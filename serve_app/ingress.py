@@ -141,6 +141,12 @@ class CompletionsService:
         if request.model != self.served_name:
             raise GatewayError(f"The model `{request.model}` does not exist.", 404,
                                param="model", code="model_not_found")
+        # Every prompt goes upstream as embeddings, so vLLM's refusals apply to all of them;
+        # answering here also keeps the suffix text from ever leaving the gateway.
+        incompatible = request.incompatible_with_embeds()
+        if incompatible:
+            raise GatewayError(f"{incompatible} is not compatible with prompt embeds.", 400,
+                               param=incompatible)
         client_embeds = request.embeds_list()
         token_ids = await self._token_ids(request)
         if not client_embeds and not token_ids:

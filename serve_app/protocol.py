@@ -95,12 +95,27 @@ class CompletionRequest(OpenAIBaseModel):
         return [self.prompt_embeds] if isinstance(self.prompt_embeds, str) else self.prompt_embeds
 
     def upstream_fields(self) -> dict[str, Any]:
-        """Everything the client set except the model and the prompt itself, for forwarding."""
-        return self.model_dump(exclude_unset=True, exclude={"model", "prompt", "prompt_embeds"})
+        """What the client set, for forwarding: never the prompt, nor the `user` identifier."""
+        return self.model_dump(exclude_unset=True, exclude=_NOT_FORWARDED)
+
+    def incompatible_with_embeds(self) -> str | None:
+        """The first field vLLM refuses beside prompt embeddings, if the request sets one."""
+        extras = self.model_extra or {}
+        if self.echo:
+            return "echo"
+        if self.suffix:
+            return "suffix"
+        if extras.get("prompt_logprobs") is not None:
+            return "prompt_logprobs"
+        return None
 
     @property
     def include_usage(self) -> bool:
         return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+# Text fields that would carry client text upstream: the prompt itself and the end-user id.
+_NOT_FORWARDED = {"model", "prompt", "prompt_embeds", "user"}
 
 
 class ErrorInfo(BaseModel):

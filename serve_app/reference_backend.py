@@ -28,9 +28,6 @@ from serve_app.config import ReferenceBackendConfig
 from serve_app.errors import GatewayError, to_gateway_error
 from serve_app.protocol import CompletionRequest, ModelCard, ModelList
 
-# vLLM refuses these together with prompt embeddings.
-_INCOMPATIBLE_WITH_EMBEDS = ("echo", "suffix", "prompt_logprobs")
-
 
 @dataclass
 class Completion:
@@ -46,8 +43,10 @@ class _StopWatcher:
     never contains (part of) a stop sequence.
     """
 
-    def __init__(self, tokenizer: Any, stop: list[str], on_delta: Callable[[str], None]) -> None:
+    def __init__(self, tokenizer: Any, stop: list[str], on_delta: Callable[[str], None],
+                 cancelled: threading.Event) -> None:
         self.tokenizer = tokenizer
+        self.cancelled = cancelled
         self.stop = [s for s in stop if s]
         self.holdback = max((len(s) for s in self.stop), default=1) - 1
         self.on_delta = on_delta
@@ -65,7 +64,8 @@ class _StopWatcher:
         else:
             self.text = text
         self._emit(final=self.hit_stop)
-        return torch.full((input_ids.shape[0],), self.hit_stop, dtype=torch.bool)
+        done = self.hit_stop or self.cancelled.is_set()
+        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
 
     def _emit(self, final: bool) -> None:
         end = len(self.text) if final else len(self.text) - self.holdback
@@ -120,11 +120,10 @@ class ReferenceBackend:
         embeds = request.embeds_list()
         if not embeds:
             raise GatewayError("prompt_embeds is required.", 400, param="prompt_embeds")
-        extras = request.model_extra or {}
-        for name in _INCOMPATIBLE_WITH_EMBEDS:
-            if getattr(request, name, None) or extras.get(name):
-                raise GatewayError(f"{name} is not compatible with prompt embeds.", 400,
-                                   param=name)
+        incompatible = request.incompatible_with_embeds()
+        if incompatible:
+            raise GatewayError(f"{incompatible} is not compatible with prompt embeds.", 400,
+                               param=incompatible)
         tensors = [decode_prompt_embeds(text, self.spec) for text in embeds]
         max_tokens = self._max_tokens(request)
         for tensor in tensors:
@@ -139,10 +138,11 @@ class ReferenceBackend:
         return request.max_tokens or self.max_tokens_default
 
     def generate_one(self, embeds: torch.Tensor, request: CompletionRequest,
-                     on_delta: Callable[[str], None]) -> Completion:
+                     on_delta: Callable[[str], None],
+                     cancelled: threading.Event) -> Completion:
         """One sample for one prompt; calls `on_delta` with each new piece of text."""
         stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        watcher = _StopWatcher(self.tokenizer, stop, on_delta)
+        watcher = _StopWatcher(self.tokenizer, stop, on_delta, cancelled)
         temperature = 1.0 if request.temperature is None else request.temperature
         sampling: dict[str, Any] = {"do_sample": temperature > 0}
         if temperature > 0:
@@ -165,8 +165,13 @@ class ReferenceBackend:
         return Completion(watcher.text, finish, len(ids))
 
     def run(self, tensors: list[torch.Tensor], request: CompletionRequest,
-            emit: Callable[[int, str | None, str | None], None]) -> int:
-        """Generate every (prompt, sample); `emit(index, delta, finish_reason)`. Returns tokens."""
+            emit: Callable[[int, str | None, str | None], None],
+            cancelled: threading.Event | None = None) -> int:
+        """Generate every (prompt, sample); `emit(index, delta, finish_reason)`. Returns tokens.
+
+        Setting `cancelled` (the client went away) stops at the next token.
+        """
+        cancelled = cancelled or threading.Event()
         completion_tokens = 0
         with self._lock, torch.random.fork_rng(devices=[]):
             if request.seed is not None:
@@ -178,7 +183,9 @@ class ReferenceBackend:
                     def on_delta(text: str, index: int = index) -> None:
                         emit(index, text, None)
 
-                    result = self.generate_one(tensor, request, on_delta)
+                    if cancelled.is_set():
+                        return completion_tokens
+                    result = self.generate_one(tensor, request, on_delta, cancelled)
                     emit(index, None, result.finish_reason)
                     completion_tokens += result.tokens
         return completion_tokens
@@ -226,9 +233,11 @@ class ReferenceBackend:
                       "finish_reason": finish, "stop_reason": None}
             loop.call_soon_threadsafe(queue.put_nowait, {**head, "choices": [choice]})
 
+        cancelled = threading.Event()
+
         def produce() -> None:
             try:
-                tokens = self.run(tensors, request, emit)
+                tokens = self.run(tensors, request, emit, cancelled)
                 if request.include_usage:
                     final = {**head, "choices": [], "usage": self.usage(tensors, tokens)}
                     loop.call_soon_threadsafe(queue.put_nowait, final)
@@ -244,6 +253,7 @@ class ReferenceBackend:
                 yield b"data: " + orjson.dumps(event) + b"\n\n"
             yield b"data: [DONE]\n\n"
         finally:
+            cancelled.set()  # a client that left stops the generation, not just the relay
             await producer
 
 

@@ -367,3 +367,24 @@ async def test_upstream_unreachable(make_gateway: GatewayFactory, stream: bool) 
     assert error["type"] == "ServiceUnavailableError"
     assert error["code"] == "upstream_unreachable"
     assert len(attempts) == 1
+
+
+@pytest.mark.parametrize(
+    ("field", "value"), [("echo", True), ("suffix", CANARY), ("prompt_logprobs", 1)]
+)
+async def test_fields_vllm_refuses_with_embeds_are_refused_before_upstream(
+    gateway: httpx.AsyncClient, recorder: RecordingASGITransport, field: str, value: Any
+) -> None:
+    response = await post(gateway, prompt=FRANCE, **{field: value}, **GREEDY)
+    error = error_of(response, 400)
+    assert "not compatible" in error["message"] and error["param"] == field
+    assert recorder.bodies == []  # not even the suffix text left the gateway
+
+
+async def test_user_field_is_not_forwarded(
+    gateway: httpx.AsyncClient, recorder: RecordingASGITransport
+) -> None:
+    await ok(gateway, prompt=FRANCE, user=CANARY, **GREEDY)
+    assert len(recorder.bodies) == 1
+    assert CANARY.encode() not in recorder.bodies[0]
+    assert "user" not in orjson.loads(recorder.bodies[0])

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import threading
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 import torch
 
 from serve_app.config import ReferenceBackendConfig
+from serve_app.protocol import CompletionRequest
 from serve_app.reference_backend import ReferenceBackend, create_reference_app
 
 MODEL = "serve-app-demo"
@@ -346,3 +348,24 @@ async def test_models_and_health(client: httpx.AsyncClient) -> None:
     assert [card["id"] for card in models["data"]] == [MODEL]
     assert models["data"][0]["max_model_len"] == 512
     assert (await client.get("/health")).json() == {"status": "ok"}
+
+
+def test_cancelled_generation_stops_at_the_next_token(
+    backend: ReferenceBackend, demo_tokenizer: Any, demo_causal_lm: Any
+) -> None:
+    ids = torch.tensor(demo_tokenizer(FRANCE).input_ids)
+    with torch.no_grad():
+        tensor = demo_causal_lm.get_input_embeddings()(ids)
+    request = CompletionRequest(model=MODEL, prompt_embeds="unused", max_tokens=200,
+                                temperature=0, n=3)
+    cancelled = threading.Event()
+    deltas: list[str] = []
+
+    def emit(index: int, delta: str | None, finish: str | None) -> None:
+        if delta:
+            deltas.append(delta)
+            cancelled.set()  # the client leaves after the first piece of text
+
+    tokens = backend.run([tensor], request, emit, cancelled)
+    assert 1 <= tokens <= 2  # not 3 x 200
+    assert len(deltas) == 1
