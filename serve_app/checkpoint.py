@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from serve_app import envs
+from serve_app.codec import EmbedsSpec
 from serve_app.config import DEMO_MODEL, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -32,6 +33,18 @@ class ModelSpec:
     vocab_size: int
     max_model_len: int
     dtype: torch.dtype
+
+    def embeds_spec(self, max_bytes: int | None = None) -> EmbedsSpec:
+        """What client prompt embeds must look like for this model.
+
+        By default one tensor may be as large as the full context in float32.
+        """
+        return EmbedsSpec(
+            hidden_size=self.hidden_size,
+            max_rows=self.max_model_len,
+            max_bytes=max_bytes or self.max_model_len * self.hidden_size * 4,
+            dtype=self.dtype,
+        )
 
 
 def resolve_model_dir(config: ModelConfig) -> Path:

@@ -88,13 +88,7 @@ class CompletionsService:
     def from_config(cls, config: AppConfig, backend: GatewayBackend) -> CompletionsService:
         model_dir = resolve_model_dir(config.model)
         spec = read_model_spec(model_dir, config.model)
-        embeds = EmbedsSpec(
-            hidden_size=spec.hidden_size,
-            max_rows=spec.max_model_len,
-            max_bytes=config.limits.max_embeds_bytes
-            or spec.max_model_len * spec.hidden_size * 4,
-            dtype=spec.dtype,
-        )
+        embeds = spec.embeds_spec(config.limits.max_embeds_bytes)
         return cls(config.model.name, load_tokenizer(model_dir), spec, embeds, backend)
 
     def model_list(self) -> ModelList:

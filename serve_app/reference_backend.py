@@ -101,13 +101,7 @@ class ReferenceBackend:
         spec = read_model_spec(model_dir, config.model)
         model: Any = AutoModelForCausalLM.from_pretrained(model_dir, dtype=spec.dtype)
         model.to(select_device(config.model.device)).eval()
-        embeds_spec = EmbedsSpec(
-            hidden_size=spec.hidden_size,
-            max_rows=spec.max_model_len,
-            max_bytes=spec.max_model_len * spec.hidden_size * 4,
-            dtype=model.dtype,
-        )
-        return cls(model, load_tokenizer(model_dir), config.model.name, embeds_spec,
+        return cls(model, load_tokenizer(model_dir), config.model.name, spec.embeds_spec(),
                    spec.max_model_len, config.max_tokens_default)
 
     def _validate(self, request: CompletionRequest) -> list[torch.Tensor]:
