@@ -67,7 +67,7 @@ def _build_tokenizer() -> Any:
     )
 
 
-def _train(model: torch.nn.Module, ids: torch.Tensor, eos_id: int) -> None:
+def _train(model: torch.nn.Module, ids: torch.Tensor) -> None:
     generator = torch.Generator().manual_seed(_SEED)
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3, weight_decay=0.0)
     schedule = torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, _TRAIN_STEPS)
@@ -117,7 +117,7 @@ def build_demo_model(target: Path) -> Path:
         model = LlamaForCausalLM(config)
         lines = [line for line in DEMO_TEXT.splitlines() if line]
         encoded = tokenizer("\n".join(lines * 4), verbose=False).input_ids
-        _train(model, torch.tensor(encoded), tokenizer.eos_token_id)
+        _train(model, torch.tensor(encoded))
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)

@@ -19,13 +19,13 @@ from serve_app import envs
 from serve_app.codec import EncodedPromptEmbeds
 from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
+from serve_app.protocol import SSE_DONE
 
 logger = logging.getLogger(__name__)
 
 _WRITE_TIMEOUT_S = 60.0
 _POOL_TIMEOUT_S = 30.0
 _KEEPALIVE_EXPIRY_S = 30.0
-_SSE_DONE = b"data: [DONE]\n\n"
 
 
 @dataclass(frozen=True)
@@ -195,7 +195,7 @@ class DispatcherCore:
                 yield UpstreamReply(error.status, error.to_body())
                 return
             yield error.to_sse_event()
-            yield _SSE_DONE
+            yield SSE_DONE
 
 
     async def _relay_events(
@@ -204,7 +204,7 @@ class DispatcherCore:
         """Re-emit each upstream SSE data event, patched; end with `[DONE]` in every case."""
         async for data in _sse_data(response):
             if data == b"[DONE]":
-                yield _SSE_DONE
+                yield SSE_DONE
                 return
             payload = _json_object(data)
             if payload is None:
@@ -212,7 +212,7 @@ class DispatcherCore:
                     "upstream sent an invalid stream event", 502, code="upstream_error"
                 )
                 yield error.to_sse_event()
-                yield _SSE_DONE
+                yield SSE_DONE
                 return
             if "error" in payload:
                 yield b"data: " + data + b"\n\n"
@@ -220,7 +220,7 @@ class DispatcherCore:
             yield b"data: " + self._patch(payload, call, rows) + b"\n\n"
         error = GatewayError("upstream stream ended before [DONE]", 502, code="upstream_error")
         yield error.to_sse_event()
-        yield _SSE_DONE
+        yield SSE_DONE
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:

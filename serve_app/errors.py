@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.responses import Response
 
 logger = logging.getLogger(__name__)
@@ -92,7 +93,7 @@ def from_validation_error(exc: ValidationError) -> GatewayError:
 def to_gateway_error(exc: BaseException) -> GatewayError:
     """Map any exception raised while serving a request to an OpenAI error.
 
-    Ray wraps replica exceptions; `RayTaskError` subclasses the original type, so the
+    Ray wraps replica exceptions; `RayTaskError` subclasses the original type, so these
     isinstance checks see through it.
     """
     if isinstance(exc, GatewayError):
@@ -101,16 +102,15 @@ def to_gateway_error(exc: BaseException) -> GatewayError:
         return from_validation_error(exc)
     if isinstance(exc, orjson.JSONDecodeError):
         return GatewayError("The request body is not valid JSON.", 400, code="invalid_json")
-    name = type(exc).__name__
-    if "BackPressureError" in name:
+    if isinstance(exc, BackPressureError):
         return GatewayError(
             "The gateway is overloaded; retry shortly.",
             429,
             code="overloaded",
             headers={"Retry-After": "1"},
         )
-    if "DeploymentUnavailableError" in name:
+    if isinstance(exc, DeploymentUnavailableError):
         return GatewayError("A gateway component is unavailable.", 503, code="unavailable")
     # Messages of unexpected exceptions may quote request data: log the type only.
-    logger.error("internal error while serving a request: %s", name)
+    logger.error("internal error while serving a request: %s", type(exc).__name__)
     return GatewayError("Internal server error.", 500, code="internal_error")

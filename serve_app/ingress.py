@@ -28,11 +28,10 @@ from serve_app.config import AppConfig
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore
 from serve_app.errors import GatewayError, to_gateway_error
-from serve_app.protocol import CompletionRequest, ModelCard, ModelList
+from serve_app.protocol import SSE_DONE, CompletionRequest, ModelCard, ModelList
 
 # Tokenize on the event loop below this many characters; above it, in a worker thread.
 _INLINE_TOKENIZE_CHARS = 8192
-_SSE_DONE = b"data: [DONE]\n\n"
 
 
 class GatewayBackend(Protocol):
@@ -182,7 +181,7 @@ async def _relay(events: AsyncIterator[UpstreamReply | bytes]) -> AsyncIterator[
             yield event
     except Exception as exc:
         yield to_gateway_error(exc).to_sse_event()
-        yield _SSE_DONE
+        yield SSE_DONE
 
 
 def create_gateway_app(service: CompletionsService) -> FastAPI:

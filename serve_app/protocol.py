@@ -17,6 +17,9 @@ logger = logging.getLogger(__name__)
 
 TokenIds = list[int]
 
+SSE_DONE = b"data: [DONE]\n\n"
+"""The last event of every completion stream."""
+
 
 class OpenAIBaseModel(BaseModel):
     model_config = ConfigDict(extra="allow", populate_by_name=True)

@@ -26,7 +26,7 @@ from serve_app.checkpoint import load_tokenizer, read_model_spec, resolve_model_
 from serve_app.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.config import ReferenceBackendConfig
 from serve_app.errors import GatewayError, to_gateway_error
-from serve_app.protocol import CompletionRequest, ModelCard, ModelList
+from serve_app.protocol import SSE_DONE, CompletionRequest, ModelCard, ModelList
 
 
 @dataclass
@@ -245,7 +245,7 @@ class ReferenceBackend:
         try:
             while (event := await queue.get()) is not None:
                 yield b"data: " + orjson.dumps(event) + b"\n\n"
-            yield b"data: [DONE]\n\n"
+            yield SSE_DONE
         finally:
             cancelled.set()  # a client that left stops the generation, not just the relay
             await producer
