@@ -2,8 +2,9 @@
 
 It is the embedded default upstream: it accepts only `prompt_embeds` (a text prompt gets
 400, like a server that must never see text), decodes them with the gateway's safe codec,
-and generates with transformers `generate(inputs_embeds=...)`. Greedy at temperature 0;
-sampling with temperature / top_p / seed; stop strings, n, streaming, usage.
+and generates from them with a transformers causal LM (`reference_generation`). Greedy at
+temperature 0; sampling with temperature / top_p / seed; penalties, logit bias, logprobs,
+stop strings, n, streaming, usage.
 """
 
 from __future__ import annotations
@@ -13,7 +14,6 @@ import threading
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,56 +27,17 @@ from serve_app.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.config import ReferenceBackendConfig
 from serve_app.errors import GatewayError, to_gateway_error
 from serve_app.protocol import SSE_DONE, CompletionRequest, ModelCard, ModelList
+from serve_app.reference_generation import (
+    CompletionLogprobsBuilder,
+    SamplingParams,
+    TextAssembler,
+    TextDelta,
+    TokenStep,
+    decode_steps,
+)
 
-
-@dataclass
-class Completion:
-    text: str
-    finish_reason: str
-    tokens: int
-
-
-class _StopWatcher:
-    """A stopping criterion that also turns generated ids into text deltas.
-
-    It holds back the tail that could still become a stop string, so streamed text
-    never contains (part of) a stop sequence.
-    """
-
-    def __init__(self, tokenizer: Any, stop: list[str], on_delta: Callable[[str], None],
-                 cancelled: threading.Event) -> None:
-        self.tokenizer = tokenizer
-        self.cancelled = cancelled
-        self.stop = [s for s in stop if s]
-        self.holdback = max((len(s) for s in self.stop), default=1) - 1
-        self.on_delta = on_delta
-        self.text = ""
-        self.emitted = 0
-        self.tokens = 0
-        self.hit_stop = False
-
-    def __call__(self, input_ids: torch.Tensor, scores: Any, **kwargs: Any) -> torch.Tensor:
-        self.tokens = input_ids.shape[-1]
-        text = self.tokenizer.decode(input_ids[0], skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        if cut >= 0:
-            self.text, self.hit_stop = text[:cut], True
-        else:
-            self.text = text
-        self._emit(final=self.hit_stop)
-        done = self.hit_stop or self.cancelled.is_set()
-        return torch.full((input_ids.shape[0],), done, dtype=torch.bool)
-
-    def _emit(self, final: bool) -> None:
-        end = len(self.text) if final else len(self.text) - self.holdback
-        if not final and self.text.endswith("\ufffd"):
-            end = min(end, len(self.text) - 1)  # an incomplete UTF-8 sequence so far
-        if end > self.emitted:
-            self.on_delta(self.text[self.emitted : end])
-            self.emitted = end
-
-    def finish(self) -> None:
-        self._emit(final=True)
+Emit = Callable[[int, TextDelta | None, str | None], None]
+"""`emit(choice index, new text or None, finish reason or None)`."""
 
 
 class ReferenceBackend:
@@ -131,57 +92,53 @@ class ReferenceBackend:
     def _max_tokens(self, request: CompletionRequest) -> int:
         return request.max_tokens or self.max_tokens_default
 
-    def generate_one(self, embeds: torch.Tensor, request: CompletionRequest,
-                     on_delta: Callable[[str], None],
-                     cancelled: threading.Event) -> Completion:
-        """One sample for one prompt; calls `on_delta` with each new piece of text."""
-        stop = [request.stop] if isinstance(request.stop, str) else list(request.stop or [])
-        watcher = _StopWatcher(self.tokenizer, stop, on_delta, cancelled)
-        temperature = 1.0 if request.temperature is None else request.temperature
-        sampling: dict[str, Any] = {"do_sample": temperature > 0}
-        if temperature > 0:
-            sampling.update(temperature=temperature, top_p=request.top_p or 1.0, top_k=0)
-        inputs = embeds.to(self.model.device)[None]
-        with torch.inference_mode():
-            generated = self.model.generate(
-                inputs_embeds=inputs,
-                attention_mask=torch.ones(inputs.shape[:2], dtype=torch.long,
-                                          device=self.model.device),
-                max_new_tokens=self._max_tokens(request),
-                stopping_criteria=[watcher],
-                pad_token_id=self.tokenizer.pad_token_id,
-                **sampling,
-            )
-        watcher.finish()
-        ids = generated[0].tolist()
-        ended_on_eos = bool(ids) and ids[-1] == self.tokenizer.eos_token_id
-        finish = "stop" if watcher.hit_stop or ended_on_eos else "length"
-        return Completion(watcher.text, finish, len(ids))
+    def generate_one(self, embeds: torch.Tensor, params: SamplingParams,
+                     generator: torch.Generator | None, on_delta: Callable[[TextDelta], None],
+                     cancelled: threading.Event) -> tuple[TextDelta | None, str, int]:
+        """One sample for one prompt; `on_delta` gets each piece of text as it is settled.
 
-    def run(self, tensors: list[torch.Tensor], request: CompletionRequest,
-            emit: Callable[[int, str | None, str | None], None],
+        Returns the last piece (held back until the end), the finish reason and the
+        number of tokens generated.
+        """
+        assembler = TextAssembler(self.tokenizer, params.stop, on_delta)
+        tokens, finish = 0, "length"
+        eos = self.tokenizer.eos_token_id
+        for step in decode_steps(self.model, embeds, params, eos, generator, cancelled):
+            tokens += 1
+            if assembler.add(step):
+                finish = "stop"
+                break
+            if step.token_id == eos:
+                finish = "stop"
+        return assembler.finish(), finish, tokens
+
+    def run(self, tensors: list[torch.Tensor], request: CompletionRequest, emit: Emit,
             cancelled: threading.Event | None = None) -> int:
         """Generate every (prompt, sample); `emit(index, delta, finish_reason)`. Returns tokens.
 
         Setting `cancelled` (the client went away) stops at the next token.
         """
         cancelled = cancelled or threading.Event()
+        params = SamplingParams.from_request(request, self.max_tokens_default,
+                                             self.model.config.vocab_size)
+        generator = None
+        if request.seed is not None and params.temperature > 0:
+            generator = torch.Generator().manual_seed(request.seed)
         completion_tokens = 0
-        with self._lock, torch.random.fork_rng(devices=[]):
-            if request.seed is not None:
-                torch.manual_seed(request.seed)
+        with self._lock:
             for prompt_index, tensor in enumerate(tensors):
                 for sample in range(request.n):
                     index = prompt_index * request.n + sample
 
-                    def on_delta(text: str, index: int = index) -> None:
-                        emit(index, text, None)
+                    def on_delta(delta: TextDelta, index: int = index) -> None:
+                        emit(index, delta, None)
 
                     if cancelled.is_set():
                         return completion_tokens
-                    result = self.generate_one(tensor, request, on_delta, cancelled)
-                    emit(index, None, result.finish_reason)
-                    completion_tokens += result.tokens
+                    last, finish, tokens = self.generate_one(tensor, params, generator,
+                                                             on_delta, cancelled)
+                    emit(index, last, finish)
+                    completion_tokens += tokens
         return completion_tokens
 
     def usage(self, tensors: list[torch.Tensor], completion_tokens: int) -> dict[str, int]:
@@ -192,23 +149,32 @@ class ReferenceBackend:
     async def complete(self, request: CompletionRequest) -> dict[str, Any]:
         tensors = await asyncio.to_thread(self._validate, request)
         texts: dict[int, list[str]] = {}
+        steps: dict[int, list[TokenStep]] = {}
         finishes: dict[int, str] = {}
 
-        def emit(index: int, delta: str | None, finish: str | None) -> None:
+        def emit(index: int, delta: TextDelta | None, finish: str | None) -> None:
             if delta:
-                texts.setdefault(index, []).append(delta)
+                texts.setdefault(index, []).append(delta.text)
+                steps.setdefault(index, []).extend(delta.steps)
             if finish:
                 finishes[index] = finish
 
         completion_tokens = await asyncio.to_thread(self.run, tensors, request, emit)
         choices = [
-            {"index": i, "text": "".join(texts.get(i, [])), "logprobs": None,
+            {"index": i, "text": "".join(texts.get(i, [])),
+             "logprobs": self._logprobs(request, steps.get(i, [])),
              "finish_reason": finishes[i], "stop_reason": None}
             for i in sorted(finishes)
         ]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": self.served_name, "choices": choices,
                 "usage": self.usage(tensors, completion_tokens)}
+
+    def _logprobs(self, request: CompletionRequest, steps: list[TokenStep],
+                  builder: CompletionLogprobsBuilder | None = None) -> dict[str, Any] | None:
+        if request.logprobs is None:
+            return None
+        return (builder or CompletionLogprobsBuilder(self.tokenizer)).build(steps)
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[bytes]:
         """Validate first (errors become HTTP errors), then yield SSE events to `[DONE]`."""
@@ -221,10 +187,13 @@ class ReferenceBackend:
         queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
         head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
                 "created": int(time.time()), "model": self.served_name}
+        builders: dict[int, CompletionLogprobsBuilder] = {}
 
-        def emit(index: int, delta: str | None, finish: str | None) -> None:
-            choice = {"index": index, "text": delta or "", "logprobs": None,
-                      "finish_reason": finish, "stop_reason": None}
+        def emit(index: int, delta: TextDelta | None, finish: str | None) -> None:
+            builder = builders.setdefault(index, CompletionLogprobsBuilder(self.tokenizer))
+            logprobs = self._logprobs(request, delta.steps if delta else [], builder)
+            choice = {"index": index, "text": delta.text if delta else "",
+                      "logprobs": logprobs, "finish_reason": finish, "stop_reason": None}
             loop.call_soon_threadsafe(queue.put_nowait, {**head, "choices": [choice]})
 
         cancelled = threading.Event()

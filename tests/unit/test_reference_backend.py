@@ -369,3 +369,92 @@ def test_cancelled_generation_stops_at_the_next_token(
     tokens = backend.run([tensor], request, emit, cancelled)
     assert 1 <= tokens <= 2  # not 3 x 200
     assert len(deltas) == 1
+
+
+# --------------------------------------------------------------------------- logprobs, bias
+
+
+def reference_logprobs(model: Any, tensor: torch.Tensor, ids: list[int]) -> torch.Tensor:
+    """log_softmax of the next-token logits after the prompt and each generated prefix."""
+    with torch.no_grad():
+        generated = model.get_input_embeddings()(torch.tensor(ids))
+        logits = model(inputs_embeds=torch.cat([tensor, generated])[None]).logits[0]
+    return torch.log_softmax(logits[tensor.shape[0] - 1 : -1].float(), dim=-1)
+
+
+@pytest.mark.parametrize("k", [0, 1, 3])
+async def test_logprobs_are_the_models(
+    client: httpx.AsyncClient, embed: Any, demo_tokenizer: Any, demo_causal_lm: Any, k: int
+) -> None:
+    tensor, b64 = embed(FRANCE)
+    body = await ok(client, prompt_embeds=b64, temperature=0, max_tokens=8, logprobs=k)
+    [choice] = body["choices"]
+    logprobs = choice["logprobs"]
+    assert set(logprobs) == {"tokens", "token_logprobs", "top_logprobs", "text_offset"}
+    tokens = logprobs["tokens"]
+    assert len(tokens) == body["usage"]["completion_tokens"] == 8
+    assert "".join(tokens) == choice["text"]
+    assert logprobs["text_offset"] == [len("".join(tokens[:i])) for i in range(len(tokens))]
+    ids = [demo_tokenizer.convert_tokens_to_ids(demo_tokenizer.tokenize(t))[0] for t in tokens]
+    expected = reference_logprobs(demo_causal_lm, tensor, ids)
+    for step, (token, logprob, top) in enumerate(
+        zip(tokens, logprobs["token_logprobs"], logprobs["top_logprobs"], strict=True)
+    ):
+        assert logprob == pytest.approx(float(expected[step, ids[step]]), abs=1e-4)
+        assert logprob == pytest.approx(float(expected[step].max()), abs=1e-4)  # greedy
+        # The sampled token, then the top k: greedy picks the top one, so max(k, 1) entries.
+        assert len(top) == max(k, 1)
+        assert top[token] == logprob
+        best = torch.topk(expected[step], max(k, 1)).values.tolist()
+        assert sorted(top.values(), reverse=True) == pytest.approx(best, abs=1e-4)
+
+
+async def test_no_logprobs_unless_asked(client: httpx.AsyncClient, embed: Any) -> None:
+    _, b64 = embed(FRANCE)
+    body = await ok(client, prompt_embeds=b64, temperature=0, max_tokens=4)
+    assert body["choices"][0]["logprobs"] is None
+
+
+async def test_streamed_logprobs_join_to_the_non_streamed(
+    client: httpx.AsyncClient, embed: Any
+) -> None:
+    _, b64 = embed(JAPAN)
+    args = {"prompt_embeds": b64, "temperature": 0, "max_tokens": 12, "logprobs": 2}
+    whole = (await ok(client, **args))["choices"][0]["logprobs"]
+    response = await complete(client, stream=True, **args)
+    chunks = [e for e in parse_sse(response.text) if e != "[DONE]"]
+    joined: dict[str, list[Any]] = {key: [] for key in whole}
+    for chunk in chunks:
+        for key in whole:
+            joined[key] += chunk["choices"][0]["logprobs"][key]
+    assert joined == whole
+
+
+async def test_logit_bias_steers_greedy_choice(
+    client: httpx.AsyncClient, embed: Any, demo_tokenizer: Any
+) -> None:
+    _, b64 = embed(FRANCE)
+    z = demo_tokenizer.convert_tokens_to_ids("z")
+    body = await ok(client, prompt_embeds=b64, temperature=0, max_tokens=5,
+                    logit_bias={str(z): 100})
+    assert body["choices"][0]["text"] == "zzzzz"
+
+
+async def test_penalties_change_greedy_text(client: httpx.AsyncClient, embed: Any) -> None:
+    _, b64 = embed(FRANCE)
+    plain = await ok(client, prompt_embeds=b64, temperature=0, max_tokens=24)
+    text = plain["choices"][0]["text"]
+    assert len(set(text)) < len(text)  # the unpenalised answer repeats characters
+    penalised = await ok(client, prompt_embeds=b64, temperature=0, max_tokens=24,
+                         presence_penalty=2.0, frequency_penalty=2.0)
+    assert penalised["choices"][0]["text"] != text
+
+
+def test_penalties_follow_openai_formula() -> None:
+    from serve_app.reference_generation import SamplingParams, _adjust
+
+    params = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25,
+                            logit_bias={2: 3.0})
+    counts = torch.tensor([0.0, 1.0, 0.0, 4.0])
+    adjusted = _adjust(torch.zeros(4), params, counts)
+    assert adjusted.tolist() == [0.0, -0.75, 3.0, -1.5]
