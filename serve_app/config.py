@@ -44,6 +44,13 @@ class ModelConfig(StrictModel):
     max_model_len: int | None = Field(
         None, ge=1, description="Context length; defaults to the checkpoint's."
     )
+    chat_template: str | None = Field(
+        None,
+        description=(
+            "Jinja chat template (the text, or a path to a file holding it) for models "
+            "without one, or to replace theirs."
+        ),
+    )
 
     @field_validator("source")
     @classmethod

@@ -20,7 +20,7 @@ from serve_app.checkpoint import resolve_model_dir
 from serve_app.codec import EncodedPromptEmbeds
 from serve_app.config import AppConfig, BatchingConfig, ReferenceBackendConfig
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
-from serve_app.embedder import EmbedderCore
+from serve_app.embedder import EmbedderCore, PromptInput
 from serve_app.ingress import CompletionsService, create_gateway_app
 from serve_app.reference_backend import ReferenceBackend, create_reference_app
 
@@ -50,7 +50,7 @@ class Embedder:
         self.embed.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
-    async def embed(self, batch: list[list[int]]) -> list[EncodedPromptEmbeds]:
+    async def embed(self, batch: list[PromptInput]) -> list[EncodedPromptEmbeds]:
         # Lookup, torch.save and base64 run off the event loop so queued requests keep flowing.
         return await asyncio.to_thread(self.core.embed_batch, batch)
 
@@ -82,8 +82,8 @@ class ServeBackend:
         self.dispatcher = dispatcher
         self.streaming_dispatcher = dispatcher.options(stream=True)
 
-    def embed(self, token_ids: list[int]) -> Any:
-        return self.embedder.embed.remote(token_ids)
+    def embed(self, prompt: PromptInput) -> Any:
+        return self.embedder.embed.remote(prompt)
 
     async def complete(self, call: UpstreamCall, embeds: Sequence[Any]) -> UpstreamReply:
         reply: UpstreamReply = await self.dispatcher.complete.remote(call, *embeds)

@@ -16,6 +16,7 @@ import httpx
 import orjson
 
 from serve_app import envs
+from serve_app.chat_response import ChatShape, ChatStreamConverter, chat_completion
 from serve_app.codec import EncodedPromptEmbeds
 from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
@@ -35,6 +36,8 @@ class UpstreamCall:
     served_model: str
     fields: dict[str, Any] = field(default_factory=dict)
     stream: bool = False
+    chat: ChatShape | None = None
+    """Set for chat requests: answers are turned into the chat shape on the way back."""
 
 
 @dataclass(frozen=True)
@@ -131,7 +134,8 @@ class DispatcherCore:
         fields = {**call.fields, "model": self.config.model or call.served_model}
         return build_upstream_body(fields, embeds, self.config.dialect)
 
-    def _patch(self, payload: dict[str, Any], call: UpstreamCall, prompt_rows: int) -> bytes:
+    def _patch(self, payload: dict[str, Any], call: UpstreamCall,
+               prompt_rows: int) -> dict[str, Any]:
         """Report the served name and the true prompt length (NIM may report 0)."""
         payload["model"] = call.served_model
         usage = payload.get("usage")
@@ -139,7 +143,7 @@ class DispatcherCore:
             completion = usage.get("completion_tokens") or 0
             usage["prompt_tokens"] = prompt_rows
             usage["total_tokens"] = prompt_rows + completion
-        return orjson.dumps(payload)
+        return payload
 
     async def complete(
         self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]
@@ -159,8 +163,10 @@ class DispatcherCore:
         if payload is None:
             error = GatewayError("upstream sent invalid JSON", 502, code="upstream_error")
             return UpstreamReply(error.status, error.to_body())
-        rows = sum(item.rows for item in embeds)
-        return UpstreamReply(200, self._patch(payload, call, rows))
+        answer = self._patch(payload, call, sum(item.rows for item in embeds))
+        if call.chat is not None:
+            answer = chat_completion(answer, call.chat)
+        return UpstreamReply(200, orjson.dumps(answer))
 
     async def stream(
         self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]
@@ -202,6 +208,7 @@ class DispatcherCore:
         self, response: httpx.Response, call: UpstreamCall, rows: int
     ) -> AsyncIterator[bytes]:
         """Re-emit each upstream SSE data event, patched; end with `[DONE]` in every case."""
+        chat = ChatStreamConverter(call.chat) if call.chat is not None else None
         async for data in _sse_data(response):
             if data == b"[DONE]":
                 yield SSE_DONE
@@ -217,7 +224,9 @@ class DispatcherCore:
             if "error" in payload:
                 yield b"data: " + data + b"\n\n"
                 continue
-            yield b"data: " + self._patch(payload, call, rows) + b"\n\n"
+            patched = self._patch(payload, call, rows)
+            for event in chat.convert(patched) if chat else [patched]:
+                yield b"data: " + orjson.dumps(event) + b"\n\n"
         error = GatewayError("upstream stream ended before [DONE]", 502, code="upstream_error")
         yield error.to_sse_event()
         yield SSE_DONE

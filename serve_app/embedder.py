@@ -6,6 +6,7 @@ Plain Python (no Ray): the Serve deployment in `deployments.py` batches calls in
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -13,6 +14,31 @@ import torch
 from serve_app.checkpoint import load_input_embeddings, read_model_spec, select_device
 from serve_app.codec import EncodedPromptEmbeds, encode_prompt_embeds
 from serve_app.config import ModelConfig
+
+
+@dataclass(frozen=True)
+class SplicedPrompt:
+    """Runs of token ids with client tensors between them, embedded as one sequence.
+
+    Chat messages carrying `prompt_embeds` parts become this: the template's text around
+    each part is tokenized, and the (already validated) tensors sit where the parts were.
+    """
+
+    pieces: tuple[list[int] | torch.Tensor, ...]
+
+    @property
+    def rows(self) -> int:
+        return sum(len(p) if isinstance(p, list) else int(p.shape[0]) for p in self.pieces)
+
+
+PromptInput = Sequence[int] | SplicedPrompt
+"""What the embedder takes per prompt: token ids, or ids spliced with tensors."""
+
+
+def _token_runs(prompt: PromptInput) -> list[Sequence[int]]:
+    if isinstance(prompt, SplicedPrompt):
+        return [p for p in prompt.pieces if isinstance(p, list)]
+    return [prompt]
 
 
 class EmbedderCore:
@@ -33,13 +59,28 @@ class EmbedderCore:
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
 
-    def lookup(self, batch: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """One lookup for the whole batch; one CPU tensor per prompt (views of one copy)."""
-        lengths = [len(ids) for ids in batch]
-        flat = torch.tensor([i for ids in batch for i in ids], dtype=torch.long)
+    def lookup(self, batch: Sequence[PromptInput]) -> list[torch.Tensor]:
+        """One lookup for the whole batch; one CPU tensor per prompt.
+
+        Plain token-id prompts come back as views of one copy; spliced prompts are joined
+        with their tensors, cast to the model's dtype.
+        """
+        runs = [run for prompt in batch for run in _token_runs(prompt)]
+        lengths = [len(ids) for ids in runs]
+        flat = torch.tensor([i for ids in runs for i in ids], dtype=torch.long)
         with torch.inference_mode():
             rows = torch.nn.functional.embedding(flat.to(self.weight.device), self.weight)
-        return list(rows.cpu().split(lengths))
+        looked_up = iter(rows.cpu().split(lengths))
+        out = []
+        for prompt in batch:
+            if not isinstance(prompt, SplicedPrompt):
+                out.append(next(looked_up))
+                continue
+            out.append(torch.cat([
+                next(looked_up) if isinstance(piece, list) else piece.to(self.dtype)
+                for piece in prompt.pieces
+            ]))
+        return out
 
-    def embed_batch(self, batch: Sequence[Sequence[int]]) -> list[EncodedPromptEmbeds]:
+    def embed_batch(self, batch: Sequence[PromptInput]) -> list[EncodedPromptEmbeds]:
         return [encode_prompt_embeds(rows) for rows in self.lookup(batch)]

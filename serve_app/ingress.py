@@ -1,4 +1,4 @@
-"""The gateway's HTTP surface: OpenAI `/v1/completions`, `/v1/models`, `/health`.
+"""The gateway's HTTP surface: OpenAI `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
 
 `CompletionsService` turns a request into prompt embeddings and hands them to a
 `GatewayBackend`: in Serve, the embedder and dispatcher deployment handles (the
@@ -17,6 +17,8 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
+from serve_app.chat_response import ChatShape
+from serve_app.chat_template import ChatTemplate, RenderedChat, load_chat_template
 from serve_app.checkpoint import ModelSpec, load_tokenizer, read_model_spec, resolve_model_dir
 from serve_app.codec import (
     EmbedsSpec,
@@ -26,9 +28,15 @@ from serve_app.codec import (
 )
 from serve_app.config import AppConfig
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
-from serve_app.embedder import EmbedderCore
+from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt
 from serve_app.errors import GatewayError, to_gateway_error
-from serve_app.protocol import SSE_DONE, CompletionRequest, ModelCard, ModelList
+from serve_app.protocol import (
+    SSE_DONE,
+    ChatCompletionRequest,
+    CompletionRequest,
+    ModelCard,
+    ModelList,
+)
 
 # Tokenize on the event loop below this many characters; above it, in a worker thread.
 _INLINE_TOKENIZE_CHARS = 8192
@@ -37,7 +45,7 @@ _INLINE_TOKENIZE_CHARS = 8192
 class GatewayBackend(Protocol):
     """Where embedding and dispatch happen; `embed` returns an opaque, unawaited reference."""
 
-    def embed(self, token_ids: list[int]) -> Any: ...
+    def embed(self, prompt: PromptInput) -> Any: ...
 
     async def complete(self, call: UpstreamCall, embeds: Sequence[Any]) -> UpstreamReply: ...
 
@@ -53,9 +61,9 @@ class InProcessBackend:
         self.embedder = embedder
         self.dispatcher = dispatcher
 
-    def embed(self, token_ids: list[int]) -> asyncio.Task[EncodedPromptEmbeds]:
+    def embed(self, prompt: PromptInput) -> asyncio.Task[EncodedPromptEmbeds]:
         async def lookup() -> EncodedPromptEmbeds:
-            return (await asyncio.to_thread(self.embedder.embed_batch, [token_ids]))[0]
+            return (await asyncio.to_thread(self.embedder.embed_batch, [prompt]))[0]
 
         return asyncio.ensure_future(lookup())
 
@@ -75,20 +83,22 @@ class InProcessBackend:
 class CompletionsService:
     def __init__(
         self, served_name: str, tokenizer: Any, model: ModelSpec, embeds: EmbedsSpec,
-        backend: GatewayBackend,
+        backend: GatewayBackend, chat_template: str | None = None,
     ) -> None:
         self.served_name = served_name
         self.tokenizer = tokenizer
         self.model = model
         self.embeds_spec = embeds
         self.backend = backend
+        self.chat = ChatTemplate(tokenizer, chat_template)
 
     @classmethod
     def from_config(cls, config: AppConfig, backend: GatewayBackend) -> CompletionsService:
         model_dir = resolve_model_dir(config.model)
         spec = read_model_spec(model_dir, config.model)
         embeds = spec.embeds_spec(config.limits.max_embeds_bytes)
-        return cls(config.model.name, load_tokenizer(model_dir), spec, embeds, backend)
+        return cls(config.model.name, load_tokenizer(model_dir), spec, embeds, backend,
+                   load_chat_template(config.model.chat_template))
 
     def model_list(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.served_name,
@@ -130,10 +140,13 @@ class CompletionsService:
             encoded.append(encode_prompt_embeds(tensor))
         return encoded
 
-    async def _prepare(self, request: CompletionRequest) -> tuple[UpstreamCall, list[Any]]:
-        if request.model != self.served_name:
-            raise GatewayError(f"The model `{request.model}` does not exist.", 404,
+    def _check_model(self, model: str) -> None:
+        if model != self.served_name:
+            raise GatewayError(f"The model `{model}` does not exist.", 404,
                                param="model", code="model_not_found")
+
+    async def _prepare(self, request: CompletionRequest) -> tuple[UpstreamCall, list[Any]]:
+        self._check_model(request.model)
         # Every prompt goes upstream as embeddings, so vLLM's refusals apply to all of them;
         # answering here also keeps the suffix text from ever leaving the gateway.
         incompatible = request.incompatible_with_embeds()
@@ -154,23 +167,68 @@ class CompletionsService:
         call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream))
         return call, refs
 
+    async def _render_chat(self, request: ChatCompletionRequest) -> RenderedChat:
+        size = sum(len(m.content) if isinstance(m.content, str) else 0 for m in request.messages)
+        if size <= _INLINE_TOKENIZE_CHARS and not any(
+            isinstance(m.content, list) for m in request.messages
+        ):
+            return self.chat.render(request)
+        return await asyncio.to_thread(self.chat.render, request)
+
+    def _splice(self, rendered: RenderedChat, max_tokens: int | None) -> PromptInput:
+        """The templated prompt: token ids, or ids with the client's tensors in place."""
+        tensors = [decode_prompt_embeds(text, self.embeds_spec, "messages")
+                   for text in rendered.embeds]
+        pieces = [p if isinstance(p, list) else tensors[p] for p in rendered.pieces]
+        prompt = SplicedPrompt(tuple(pieces))
+        if prompt.rows == 0:
+            raise GatewayError("The chat template produced an empty prompt.", 400,
+                               param="messages")
+        self._check_length(prompt.rows, max_tokens)
+        if tensors:
+            return prompt
+        return [i for piece in rendered.pieces if isinstance(piece, list) for i in piece]
+
+    async def _prepare_chat(
+        self, request: ChatCompletionRequest
+    ) -> tuple[UpstreamCall, list[Any]]:
+        self._check_model(request.model)
+        rendered = await self._render_chat(request)
+        max_tokens = request.completion_max_tokens
+        if rendered.embeds:
+            prompt = await asyncio.to_thread(self._splice, rendered, max_tokens)
+        else:
+            prompt = self._splice(rendered, max_tokens)
+        shape = ChatShape(top_logprobs=(request.top_logprobs or 0) if request.logprobs else None)
+        call = UpstreamCall(self.served_name, request.completion_fields(),
+                            bool(request.stream), chat=shape)
+        return call, [self.backend.embed(prompt)]
+
     async def completions(self, body: bytes) -> Response:
         try:
             request = CompletionRequest.model_validate(orjson.loads(body))
-            call, refs = await self._prepare(request)
-            if not call.stream:
-                reply = await self.backend.complete(call, refs)
-                return Response(reply.body, status_code=reply.status,
-                                media_type="application/json")
-            events = self.backend.stream(call, refs)
-            head = await anext(events)
-            assert isinstance(head, UpstreamReply)
-            if head.status != 200:
-                return Response(head.body, status_code=head.status,
-                                media_type="application/json")
-            return StreamingResponse(_relay(events), media_type="text/event-stream")
+            return await self._respond(*await self._prepare(request))
         except Exception as exc:
             return to_gateway_error(exc).to_response()
+
+    async def chat_completions(self, body: bytes) -> Response:
+        try:
+            request = ChatCompletionRequest.model_validate(orjson.loads(body))
+            return await self._respond(*await self._prepare_chat(request))
+        except Exception as exc:
+            return to_gateway_error(exc).to_response()
+
+    async def _respond(self, call: UpstreamCall, refs: list[Any]) -> Response:
+        if not call.stream:
+            reply = await self.backend.complete(call, refs)
+            return Response(reply.body, status_code=reply.status,
+                            media_type="application/json")
+        events = self.backend.stream(call, refs)
+        head = await anext(events)
+        assert isinstance(head, UpstreamReply)
+        if head.status != 200:
+            return Response(head.body, status_code=head.status, media_type="application/json")
+        return StreamingResponse(_relay(events), media_type="text/event-stream")
 
 
 async def _relay(events: AsyncIterator[UpstreamReply | bytes]) -> AsyncIterator[bytes]:
@@ -207,5 +265,9 @@ def create_gateway_app(service: CompletionsService) -> FastAPI:
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
         return await service.completions(await request.body())
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        return await service.chat_completions(await request.body())
 
     return app

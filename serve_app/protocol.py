@@ -11,7 +11,7 @@ import logging
 import time
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 logger = logging.getLogger(__name__)
 
@@ -119,6 +119,121 @@ class CompletionRequest(OpenAIBaseModel):
 
 # Text fields that would carry client text upstream: the prompt itself and the end-user id.
 _NOT_FORWARDED = {"model", "prompt", "prompt_embeds", "user"}
+
+
+# --------------------------------------------------------------------------- chat
+
+_CONTENT_PART_TYPES = ("text", "prompt_embeds")
+
+
+class TextPart(BaseModel):
+    type: Literal["text"]
+    text: str
+
+
+class EmbedsPart(BaseModel):
+    type: Literal["prompt_embeds"]
+    data: str = Field(description="Base64 of torch.save of a (rows, hidden) tensor (vLLM).")
+
+
+class ChatMessage(OpenAIBaseModel):
+    role: Literal["system", "developer", "user", "assistant"]
+    content: str | list[TextPart | EmbedsPart] | None = None
+    name: str | None = None
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_part_types(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind not in _CONTENT_PART_TYPES:
+                raise ValueError(
+                    f"content part type {kind!r} is not supported; this gateway accepts "
+                    "`text` and `prompt_embeds` parts"
+                )
+        return content
+
+    @model_validator(mode="after")
+    def _no_tool_calls(self) -> ChatMessage:
+        if self.model_extra and {"tool_calls", "function_call"} & set(self.model_extra):
+            raise ValueError("tool calls are not supported by this gateway")
+        return self
+
+
+class ChatCompletionRequest(OpenAIBaseModel):
+    # Ordered as in https://platform.openai.com/docs/api-reference/chat/create
+    messages: list[ChatMessage] = Field(min_length=1)
+    model: str
+    frequency_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    logit_bias: dict[str, float] | None = None
+    logprobs: bool | None = False
+    max_completion_tokens: int | None = Field(None, ge=1)
+    max_tokens: int | None = Field(None, ge=1)
+    metadata: dict[str, str] | None = None
+    n: int = Field(1, ge=1)
+    presence_penalty: float | None = Field(None, ge=-2.0, le=2.0)
+    response_format: dict[str, Any] | None = None
+    seed: int | None = None
+    stop: str | list[str] | None = None
+    store: bool | None = None
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = Field(None, ge=0.0)
+    tool_choice: Any = None
+    tools: list[dict[str, Any]] | None = None
+    top_logprobs: int | None = Field(None, ge=0, le=20)
+    top_p: float | None = Field(None, gt=0.0, le=1.0)
+    user: str | None = None
+
+    # --- extras (vLLM) ---
+    add_generation_prompt: bool = Field(
+        True, description="End the prompt with the template's assistant header."
+    )
+    continue_final_message: bool = Field(
+        False, description="Leave the last (assistant) message open for the model to go on."
+    )
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="Extra variables for the chat template, e.g. `enable_thinking`."
+    )
+
+    @model_validator(mode="after")
+    def _supported(self) -> ChatCompletionRequest:
+        if self.tools or self.tool_choice not in (None, "none"):
+            raise ValueError("tools and tool_choice are not supported by this gateway")
+        if self.response_format and self.response_format.get("type") != "text":
+            raise ValueError("only response_format {\"type\": \"text\"} is supported")
+        if self.top_logprobs is not None and not self.logprobs:
+            raise ValueError("top_logprobs needs logprobs set to true")
+        if self.add_generation_prompt and self.continue_final_message:
+            raise ValueError("add_generation_prompt and continue_final_message exclude "
+                             "each other; set add_generation_prompt to false")
+        return self
+
+    def completion_fields(self) -> dict[str, Any]:
+        """The upstream completions request's sampling part (never the messages or `user`)."""
+        fields = self.model_dump(exclude_unset=True, include=_CHAT_SAMPLING_FIELDS)
+        if self.max_completion_tokens is not None:
+            fields["max_tokens"] = self.max_completion_tokens
+        fields.pop("logprobs", None)
+        if self.logprobs:
+            fields["logprobs"] = self.top_logprobs or 0
+        fields.update(self.model_extra or {})  # unknown fields pass through, as on completions
+        return fields
+
+    @property
+    def completion_max_tokens(self) -> int | None:
+        return self.max_completion_tokens or self.max_tokens
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+# Chat fields that mean the same on the upstream's completions endpoint.
+_CHAT_SAMPLING_FIELDS = {
+    "frequency_penalty", "logit_bias", "logprobs", "max_tokens", "n", "presence_penalty",
+    "seed", "stop", "stream", "stream_options", "temperature", "top_p",
+}
 
 
 class ErrorInfo(BaseModel):

@@ -1,0 +1,90 @@
+"""Fixtures for the whole gateway in one process, no Ray: ingress -> embedder core ->
+dispatcher core -> reference backend app, every hop through httpx.ASGITransport."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import AsyncIterator, Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pybase64
+import pytest
+import torch
+
+from serve_app.config import AppConfig, ModelConfig, ReferenceBackendConfig, UpstreamConfig
+from serve_app.dispatcher import DispatcherCore
+from serve_app.embedder import EmbedderCore
+from serve_app.ingress import CompletionsService, InProcessBackend, create_gateway_app
+from serve_app.reference_backend import ReferenceBackend, create_reference_app
+from tests.unit.gateway_client import GatewayFactory, RecordingASGITransport
+
+UPSTREAM = UpstreamConfig(url="http://ref/v1")
+
+
+@pytest.fixture(scope="module")
+def reference_app(cache_dir: Path) -> Any:
+    return create_reference_app(ReferenceBackend.from_config(ReferenceBackendConfig()))
+
+
+@pytest.fixture(scope="module")
+def embedder(demo_model_dir: Path) -> EmbedderCore:
+    return EmbedderCore.from_checkpoint(demo_model_dir, ModelConfig())
+
+
+@pytest.fixture
+async def make_gateway(
+    embedder: EmbedderCore, cache_dir: Path
+) -> AsyncIterator[GatewayFactory]:
+    """A gateway client whose dispatcher reaches the upstream through `transport`."""
+    closers: list[Any] = []
+
+    def factory(transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+        upstream_client = httpx.AsyncClient(transport=transport, base_url="http://ref")
+        dispatcher = DispatcherCore(UPSTREAM, upstream_client)
+        service = CompletionsService.from_config(
+            AppConfig(upstream=UPSTREAM), InProcessBackend(embedder, dispatcher)
+        )
+        gateway = httpx.AsyncClient(
+            transport=httpx.ASGITransport(app=create_gateway_app(service)),
+            base_url="http://gateway",
+        )
+        closers.extend([dispatcher.aclose, gateway.aclose])
+        return gateway
+
+    yield factory
+    for close in closers:
+        await close()
+
+
+@pytest.fixture
+def recorder(reference_app: Any) -> RecordingASGITransport:
+    return RecordingASGITransport(reference_app)
+
+
+@pytest.fixture
+def gateway(make_gateway: GatewayFactory, recorder: RecordingASGITransport) -> httpx.AsyncClient:
+    return make_gateway(recorder)
+
+
+@pytest.fixture
+async def reference(reference_app: Any) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=reference_app)
+    async with httpx.AsyncClient(transport=transport, base_url="http://ref") as client:
+        yield client
+
+
+@pytest.fixture(scope="module")
+def embed(demo_tokenizer: Any, demo_causal_lm: Any) -> Callable[[str], str]:
+    """What a client computes itself: base64 of torch.save of the prompt's embeddings."""
+
+    def compute(text: str) -> str:
+        ids = torch.tensor(demo_tokenizer(text).input_ids)
+        with torch.no_grad():
+            tensor = demo_causal_lm.get_input_embeddings()(ids)
+        buffer = io.BytesIO()
+        torch.save(tensor, buffer)
+        return pybase64.b64encode(buffer.getvalue()).decode("ascii")
+
+    return compute
