@@ -10,6 +10,7 @@ import orjson
 import pytest
 import torch
 
+from serve_app.chat_response import ChatShape
 from serve_app.codec import EncodedPromptEmbeds, encode_prompt_embeds
 from serve_app.config import UpstreamConfig
 from serve_app.dispatcher import (
@@ -585,3 +586,62 @@ def test_build_upstream_body_embeds_are_raw_base64_bytes() -> None:
     assert raw == b'{"model":"m","prompt_embeds":"' + embeds[0].data + b'"}'
     nim = build_upstream_body({}, embeds, "nim")
     assert nim == b'{"prompt":"","prompt-embeds":"' + embeds[0].data + b'"}'
+
+
+# --------------------------------------------------------------------------- chat answers
+
+
+def chat_call(is_stream: bool = False, top_logprobs: int | None = None) -> UpstreamCall:
+    return UpstreamCall(SERVED, {"stream": is_stream} if is_stream else {}, is_stream,
+                        chat=ChatShape(top_logprobs))
+
+
+LOGPROBS = {
+    "tokens": ["he", "llo"], "token_logprobs": [-0.5, -1.0], "text_offset": [0, 2],
+    "top_logprobs": [{"he": -0.5, "x": -2.0, "y": -3.0}, {"llo": -1.0, "é": -0.25}],
+}
+
+
+@pytest.mark.parametrize("dialect", DIALECTS)
+async def test_chat_reply_from_a_nim_style_completion(make_core, dialect: str) -> None:
+    payload = completion_payload(prompt_tokens=0)  # NIM may report 0 prompt tokens
+    payload["choices"][0]["logprobs"] = LOGPROBS
+    core, upstream = make_core(ok_json(payload), dialect=dialect)
+    reply = await core.complete(chat_call(top_logprobs=1), make_embeds(5))
+    body = orjson.loads(reply.body)
+    assert body["object"] == "chat.completion" and body["id"] == "chatcmpl-1"
+    assert body["model"] == SERVED
+    [choice] = body["choices"]
+    assert choice["message"] == {"role": "assistant", "content": "hello"}
+    assert choice["finish_reason"] == "length"
+    assert choice["logprobs"] == {"content": [
+        {"token": "he", "logprob": -0.5, "bytes": [104, 101],
+         "top_logprobs": [{"token": "he", "logprob": -0.5, "bytes": [104, 101]}]},
+        {"token": "llo", "logprob": -1.0, "bytes": [108, 108, 111],
+         "top_logprobs": [{"token": "é", "logprob": -0.25, "bytes": [195, 169]}]},
+    ]}
+    assert body["usage"] == {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+    assert "messages" not in upstream.bodies[0]
+
+
+async def test_chat_stream_role_first_then_content(make_core) -> None:
+    usage_chunk = {**chunk_event(""), "choices": [],
+                   "usage": {"prompt_tokens": 0, "completion_tokens": 3, "total_tokens": 3}}
+    upstream_events = [chunk_event("Hel"), chunk_event("Hi", index=1), chunk_event("lo"),
+                       chunk_event("", finish="stop"), chunk_event("!", 1, finish="length")]
+    core, _ = make_core(stream_reply(sse(*upstream_events, usage_chunk)))
+    head, events = await collect(core, chat_call(True), make_embeds(4))
+    assert head == UpstreamReply(200) and events[-1] == DONE
+    payloads = [event_payload(event) for event in events[:-1]]
+    assert {p["object"] for p in payloads} == {"chat.completion.chunk"}
+    assert {p["id"] for p in payloads} == {"chatcmpl-s"}
+    choices = [(c["index"], c["delta"], c["finish_reason"])
+               for p in payloads for c in p["choices"]]
+    assert choices == [
+        (0, {"role": "assistant", "content": ""}, None), (0, {"content": "Hel"}, None),
+        (1, {"role": "assistant", "content": ""}, None), (1, {"content": "Hi"}, None),
+        (0, {"content": "lo"}, None), (0, {}, "stop"), (1, {"content": "!"}, "length"),
+    ]
+    assert payloads[-1]["choices"] == []
+    assert payloads[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3,
+                                     "total_tokens": 7}

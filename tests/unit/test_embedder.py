@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 from serve_app.checkpoint import ModelSpec, load_input_embeddings, read_model_spec
 from serve_app.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.config import ModelConfig
-from serve_app.embedder import EmbedderCore
+from serve_app.embedder import EmbedderCore, SplicedPrompt
 
 # Different lengths in one batch, including a single token and the whole vocabulary.
 BATCH = [[0, 54, 71, 78], [7], list(range(259)), [258, 0, 258, 3, 3, 3, 100, 1, 2]]
@@ -52,6 +52,23 @@ def test_embed_batch_round_trips_through_codec(core: EmbedderCore, demo_causal_l
     # Each prompt carries only its own rows, not the whole batch's lookup.
     single, whole_vocab = encoded[1], encoded[2]
     assert len(single.data) * 10 < len(whole_vocab.data)
+
+
+def test_spliced_prompts_join_lookups_and_client_tensors(
+    core: EmbedderCore, demo_causal_lm: Any
+) -> None:
+    client = torch.randn(3, 64, dtype=torch.float64)  # cast to the model's dtype on the way
+    spliced = SplicedPrompt(([0, 54], client, [71], torch.ones(1, 64)))
+    assert spliced.rows == 7
+    plain, got, tail = core.lookup([[5, 6], spliced, [258]])
+    expected = torch.cat([reference_rows(demo_causal_lm, [0, 54]), client.float(),
+                          reference_rows(demo_causal_lm, [71]), torch.ones(1, 64)])
+    assert got.dtype == torch.float32
+    assert torch.equal(got, expected)
+    assert torch.equal(plain, reference_rows(demo_causal_lm, [5, 6]))
+    assert torch.equal(tail, reference_rows(demo_causal_lm, [258]))
+    [only_tensor] = core.lookup([SplicedPrompt((client,))])
+    assert torch.equal(only_tensor, client.float())
 
 
 def test_bfloat16_weight_is_fp32_weight_cast(core: EmbedderCore, demo_model_dir: Path) -> None:
