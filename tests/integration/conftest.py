@@ -7,6 +7,7 @@ the reference backend, so tests can inspect every byte the upstream received.
 from __future__ import annotations
 
 import http.server
+import io
 import socket
 import threading
 from collections.abc import Iterator
@@ -15,7 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import openai
+import pybase64
 import pytest
+import torch
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -108,3 +112,24 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path) -> Iterator[ServeGraph]:
         proxy.stop()
         serve.shutdown()
         ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def client(serve_graph) -> openai.OpenAI:  # type: ignore[no-untyped-def]
+    return openai.OpenAI(base_url=f"{serve_graph.base_url}/v1", api_key="EMPTY", max_retries=0)
+
+
+@pytest.fixture  # per test: an async client is bound to its event loop
+def async_client(serve_graph) -> openai.AsyncOpenAI:  # type: ignore[no-untyped-def]
+    return openai.AsyncOpenAI(base_url=f"{serve_graph.base_url}/v1", api_key="EMPTY",
+                              max_retries=0)
+
+
+def client_side_embeds(tokenizer, causal_lm, text: str | list[int]) -> str:  # type: ignore[no-untyped-def]
+    """The seeds' pattern: tokenizer -> get_input_embeddings() -> torch.save -> base64."""
+    ids = torch.tensor(text if isinstance(text, list) else tokenizer(text).input_ids)
+    with torch.no_grad():
+        embeds = causal_lm.get_input_embeddings()(ids)
+    buffer = io.BytesIO()
+    torch.save(embeds, buffer)
+    return pybase64.b64encode(buffer.getvalue()).decode()

@@ -3,39 +3,16 @@
 from __future__ import annotations
 
 import asyncio
-import io
 
 import openai
-import pybase64
 import pytest
-import torch
 
 from serve_app.protocol import CompletionResponse, ModelList
+from tests.integration.conftest import client_side_embeds
 
 pytestmark = pytest.mark.integration
 
 PROMPT = "Tell me about France"
-
-
-@pytest.fixture(scope="module")
-def client(serve_graph) -> openai.OpenAI:  # type: ignore[no-untyped-def]
-    return openai.OpenAI(base_url=f"{serve_graph.base_url}/v1", api_key="EMPTY", max_retries=0)
-
-
-@pytest.fixture(scope="module")
-def async_client(serve_graph) -> openai.AsyncOpenAI:  # type: ignore[no-untyped-def]
-    return openai.AsyncOpenAI(base_url=f"{serve_graph.base_url}/v1", api_key="EMPTY",
-                              max_retries=0)
-
-
-def client_side_embeds(tokenizer, causal_lm, text: str) -> str:  # type: ignore[no-untyped-def]
-    """The seeds' pattern: tokenizer -> get_input_embeddings() -> torch.save -> base64."""
-    ids = torch.tensor(tokenizer(text).input_ids)
-    with torch.no_grad():
-        embeds = causal_lm.get_input_embeddings()(ids)
-    buffer = io.BytesIO()
-    torch.save(embeds, buffer)
-    return pybase64.b64encode(buffer.getvalue()).decode()
 
 
 def complete(client: openai.OpenAI, model: str, **kwargs):  # type: ignore[no-untyped-def]
