@@ -55,14 +55,17 @@ def resolve_model_dir(config: ModelConfig) -> Path:
         path = ensure_demo_model(envs.cache_dir())
         logger.warning("demo model at %s", path)
         return path
-    local = Path(config.source).expanduser()
+    return local_or_hub(config.source, config.revision)
+
+
+def local_or_hub(source: str, revision: str | None) -> Path:
+    """`source` as a local directory, else a hub snapshot (safetensors and configs only)."""
+    local = Path(source).expanduser()
     if local.is_dir():
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(
-        snapshot_download(config.source, revision=config.revision, ignore_patterns=_HUB_IGNORE)
-    )
+    return Path(snapshot_download(source, revision=revision, ignore_patterns=_HUB_IGNORE))
 
 
 def _text_config(model_dir: Path) -> dict[str, Any]:

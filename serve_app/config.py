@@ -8,12 +8,17 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEMO_MODEL = "demo"
 """`ModelConfig.source` value that selects the locally built demo checkpoint."""
 
 DEMO_SERVED_NAME = "serve-app-demo"
+
+DEMO_ENCODER = "demo-encoder"
+"""`EmbeddingModelConfig.source` value that selects the locally built demo encoder."""
+
+DEMO_ENCODER_SERVED_NAME = "serve-app-demo-embed"
 
 
 class StrictModel(BaseModel):
@@ -111,13 +116,70 @@ class LimitsConfig(StrictModel):
     )
 
 
+class EncoderBatchingConfig(StrictModel):
+    """Encoder batching by token budget; the encoder's `user_config` (no restart to change)."""
+
+    max_batch_tokens: int = Field(
+        8192, ge=1, le=1 << 22,
+        description="Padded tokens per forward pass; at least the model's max sequence length.",
+    )
+    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0)
+
+
+class EmbeddingModelConfig(StrictModel):
+    """A sentence-embedding model served on `/v1/embeddings` and `/v2/embed`."""
+
+    source: str = Field(
+        DEMO_ENCODER,
+        description="`demo-encoder` (built locally), a local directory, or a hub id.",
+    )
+    served_name: str | None = Field(None, description="Model id clients send.")
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    pooling: Literal["auto", "mean", "cls", "last"] = Field(
+        "auto",
+        description="`auto` follows the checkpoint's sentence-transformers files, else mean.",
+    )
+    normalize: bool | None = Field(
+        None, description="L2-normalise; defaults to the checkpoint's (true without ST files)."
+    )
+    matryoshka_dimensions: list[int] | None = Field(
+        None, description="Dimensions `dimensions` may ask for; else the checkpoint's, if any."
+    )
+    max_model_len: int | None = Field(None, ge=1, description="Longest input in tokens.")
+    truncate: bool = Field(
+        False, description="Cut over-long inputs (at the end) instead of refusing them."
+    )
+    batching: EncoderBatchingConfig = EncoderBatchingConfig()
+
+    @property
+    def name(self) -> str:
+        if self.served_name:
+            return self.served_name
+        if self.source == DEMO_ENCODER:
+            return DEMO_ENCODER_SERVED_NAME
+        return self.source.rstrip("/")
+
+
 class AppConfig(StrictModel):
     """The gateway application's only argument."""
 
     model: ModelConfig = ModelConfig()
+    embedding_models: list[EmbeddingModelConfig] = Field(
+        default_factory=list, description="Sentence-embedding models served beside `model`."
+    )
     batching: BatchingConfig = BatchingConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = LimitsConfig()
+
+    @model_validator(mode="after")
+    def _unique_names(self) -> AppConfig:
+        names = [self.model.name] + [m.name for m in self.embedding_models]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"served model names must be unique: {', '.join(duplicates)}")
+        return self
 
 
 class ReferenceBackendConfig(StrictModel):

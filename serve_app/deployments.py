@@ -9,18 +9,28 @@ validates each YAML `args` block against the builder's annotated pydantic type.
 # builder's annotation is a real pydantic class, not a string.
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import torch
 from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app.checkpoint import resolve_model_dir
 from serve_app.codec import EncodedPromptEmbeds
-from serve_app.config import AppConfig, BatchingConfig, ReferenceBackendConfig
+from serve_app.config import (
+    AppConfig,
+    BatchingConfig,
+    EmbeddingModelConfig,
+    EncoderBatchingConfig,
+    ReferenceBackendConfig,
+)
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore, PromptInput
+from serve_app.embeddings import EmbeddingsService
+from serve_app.encoder import EncoderCore, resolve_encoder_dir
 from serve_app.ingress import CompletionsService, create_gateway_app
 from serve_app.reference_backend import ReferenceBackend, create_reference_app
 
@@ -53,6 +63,51 @@ class Embedder:
     async def embed(self, batch: list[PromptInput]) -> list[EncodedPromptEmbeds]:
         # Lookup, torch.save and base64 run off the event loop so queued requests keep flowing.
         return await asyncio.to_thread(self.core.embed_batch, batch)
+
+
+def _batch_tokens(requests: list[list[list[int]]]) -> int:
+    """`@serve.batch` size of queued encoder requests: their tokens, not their count."""
+    return sum(len(ids) for request in requests for ids in request)
+
+
+@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=64,
+                  autoscaling_config=_EMBEDDER_AUTOSCALING)
+class Encoder:
+    """One sentence-embedding model; bound once per `embedding_models` entry."""
+
+    def __init__(self, config: dict[str, Any]) -> None:
+        model = EmbeddingModelConfig.model_validate(config)
+        self.core = EncoderCore.from_checkpoint(resolve_encoder_dir(model), model)
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Token budget from `user_config`: `serve deploy` changes it without a restart."""
+        batching = EncoderBatchingConfig.model_validate(user_config)
+        if batching.max_batch_tokens < self.core.spec.max_seq_length:
+            raise ValueError(f"max_batch_tokens must be at least the model's max sequence "
+                             f"length, {self.core.spec.max_seq_length}")
+        self.core.max_batch_tokens = batching.max_batch_tokens
+        self.encode.set_max_batch_size(batching.max_batch_tokens)
+        self.encode.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, batch_size_fn=_batch_tokens)
+    async def encode(self, batch: list[list[list[int]]]) -> list[torch.Tensor]:
+        return await asyncio.to_thread(self.core.encode, batch)
+
+
+class ServeEncoders:
+    """Encoder deployments by served model name."""
+
+    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
+        self.handles = handles
+
+    async def encode(self, model: str, chunk: list[list[int]]) -> torch.Tensor:
+        vectors: torch.Tensor = await self.handles[model].encode.remote(chunk)
+        return vectors
+
+
+def encoder_deployment_name(served_name: str) -> str:
+    """`Encoder_<served name>`: the name to use for per-deployment overrides in the YAML."""
+    return "Encoder_" + re.sub(r"[^A-Za-z0-9_-]", "_", served_name)
 
 
 @serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=256)
@@ -104,12 +159,14 @@ class ServeBackend:
 @serve.ingress()
 class Gateway:
     def __init__(self, config: dict[str, Any], embedder: DeploymentHandle,
-                 dispatcher: DeploymentHandle) -> None:
-        self.service = CompletionsService.from_config(
-            AppConfig.model_validate(config), ServeBackend(embedder, dispatcher))
+                 dispatcher: DeploymentHandle, encoders: dict[str, DeploymentHandle]) -> None:
+        app_config = AppConfig.model_validate(config)
+        self.service = CompletionsService.from_config(app_config,
+                                                      ServeBackend(embedder, dispatcher))
+        self.embeddings = EmbeddingsService.from_config(app_config, ServeEncoders(encoders))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_gateway_app(self.service)
+        return create_gateway_app(self.service, self.embeddings)
 
 
 @serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=32)
@@ -123,12 +180,19 @@ class Reference:
 
 
 def build_app(config: AppConfig) -> serve.Application:
-    """The gateway graph: Gateway (ingress) -> Embedder (batched) -> Dispatcher -> upstream."""
+    """The gateway graph: Gateway (ingress) -> Embedder (batched) -> Dispatcher -> upstream,
+    and one Encoder per embedding model."""
     # Deployments receive the validated config as plain data and re-validate it on start.
     plain = config.model_dump(mode="json")
     embedder = Embedder.options(user_config=plain["batching"]).bind(plain)
     dispatcher = Dispatcher.bind(plain)
-    return Gateway.bind(plain, embedder, dispatcher)
+    encoders = {
+        model.name: Encoder.options(name=encoder_deployment_name(model.name),
+                                    user_config=model.batching.model_dump(mode="json"))
+        .bind(model.model_dump(mode="json"))
+        for model in config.embedding_models
+    }
+    return Gateway.bind(plain, embedder, dispatcher, encoders)
 
 
 def build_reference_app(config: ReferenceBackendConfig) -> serve.Application:

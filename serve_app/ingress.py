@@ -29,6 +29,7 @@ from serve_app.codec import (
 from serve_app.config import AppConfig
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt
+from serve_app.embeddings import EmbeddingsService
 from serve_app.errors import GatewayError, to_gateway_error
 from serve_app.protocol import (
     SSE_DONE,
@@ -231,6 +232,11 @@ class CompletionsService:
         return StreamingResponse(_relay(events), media_type="text/event-stream")
 
 
+class _NoEncoders:
+    async def encode(self, model: str, chunk: list[list[int]]) -> Any:
+        raise GatewayError(f"The model `{model}` does not exist.", 404, param="model")
+
+
 async def _relay(events: AsyncIterator[UpstreamReply | bytes]) -> AsyncIterator[bytes]:
     """Pass SSE events through; a failure after the first byte ends with an error + [DONE]."""
     try:
@@ -242,9 +248,12 @@ async def _relay(events: AsyncIterator[UpstreamReply | bytes]) -> AsyncIterator[
         yield SSE_DONE
 
 
-def create_gateway_app(service: CompletionsService) -> FastAPI:
+def create_gateway_app(service: CompletionsService,
+                       embeddings: EmbeddingsService | None = None) -> FastAPI:
     app = FastAPI(title="serve_app gateway",
-                  description="OpenAI-compatible completions over prompt embeddings.")
+                  description="OpenAI-compatible completions and chat over prompt embeddings, "
+                              "and sentence embeddings (OpenAI and Cohere APIs).")
+    embeddings = embeddings or EmbeddingsService({}, _NoEncoders(), [service.served_name])
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> Response:
@@ -260,7 +269,7 @@ def create_gateway_app(service: CompletionsService) -> FastAPI:
 
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return service.model_list()
+        return ModelList(data=service.model_list().data + embeddings.model_cards())
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -269,5 +278,13 @@ def create_gateway_app(service: CompletionsService) -> FastAPI:
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         return await service.chat_completions(await request.body())
+
+    @app.post("/v1/embeddings")
+    async def openai_embeddings(request: Request) -> Response:
+        return await embeddings.openai(await request.body())
+
+    @app.post("/v2/embed")
+    async def cohere_embed(request: Request) -> Response:
+        return await embeddings.cohere(await request.body())
 
     return app

@@ -236,6 +236,47 @@ _CHAT_SAMPLING_FIELDS = {
 }
 
 
+# --------------------------------------------------------------------------- embeddings
+
+
+class EmbeddingRequest(OpenAIBaseModel):
+    # Ordered as in https://platform.openai.com/docs/api-reference/embeddings/create
+    input: str | list[str] | TokenIds | list[TokenIds]
+    model: str
+    dimensions: int | None = Field(None, ge=1)
+    encoding_format: Literal["float", "base64"] = "float"
+    user: str | None = None
+
+    # --- extras (vLLM) ---
+    truncate_prompt_tokens: int | None = Field(
+        None, ge=-1,
+        description="Keep only the first N tokens of each input (-1: the model's limit).",
+    )
+
+    def inputs(self) -> list[str] | list[TokenIds]:
+        """`input` as a list of texts or of token-id lists (maybe empty)."""
+        value: Any = self.input
+        if isinstance(value, str) or (value and isinstance(value[0], int)):
+            return [value]
+        return list(value)
+
+
+CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]
+
+
+class CohereEmbedRequest(OpenAIBaseModel):
+    # Ordered as in https://docs.cohere.com/reference/embed (v2)
+    model: str
+    texts: list[str] = Field(min_length=1)
+    input_type: str | None = Field(
+        None, description="search_query, search_document, classification or clustering."
+    )
+    embedding_types: list[CohereEmbeddingType] = Field(
+        default_factory=lambda: list[CohereEmbeddingType](["float"]), min_length=1)
+    output_dimension: int | None = Field(None, ge=1)
+    truncate: Literal["NONE", "START", "END"] = "END"
+
+
 class ErrorInfo(BaseModel):
     message: str
     type: str

@@ -36,3 +36,18 @@ def demo_causal_lm(demo_model_dir: Path):  # type: ignore[no-untyped-def]
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM.from_pretrained(demo_model_dir).eval()
+
+
+@pytest.fixture(scope="session")
+def demo_encoder_dir(cache_dir: Path) -> Path:
+    from serve_app.demo_encoder import ensure_demo_encoder
+
+    return ensure_demo_encoder(cache_dir)
+
+
+@pytest.fixture(scope="session")
+def sentence_transformer(demo_encoder_dir: Path):  # type: ignore[no-untyped-def]
+    """The reference the gateway's vectors are compared with, on the same checkpoint."""
+    from sentence_transformers import SentenceTransformer
+
+    return SentenceTransformer(str(demo_encoder_dir), device="cpu")

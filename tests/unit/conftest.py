@@ -13,9 +13,17 @@ import pybase64
 import pytest
 import torch
 
-from serve_app.config import AppConfig, ModelConfig, ReferenceBackendConfig, UpstreamConfig
+from serve_app.config import (
+    AppConfig,
+    EmbeddingModelConfig,
+    ModelConfig,
+    ReferenceBackendConfig,
+    UpstreamConfig,
+)
 from serve_app.dispatcher import DispatcherCore
 from serve_app.embedder import EmbedderCore
+from serve_app.embeddings import EmbeddingsService, InProcessEncoders
+from serve_app.encoder import EncoderCore
 from serve_app.ingress import CompletionsService, InProcessBackend, create_gateway_app
 from serve_app.reference_backend import ReferenceBackend, create_reference_app
 from tests.unit.gateway_client import GatewayFactory, RecordingASGITransport
@@ -33,9 +41,18 @@ def embedder(demo_model_dir: Path) -> EmbedderCore:
     return EmbedderCore.from_checkpoint(demo_model_dir, ModelConfig())
 
 
+@pytest.fixture(scope="module")
+def embeddings_service(demo_encoder_dir: Path) -> EmbeddingsService:
+    """The demo encoder behind /v1/embeddings and /v2/embed, its core called in-process."""
+    config = AppConfig(upstream=UPSTREAM, embedding_models=[EmbeddingModelConfig()])
+    [model] = config.embedding_models
+    core = EncoderCore.from_checkpoint(demo_encoder_dir, model)
+    return EmbeddingsService.from_config(config, InProcessEncoders({model.name: core}))
+
+
 @pytest.fixture
 async def make_gateway(
-    embedder: EmbedderCore, cache_dir: Path
+    embedder: EmbedderCore, embeddings_service: EmbeddingsService, cache_dir: Path
 ) -> AsyncIterator[GatewayFactory]:
     """A gateway client whose dispatcher reaches the upstream through `transport`."""
     closers: list[Any] = []
@@ -47,7 +64,7 @@ async def make_gateway(
             AppConfig(upstream=UPSTREAM), InProcessBackend(embedder, dispatcher)
         )
         gateway = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_gateway_app(service)),
+            transport=httpx.ASGITransport(app=create_gateway_app(service, embeddings_service)),
             base_url="http://gateway",
         )
         closers.extend([dispatcher.aclose, gateway.aclose])

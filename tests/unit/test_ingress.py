@@ -34,9 +34,10 @@ async def test_models_lists_served_name(gateway: httpx.AsyncClient) -> None:
     assert response.status_code == 200
     body = response.json()
     assert body["object"] == "list"
-    assert [card["id"] for card in body["data"]] == [MODEL]
+    assert [card["id"] for card in body["data"]] == [MODEL, "serve-app-demo-embed"]
     assert body["data"][0]["object"] == "model"
     assert body["data"][0]["max_model_len"] == 512
+    assert body["data"][1]["max_model_len"] == 128
 
 
 async def test_health(gateway: httpx.AsyncClient) -> None:

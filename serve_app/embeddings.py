@@ -1,0 +1,259 @@
+"""Sentence embeddings: OpenAI `/v1/embeddings` and Cohere `/v2/embed` on the encoder replicas.
+
+The ingress tokenizes (with the model's sentence-transformers prompt for the input type),
+checks lengths, packs inputs into chunks no longer than the model's limit and sends them to
+the encoder deployment; the vectors come back normalised and are shaped here (Matryoshka
+truncation, float / base64 / binary encodings).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import uuid
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
+
+import numpy as np
+import orjson
+import pybase64
+import torch
+from starlette.responses import Response
+
+from serve_app.checkpoint import load_tokenizer
+from serve_app.config import AppConfig
+from serve_app.encoder import EncoderCore, SentenceSpec, read_sentence_spec, resolve_encoder_dir
+from serve_app.errors import GatewayError, to_gateway_error
+from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, ModelCard, TokenIds
+
+Truncation = Literal["START", "END"] | None
+
+_INLINE_TOKENIZE_CHARS = 8192
+_UNSUPPORTED_COHERE_TYPES = ("int8", "uint8")
+
+
+class EncoderBackend(Protocol):
+    async def encode(self, model: str, chunk: list[list[int]]) -> torch.Tensor: ...
+
+
+class InProcessEncoders:
+    """Encoder cores called directly, for running without Ray."""
+
+    def __init__(self, cores: dict[str, EncoderCore]) -> None:
+        self.cores = cores
+
+    async def encode(self, model: str, chunk: list[list[int]]) -> torch.Tensor:
+        return (await asyncio.to_thread(self.cores[model].encode, [chunk]))[0]
+
+
+@dataclass
+class EmbeddingModel:
+    name: str
+    spec: SentenceSpec
+    tokenizer: Any
+    truncate_by_default: bool
+
+    def __post_init__(self) -> None:
+        # One tokenizer per truncation side: a call never changes another's settings.
+        self.tokenizers: dict[Truncation, Any] = {None: self.tokenizer}
+        sides: tuple[Truncation, ...] = ("START", "END")
+        for side in sides:
+            copied = copy.deepcopy(self.tokenizer)
+            copied.truncation_side = "left" if side == "START" else "right"
+            self.tokenizers[side] = copied
+
+    def tokenize(self, texts: Sequence[str], prompt: str, truncation: Truncation,
+                 limit: int, param: str) -> list[list[int]]:
+        prompted = [prompt + t for t in texts]
+        if truncation is None:
+            ids = self.tokenizer(prompted).input_ids
+        else:
+            ids = self.tokenizers[truncation](prompted, truncation=True, max_length=limit)
+            ids = ids.input_ids
+        return self.check([list(i) for i in ids], None, limit, param)
+
+    def check(self, ids: list[list[int]], truncation: Truncation, limit: int,
+              param: str) -> list[list[int]]:
+        out = []
+        for sequence in ids:
+            if not sequence:
+                raise GatewayError("An input has no tokens.", 400, param=param)
+            if len(sequence) > limit:
+                if truncation is None:
+                    raise GatewayError(
+                        f"An input has {len(sequence)} tokens; this model takes at most "
+                        f"{limit}. Ask for truncation, or shorten it.", 400, param=param,
+                        code="context_length_exceeded")
+                sequence = sequence[-limit:] if truncation == "START" else sequence[:limit]
+            out.append(sequence)
+        return out
+
+
+class EmbeddingsService:
+    def __init__(self, models: dict[str, EmbeddingModel], backend: EncoderBackend,
+                 other_models: Sequence[str] = ()) -> None:
+        self.models = models
+        self.backend = backend
+        self.other_models = set(other_models)
+
+    @classmethod
+    def from_config(cls, config: AppConfig, backend: EncoderBackend) -> EmbeddingsService:
+        models = {}
+        for model_config in config.embedding_models:
+            model_dir = resolve_encoder_dir(model_config)
+            tokenizer = load_tokenizer(model_dir)
+            spec = read_sentence_spec(model_dir, model_config, tokenizer)
+            models[model_config.name] = EmbeddingModel(model_config.name, spec, tokenizer,
+                                                       model_config.truncate)
+        return cls(models, backend, [config.model.name])
+
+    def model_cards(self) -> list[ModelCard]:
+        return [ModelCard(id=name, max_model_len=model.spec.max_seq_length)
+                for name, model in self.models.items()]
+
+    def _model(self, name: str) -> EmbeddingModel:
+        if name in self.models:
+            return self.models[name]
+        if name in self.other_models:
+            raise GatewayError(f"The model `{name}` does not serve embeddings.", 400,
+                               param="model")
+        raise GatewayError(f"The model `{name}` does not exist.", 404, param="model",
+                           code="model_not_found")
+
+    async def _vectors(self, model: EmbeddingModel, ids: list[list[int]]) -> torch.Tensor:
+        """Pack inputs in order into chunks of at most the model's limit; encode concurrently."""
+        chunks: list[list[list[int]]] = [[]]
+        used = 0
+        for sequence in ids:
+            if chunks[-1] and used + len(sequence) > model.spec.max_seq_length:
+                chunks.append([])
+                used = 0
+            chunks[-1].append(sequence)
+            used += len(sequence)
+        parts = await asyncio.gather(*(self.backend.encode(model.name, c) for c in chunks))
+        return torch.cat(list(parts))
+
+    @staticmethod
+    def _resize(model: EmbeddingModel, vectors: torch.Tensor, size: int | None,
+                param: str) -> torch.Tensor:
+        """Matryoshka truncation, renormalised; a 400 for models not trained for it."""
+        if size is None or size == model.spec.hidden_size:
+            return vectors
+        allowed = model.spec.matryoshka_dimensions
+        if allowed is None:
+            raise GatewayError(
+                f"The model `{model.name}` does not support Matryoshka representations; "
+                f"{param} cannot be set.", 400, param=param)
+        if size > model.spec.hidden_size or (allowed and size not in allowed):
+            sizes = ", ".join(map(str, allowed or [model.spec.hidden_size]))
+            raise GatewayError(f"{param} must be one of {sizes} for `{model.name}`.", 400,
+                               param=param)
+        cut = vectors[:, :size]
+        return torch.nn.functional.normalize(cut, p=2, dim=1) if model.spec.normalize else cut
+
+    async def _tokenize(self, model: EmbeddingModel, texts: Sequence[str], prompt: str,
+                        truncation: Truncation, limit: int, param: str) -> list[list[int]]:
+        if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
+            return model.tokenize(texts, prompt, truncation, limit, param)
+        return await asyncio.to_thread(model.tokenize, texts, prompt, truncation, limit, param)
+
+    async def openai(self, body: bytes) -> Response:
+        try:
+            request = EmbeddingRequest.model_validate(orjson.loads(body))
+            model = self._model(request.model)
+            inputs = request.inputs()
+            if not inputs:
+                raise GatewayError("input must not be empty.", 400, param="input")
+            asked = request.truncate_prompt_tokens
+            truncation: Truncation = "END" if (
+                asked is not None or model.truncate_by_default) else None
+            limit = model.spec.max_seq_length
+            if asked is not None and asked > 0:
+                limit = min(limit, asked)
+            if isinstance(inputs[0], str):
+                texts = [t for t in inputs if isinstance(t, str)]
+                ids = await self._tokenize(model, texts, model.spec.prompt(None), truncation,
+                                           limit, "input")
+            else:
+                given = [list(i) for i in inputs if isinstance(i, list)]
+                ids = model.check(given, truncation, limit, "input")
+                _check_vocab(ids, model)
+            vectors = self._resize(model, await self._vectors(model, ids), request.dimensions,
+                                   "dimensions")
+            tokens = sum(len(i) for i in ids)
+            rows = vectors.numpy().astype("<f4", copy=False)
+            data = [{"object": "embedding", "index": i,
+                     "embedding": _b64(row) if request.encoding_format == "base64" else row}
+                    for i, row in enumerate(rows)]
+            answer = {"object": "list", "data": data, "model": model.name,
+                      "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
+            return _json(answer)
+        except Exception as exc:
+            return to_gateway_error(exc).to_response()
+
+    async def cohere(self, body: bytes) -> Response:
+        try:
+            request = CohereEmbedRequest.model_validate(orjson.loads(body))
+            model = self._model(request.model)
+            unsupported = [t for t in request.embedding_types if t in _UNSUPPORTED_COHERE_TYPES]
+            if unsupported:
+                raise GatewayError(f"embedding_types {unsupported[0]} is not supported; use "
+                                   "float, binary, ubinary or base64.", 400,
+                                   param="embedding_types")
+            truncation: Truncation = None if request.truncate == "NONE" else request.truncate
+            prompt = model.spec.prompt(_prompt_name(model.spec, request.input_type))
+            ids = await self._tokenize(model, request.texts, prompt, truncation,
+                                       model.spec.max_seq_length, "texts")
+            vectors = self._resize(model, await self._vectors(model, ids),
+                                   request.output_dimension, "output_dimension")
+            rows = vectors.numpy().astype("<f4", copy=False)
+            embeddings = {kind: _cohere_encoding(rows, kind)
+                          for kind in dict.fromkeys(request.embedding_types)}
+            tokens = sum(len(i) for i in ids)
+            answer = {
+                "id": str(uuid.uuid4()), "embeddings": embeddings, "texts": request.texts,
+                "meta": {"api_version": {"version": "2"},
+                         "billed_units": {"input_tokens": tokens}},
+                "response_type": "embeddings_by_type",
+            }
+            return _json(answer)
+        except Exception as exc:
+            return to_gateway_error(exc).to_response()
+
+
+def _check_vocab(ids: list[TokenIds], model: EmbeddingModel) -> None:
+    vocab = len(model.tokenizer)
+    if any(not 0 <= i < vocab for sequence in ids for i in sequence):
+        raise GatewayError(f"Token ids must lie in [0, {vocab}).", 400, param="input")
+
+
+def _prompt_name(spec: SentenceSpec, input_type: str | None) -> str | None:
+    """Cohere's input_type -> the checkpoint's prompt name (search_query -> query, ...)."""
+    if not input_type:
+        return None
+    candidates = [input_type, input_type.removeprefix("search_")]
+    if input_type == "search_document":
+        candidates.append("passage")
+    return next((c for c in candidates if c in spec.prompts), None)
+
+
+def _b64(row: np.ndarray) -> str:
+    """Little-endian float32 bytes in base64: what the OpenAI SDK decodes by default."""
+    return pybase64.b64encode(row.tobytes()).decode("ascii")
+
+
+def _cohere_encoding(rows: np.ndarray, kind: str) -> Any:
+    if kind == "float":
+        return rows
+    if kind == "base64":
+        return [_b64(row) for row in rows]
+    packed = np.packbits(rows > 0, axis=-1)
+    if kind == "ubinary":
+        return packed
+    return (packed.astype(np.int16) - 128).astype(np.int8)  # binary
+
+
+def _json(payload: dict[str, Any]) -> Response:
+    return Response(orjson.dumps(payload, option=orjson.OPT_SERIALIZE_NUMPY),
+                    media_type="application/json")
