@@ -67,17 +67,15 @@ def _st_modules(model_dir: Path) -> tuple[Pooling | None, bool | None]:
     modules = _read_json(model_dir / "modules.json")
     if not modules:
         return None, None
+    kinds = {str(m.get("type", "")).rsplit(".", 1)[-1]: m for m in modules}
+    unsupported = sorted(set(kinds) - {_TRANSFORMER, _POOLING, _NORMALIZE})
+    if unsupported:  # Dense, LayerNorm, ...: refuse rather than serve different vectors
+        raise ValueError(f"sentence-transformers module {unsupported[0]!r} is not supported")
     pooling: Pooling | None = None
-    normalize = False
-    for module in modules:
-        kind = str(module.get("type", "")).rsplit(".", 1)[-1]
-        if kind == _POOLING:
-            pooling = _pooling_of(_read_json(model_dir / module["path"] / "config.json") or {})
-        elif kind == _NORMALIZE:
-            normalize = True
-        elif kind != _TRANSFORMER:
-            raise ValueError(f"sentence-transformers module {kind!r} is not supported")
-    return pooling, normalize
+    if _POOLING in kinds:
+        config = _read_json(model_dir / kinds[_POOLING]["path"] / "config.json") or {}
+        pooling = _pooling_of(config)
+    return pooling, _NORMALIZE in kinds
 
 
 def _pooling_of(config: dict[str, Any]) -> Pooling:

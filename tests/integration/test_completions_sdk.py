@@ -23,7 +23,7 @@ def complete(client: openai.OpenAI, model: str, **kwargs):  # type: ignore[no-un
 
 def test_models_lists_the_served_model(client, serve_graph) -> None:  # type: ignore[no-untyped-def]
     ids = [model.id for model in client.models.list()]
-    assert ids == [serve_graph.model]
+    assert ids == [serve_graph.model, "serve-app-demo-embed"]
     ModelList.model_validate(client.models.with_raw_response.list().http_response.json())
 
 

@@ -1,0 +1,87 @@
+"""Sentence embeddings through the real Serve graph: OpenAI SDK and a Cohere-style call."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import httpx
+import numpy as np
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+EMBED = "serve-app-demo-embed"
+TEXTS = ["What is the capital of France?", "Paris", "Tell me about Japan.",
+         "the sun is a star " * 5]
+
+
+def assert_same_directions(got: np.ndarray, expected: np.ndarray) -> None:
+    got = np.asarray(got, dtype=np.float32)
+    assert got.shape == expected.shape
+    cosine = (got * expected).sum(1) / (
+        np.linalg.norm(got, axis=1) * np.linalg.norm(expected, axis=1))
+    assert cosine.min() >= 0.9999, cosine
+
+
+def test_models_list_the_embedding_model(client) -> None:  # type: ignore[no-untyped-def]
+    assert EMBED in [model.id for model in client.models.list()]
+
+
+@pytest.mark.parametrize("encoding", [openai.NOT_GIVEN, "float"])
+def test_sdk_vectors_equal_sentence_transformers(  # type: ignore[no-untyped-def]
+    client, sentence_transformer, encoding: Any
+) -> None:
+    # The SDK asks for base64 by default and decodes it itself.
+    response = client.embeddings.create(model=EMBED, input=TEXTS, encoding_format=encoding)
+    got = np.array([item.embedding for item in response.data])
+    assert [item.index for item in response.data] == [0, 1, 2, 3]
+    assert_same_directions(got, sentence_transformer.encode(TEXTS))
+    tokens = sum(len(sentence_transformer.tokenizer(t).input_ids) for t in TEXTS)
+    assert response.usage.prompt_tokens == tokens == response.usage.total_tokens
+
+
+def test_sdk_dimensions(client, sentence_transformer) -> None:  # type: ignore[no-untyped-def]
+    response = client.embeddings.create(model=EMBED, input=TEXTS, dimensions=16)
+    got = np.array([item.embedding for item in response.data])
+    full = sentence_transformer.encode(TEXTS)[:, :16]
+    assert np.allclose(got, full / np.linalg.norm(full, axis=1, keepdims=True), atol=1e-5)
+
+
+def test_sdk_errors(client) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(openai.NotFoundError):
+        client.embeddings.create(model="no-such-model", input="x")
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=EMBED, input="x", dimensions=12)
+    with pytest.raises(openai.BadRequestError):
+        client.embeddings.create(model=EMBED, input="paris " * 300)
+
+
+async def test_concurrent_requests_keep_their_vectors(  # type: ignore[no-untyped-def]
+    async_client, sentence_transformer
+) -> None:
+    expected = sentence_transformer.encode(TEXTS)
+
+    async def one(index: int) -> np.ndarray:
+        texts = TEXTS[index % 4:] + TEXTS[: index % 4]
+        response = await async_client.embeddings.create(model=EMBED, input=texts)
+        got = np.array([item.embedding for item in response.data])
+        return np.roll(got, index % 4, axis=0)
+
+    for got in await asyncio.gather(*(one(i) for i in range(12))):
+        assert_same_directions(got, expected)
+
+
+def test_cohere_embed(serve_graph, sentence_transformer) -> None:  # type: ignore[no-untyped-def]
+    response = httpx.post(f"{serve_graph.base_url}/v2/embed", timeout=60, json={
+        "model": EMBED, "texts": TEXTS, "input_type": "search_query",
+        "embedding_types": ["float", "ubinary"], "truncate": "END"})
+    assert response.status_code == 200, response.text
+    body = response.json()
+    floats = np.asarray(body["embeddings"]["float"], dtype=np.float32)
+    assert_same_directions(floats, sentence_transformer.encode(TEXTS, prompt_name="query"))
+    assert body["embeddings"]["ubinary"] == np.packbits(floats > 0, axis=-1).tolist()
+    assert body["texts"] == TEXTS and body["meta"]["billed_units"]["input_tokens"] > 0
+    missing = httpx.post(f"{serve_graph.base_url}/v2/embed", json={"model": "x", "texts": ["a"]})
+    assert missing.status_code == 404 and set(missing.json()) == {"error"}
