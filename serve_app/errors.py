@@ -12,8 +12,15 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 from starlette.responses import Response
+
+try:
+    from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+
+    _OVERLOADED: tuple[type[BaseException], ...] = (BackPressureError,)
+    _UNAVAILABLE: tuple[type[BaseException], ...] = (DeploymentUnavailableError,)
+except ImportError:  # the plain cores also run where Ray is not installed (GPU checks)
+    _OVERLOADED = _UNAVAILABLE = ()
 
 logger = logging.getLogger(__name__)
 
@@ -102,14 +109,14 @@ def to_gateway_error(exc: BaseException) -> GatewayError:
         return from_validation_error(exc)
     if isinstance(exc, orjson.JSONDecodeError):
         return GatewayError("The request body is not valid JSON.", 400, code="invalid_json")
-    if isinstance(exc, BackPressureError):
+    if isinstance(exc, _OVERLOADED):
         return GatewayError(
             "The gateway is overloaded; retry shortly.",
             429,
             code="overloaded",
             headers={"Retry-After": "1"},
         )
-    if isinstance(exc, DeploymentUnavailableError):
+    if isinstance(exc, _UNAVAILABLE):
         return GatewayError("A gateway component is unavailable.", 503, code="unavailable")
     # Messages of unexpected exceptions may quote request data: log the type only.
     logger.error("internal error while serving a request: %s", type(exc).__name__)
