@@ -22,6 +22,7 @@ from serve_app.config import (
     ReferenceBackendConfig,
     UpstreamConfig,
 )
+from serve_app.deployments import encoder_deployment_name
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 
@@ -75,8 +76,11 @@ def test_gateway_graph_shape(raw_config: dict[str, Any]) -> None:
         _builder(app["import_path"]), app["args"]
     )
     built = build_serve_app(application, name="gateway")
-    assert sorted(d.name for d in built.deployments) == ["Dispatcher", "Embedder", "Gateway"]
+    names = sorted(d.name for d in built.deployments)
+    assert names == ["Dispatcher", "Embedder", "Encoder_serve-app-demo-embed", "Gateway"]
     assert built.ingress_deployment_name == "Gateway"
+    # Every per-deployment override in the YAML names a deployment the graph has.
+    assert {d["name"] for d in app["deployments"]} <= set(names)
 
 
 def test_embedder_autoscales_with_headroom(raw_config: dict[str, Any]) -> None:
@@ -89,10 +93,23 @@ def test_embedder_autoscales_with_headroom(raw_config: dict[str, Any]) -> None:
 
 def test_every_yaml_deployment_uses_fractional_cpus(raw_config: dict[str, Any]) -> None:
     deployments = [d for app in raw_config["applications"] for d in app["deployments"]]
-    assert len(deployments) == 4
+    assert len(deployments) == 5
     for deployment in deployments:
         num_cpus = deployment["ray_actor_options"]["num_cpus"]
         assert 0 < num_cpus < 1, deployment["name"]
+
+
+def test_encoder_user_config_is_its_models_batching(raw_config: dict[str, Any]) -> None:
+    app = _app(raw_config, "gateway")
+    [model] = AppConfig.model_validate(app["args"]).embedding_models
+    user_config = _deployment(app, encoder_deployment_name(model.name))["user_config"]
+    assert model.batching.model_dump() == user_config
+    assert user_config["max_batch_tokens"] >= 128  # the demo encoder's longest input
+
+
+def test_duplicate_served_names_are_refused() -> None:
+    with pytest.raises(ValidationError, match="unique"):
+        AppConfig.model_validate({"embedding_models": [{}, {"source": "demo-encoder"}]})
 
 
 def test_embedder_user_config_is_valid_batching(raw_config: dict[str, Any]) -> None:
