@@ -10,20 +10,14 @@ compare the gateway's vectors with sentence-transformers on the very same files:
 from __future__ import annotations
 
 import argparse
-import fcntl
 import json
-import logging
-import os
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
+from serve_app.demo_model import build_once
 from serve_app.demo_text import DEMO_TEXT
-
-logger = logging.getLogger(__name__)
 
 BUILD_VERSION = "v1"
 """Bump when the recipe changes, so caches of older builds are not reused."""
@@ -89,22 +83,8 @@ def build_demo_encoder(target: Path) -> Path:
 
 def ensure_demo_encoder(cache_dir: Path) -> Path:
     """The demo encoder under `cache_dir`, built once; concurrent callers wait for it."""
-    target = cache_dir / f"demo-encoder-{BUILD_VERSION}"
-    if (target / "modules.json").exists():
-        return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".demo-encoder-{BUILD_VERSION}.lock", "w") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "modules.json").exists():
-            return target
-        logger.warning("building the demo encoder into %s (first start only)", target)
-        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".demo-encoder-"))
-        try:
-            build_demo_encoder(staging)
-            os.replace(staging, target)
-        finally:
-            shutil.rmtree(staging, ignore_errors=True)
-    return target
+    return build_once(cache_dir / f"demo-encoder-{BUILD_VERSION}", build_demo_encoder,
+                      "modules.json")
 
 
 def main() -> None:

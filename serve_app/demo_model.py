@@ -16,7 +16,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -124,24 +124,31 @@ def build_demo_model(target: Path) -> Path:
     return target
 
 
-def ensure_demo_model(cache_dir: Path) -> Path:
-    """The demo checkpoint under `cache_dir`, built once; concurrent callers wait for it."""
-    target = cache_dir / f"demo-llama-{BUILD_VERSION}"
-    if (target / "config.json").exists():
+def build_once(target: Path, build: Callable[[Path], Path], marker: str) -> Path:
+    """`target`, built by `build` once (atomically, under a lock); concurrent callers wait.
+
+    `marker` is a file that exists only in a finished build.
+    """
+    if (target / marker).exists():
         return target
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    with open(cache_dir / f".demo-llama-{BUILD_VERSION}.lock", "w") as lock:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with open(target.parent / f".{target.name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if (target / "config.json").exists():
+        if (target / marker).exists():
             return target
-        logger.warning("building the demo model into %s (first start only)", target)
-        staging = Path(tempfile.mkdtemp(dir=cache_dir, prefix=".demo-build-"))
+        logger.warning("building %s (first start only)", target)
+        staging = Path(tempfile.mkdtemp(dir=target.parent, prefix=f".{target.name}-build-"))
         try:
-            build_demo_model(staging)
+            build(staging)
             os.replace(staging, target)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
     return target
+
+
+def ensure_demo_model(cache_dir: Path) -> Path:
+    """The demo checkpoint under `cache_dir`, built once; concurrent callers wait for it."""
+    return build_once(cache_dir / f"demo-llama-{BUILD_VERSION}", build_demo_model, "config.json")
 
 
 def main() -> None:

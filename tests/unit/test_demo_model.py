@@ -89,4 +89,12 @@ def test_ensure_demo_model_reuses_the_cache(
     assert ensure_demo_model(cache_dir) == demo_model_dir
     assert weights.stat().st_mtime_ns == before
     # No staging directories are left behind in the cache.
-    assert not list(cache_dir.glob(".demo-build-*"))
+    assert not list(cache_dir.glob(".*-build-*"))
+
+
+def test_demo_encoder_builds_identically(tmp_path: Path, demo_encoder_dir: Path) -> None:
+    from serve_app.demo_encoder import build_demo_encoder
+
+    again = build_demo_encoder(tmp_path / "again")
+    for name in ("model.safetensors", "modules.json", "1_Pooling/config.json", "vocab.txt"):
+        assert (again / name).read_bytes() == (demo_encoder_dir / name).read_bytes(), name
