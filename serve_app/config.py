@@ -116,6 +116,21 @@ class LimitsConfig(StrictModel):
     )
 
 
+class AuthConfig(StrictModel):
+    """Bearer keys for the ingress: never in this file, only where to find them."""
+
+    api_keys_env: str | None = Field(
+        None, description="Environment variable holding the accepted keys (comma-separated)."
+    )
+    api_keys_file: str | None = Field(
+        None, description="File (e.g. a mounted secret) holding the accepted keys, one a line."
+    )
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self.api_keys_env or self.api_keys_file)
+
+
 class EncoderBatchingConfig(StrictModel):
     """Encoder batching by token budget; the encoder's `user_config` (no restart to change)."""
 
@@ -172,6 +187,7 @@ class AppConfig(StrictModel):
     batching: BatchingConfig = BatchingConfig()
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = LimitsConfig()
+    auth: AuthConfig = AuthConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

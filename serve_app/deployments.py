@@ -18,6 +18,7 @@ from fastapi import FastAPI
 from ray import serve
 from ray.serve.handle import DeploymentHandle
 
+from serve_app import envs
 from serve_app.checkpoint import resolve_model_dir
 from serve_app.codec import EncodedPromptEmbeds
 from serve_app.config import (
@@ -164,9 +165,11 @@ class Gateway:
         self.service = CompletionsService.from_config(app_config,
                                                       ServeBackend(embedder, dispatcher))
         self.embeddings = EmbeddingsService.from_config(app_config, ServeEncoders(encoders))
+        self.api_keys = envs.api_keys(app_config.auth.api_keys_env,
+                                      app_config.auth.api_keys_file)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_gateway_app(self.service, self.embeddings)
+        return create_gateway_app(self.service, self.embeddings, self.api_keys)
 
 
 @serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=32)

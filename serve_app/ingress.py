@@ -17,6 +17,7 @@ from fastapi import FastAPI, Request
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
+from serve_app.auth import BearerKeyMiddleware
 from serve_app.chat_response import ChatShape
 from serve_app.chat_template import ChatTemplate, RenderedChat, load_chat_template
 from serve_app.checkpoint import ModelSpec, load_tokenizer, read_model_spec, resolve_model_dir
@@ -249,11 +250,15 @@ async def _relay(events: AsyncIterator[UpstreamReply | bytes]) -> AsyncIterator[
 
 
 def create_gateway_app(service: CompletionsService,
-                       embeddings: EmbeddingsService | None = None) -> FastAPI:
+                       embeddings: EmbeddingsService | None = None,
+                       api_keys: Sequence[str] = ()) -> FastAPI:
+    """The ingress app; with `api_keys`, the API routes need one of them as a Bearer key."""
     app = FastAPI(title="serve_app gateway",
                   description="OpenAI-compatible completions and chat over prompt embeddings, "
                               "and sentence embeddings (OpenAI and Cohere APIs).")
     embeddings = embeddings or EmbeddingsService({}, _NoEncoders(), [service.served_name])
+    if api_keys:
+        app.add_middleware(BearerKeyMiddleware, keys=api_keys)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> Response:

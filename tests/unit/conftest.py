@@ -57,14 +57,16 @@ async def make_gateway(
     """A gateway client whose dispatcher reaches the upstream through `transport`."""
     closers: list[Any] = []
 
-    def factory(transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+    def factory(transport: httpx.AsyncBaseTransport,
+                api_keys: tuple[str, ...] = ()) -> httpx.AsyncClient:
         upstream_client = httpx.AsyncClient(transport=transport, base_url="http://ref")
         dispatcher = DispatcherCore(UPSTREAM, upstream_client)
         service = CompletionsService.from_config(
             AppConfig(upstream=UPSTREAM), InProcessBackend(embedder, dispatcher)
         )
         gateway = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_gateway_app(service, embeddings_service)),
+            transport=httpx.ASGITransport(
+                app=create_gateway_app(service, embeddings_service, api_keys)),
             base_url="http://gateway",
         )
         closers.extend([dispatcher.aclose, gateway.aclose])

@@ -12,8 +12,9 @@ FRANCE = "What is the capital of France?"
 JAPAN = "Tell me about Japan."
 CANARY = "CANARY-7f3a9-do-not-leak"
 
-GatewayFactory = Callable[[httpx.AsyncBaseTransport], httpx.AsyncClient]
-"""`make_gateway(transport)`: a gateway client whose upstream is reached through `transport`."""
+GatewayFactory = Callable[..., httpx.AsyncClient]
+"""`make_gateway(transport, api_keys=())`: a gateway client whose upstream is reached
+through `transport`, accepting only `api_keys` when given."""
 
 
 class RecordingASGITransport(httpx.ASGITransport):

@@ -1,0 +1,123 @@
+"""Bearer keys on the ingress: read from the environment or a file, checked on API routes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+import pytest
+
+from serve_app import envs
+from serve_app.config import AppConfig
+from tests.unit.gateway_client import (
+    FRANCE,
+    GREEDY,
+    GatewayFactory,
+    RecordingASGITransport,
+    error_of,
+)
+
+KEYS = ("sk-first-key", "sk-second-key")
+
+
+@pytest.fixture
+def guarded(make_gateway: GatewayFactory, recorder: RecordingASGITransport) -> httpx.AsyncClient:
+    return make_gateway(recorder, api_keys=KEYS)
+
+
+def bearer(key: str) -> dict[str, str]:
+    return {"authorization": f"Bearer {key}"}
+
+
+ROUTES = [
+    ("POST", "/v1/completions", {"model": "serve-app-demo", "prompt": FRANCE, **GREEDY}),
+    ("POST", "/v1/chat/completions",
+     {"model": "serve-app-demo", "messages": [{"role": "user", "content": FRANCE}], **GREEDY}),
+    ("POST", "/v1/embeddings", {"model": "serve-app-demo-embed", "input": "x"}),
+    ("POST", "/v2/embed", {"model": "serve-app-demo-embed", "texts": ["x"]}),
+    ("GET", "/v1/models", None),
+]
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+@pytest.mark.parametrize(
+    "headers",
+    [{}, bearer("sk-wrong"), bearer(""), {"authorization": "Basic " + KEYS[0]},
+     {"authorization": KEYS[0]}, bearer(KEYS[0] + "x"), bearer(KEYS[0][:-1])],
+)
+async def test_missing_or_wrong_key_is_401(
+    guarded: httpx.AsyncClient, recorder: RecordingASGITransport, method: str, path: str,
+    body: dict[str, object] | None, headers: dict[str, str],
+) -> None:
+    response = await guarded.request(method, path, json=body, headers=headers)
+    error = error_of(response, 401)
+    assert error["type"] == "AuthenticationError" and error["code"] == "invalid_api_key"
+    assert response.headers["www-authenticate"] == "Bearer"
+    assert recorder.bodies == []  # nothing reached the upstream
+
+
+@pytest.mark.parametrize(("method", "path", "body"), ROUTES)
+@pytest.mark.parametrize("key", KEYS)
+async def test_each_accepted_key_passes(
+    guarded: httpx.AsyncClient, method: str, path: str, body: dict[str, object] | None,
+    key: str,
+) -> None:
+    response = await guarded.request(method, path, json=body, headers=bearer(key))
+    assert response.status_code == 200, response.text
+
+
+async def test_health_and_openapi_stay_open(guarded: httpx.AsyncClient) -> None:
+    assert (await guarded.get("/health")).status_code == 200
+    assert (await guarded.get("/openapi.json")).status_code == 200
+
+
+async def test_no_keys_configured_means_open(gateway: httpx.AsyncClient) -> None:
+    assert (await gateway.get("/v1/models")).status_code == 200
+
+
+async def test_streams_pass_through_the_check(guarded: httpx.AsyncClient) -> None:
+    response = await guarded.post("/v1/completions", headers=bearer(KEYS[1]), json={
+        "model": "serve-app-demo", "prompt": FRANCE, "stream": True, **GREEDY})
+    assert response.status_code == 200
+    assert response.text.endswith("data: [DONE]\n\n")
+
+
+def test_keys_from_environment_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("GATEWAY_KEYS", "sk-a, sk-b  sk-a")
+    key_file = tmp_path / "keys"
+    key_file.write_text("sk-c\n\nsk-d\n")
+    assert envs.api_keys("GATEWAY_KEYS", None) == ("sk-a", "sk-b")
+    assert envs.api_keys(None, str(key_file)) == ("sk-c", "sk-d")
+    assert envs.api_keys("GATEWAY_KEYS", str(key_file)) == ("sk-a", "sk-b", "sk-c", "sk-d")
+    assert envs.api_keys(None, None) == ()
+
+
+def test_a_named_source_without_keys_refuses_to_start(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delenv("GATEWAY_KEYS", raising=False)
+    with pytest.raises(ValueError, match="holds no key"):
+        envs.api_keys("GATEWAY_KEYS", None)
+    (tmp_path / "empty").write_text("\n")
+    with pytest.raises(ValueError, match="holds no key"):
+        envs.api_keys(None, str(tmp_path / "empty"))
+    with pytest.raises(ValueError, match="cannot be read"):
+        envs.api_keys(None, str(tmp_path / "missing"))
+
+
+def test_keys_cannot_be_written_into_the_config() -> None:
+    with pytest.raises(ValueError, match="api_keys"):
+        AppConfig.model_validate({"auth": {"api_keys": ["sk-in-the-yaml"]}})
+
+
+async def test_openai_sdk_sees_authentication_error(guarded: httpx.AsyncClient) -> None:
+    import openai
+
+    def sdk(key: str) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url="http://gateway/v1", api_key=key, max_retries=0,
+                                  http_client=guarded)
+
+    with pytest.raises(openai.AuthenticationError):
+        await sdk("sk-wrong").models.list()
+    models = await sdk(KEYS[0]).models.list()
+    assert "serve-app-demo" in [m.id for m in models.data]
