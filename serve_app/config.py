@@ -107,12 +107,25 @@ class UpstreamConfig(StrictModel):
 
 
 class LimitsConfig(StrictModel):
+    """Caps checked before any heavy work; each refusal names its limit."""
+
     max_embeds_bytes: int | None = Field(
         None,
         ge=1,
         description=(
             "Cap on one decoded client tensor; defaults to context x hidden size x 4 bytes."
         ),
+    )
+    max_body_bytes: int = Field(
+        64 << 20, ge=1024, description="Largest request body; larger ones get 413."
+    )
+    max_items: int = Field(
+        2048, ge=1,
+        description="Most prompts / embeddings / messages / embedding inputs in one request.",
+    )
+    max_n: int = Field(16, ge=1, description="Most samples (`n`) per prompt.")
+    max_tokens: int | None = Field(
+        None, ge=1, description="Cap on `max_tokens`; the model's context by default."
     )
 
 

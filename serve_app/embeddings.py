@@ -22,9 +22,10 @@ import torch
 from starlette.responses import Response
 
 from serve_app.checkpoint import load_tokenizer
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, LimitsConfig
 from serve_app.encoder import EncoderCore, SentenceSpec, read_sentence_spec, resolve_encoder_dir
 from serve_app.errors import GatewayError, to_gateway_error
+from serve_app.limits import check_items
 from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, ModelCard, TokenIds
 
 Truncation = Literal["START", "END"] | None
@@ -92,10 +93,12 @@ class EmbeddingModel:
 
 class EmbeddingsService:
     def __init__(self, models: dict[str, EmbeddingModel], backend: EncoderBackend,
-                 other_models: Sequence[str] = ()) -> None:
+                 other_models: Sequence[str] = (),
+                 limits: LimitsConfig | None = None) -> None:
         self.models = models
         self.backend = backend
         self.other_models = set(other_models)
+        self.limits = limits or LimitsConfig()
 
     @classmethod
     def from_config(cls, config: AppConfig, backend: EncoderBackend) -> EmbeddingsService:
@@ -106,7 +109,7 @@ class EmbeddingsService:
             spec = read_sentence_spec(model_dir, model_config, tokenizer)
             models[model_config.name] = EmbeddingModel(model_config.name, spec, tokenizer,
                                                        model_config.truncate)
-        return cls(models, backend, [config.model.name])
+        return cls(models, backend, [config.model.name], config.limits)
 
     def model_cards(self) -> list[ModelCard]:
         return [ModelCard(id=name, max_model_len=model.spec.max_seq_length)
@@ -165,6 +168,7 @@ class EmbeddingsService:
             inputs = request.inputs()
             if not inputs:
                 raise GatewayError("input must not be empty.", 400, param="input")
+            check_items(len(inputs), self.limits, "input")
             asked = request.truncate_prompt_tokens
             truncation: Truncation = "END" if (
                 asked is not None or model.truncate_by_default) else None
@@ -196,6 +200,7 @@ class EmbeddingsService:
         try:
             request = CohereEmbedRequest.model_validate(orjson.loads(body))
             model = self._model(request.model)
+            check_items(len(request.texts), self.limits, "texts")
             unsupported = [t for t in request.embedding_types if t in _UNSUPPORTED_COHERE_TYPES]
             if unsupported:
                 raise GatewayError(f"embedding_types {unsupported[0]} is not supported; use "

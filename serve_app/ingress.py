@@ -27,11 +27,12 @@ from serve_app.codec import (
     decode_prompt_embeds,
     encode_prompt_embeds,
 )
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, LimitsConfig
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt
 from serve_app.embeddings import EmbeddingsService
 from serve_app.errors import GatewayError, to_gateway_error
+from serve_app.limits import BodyLimitMiddleware, check_items, check_sampling
 from serve_app.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -86,6 +87,7 @@ class CompletionsService:
     def __init__(
         self, served_name: str, tokenizer: Any, model: ModelSpec, embeds: EmbedsSpec,
         backend: GatewayBackend, chat_template: str | None = None,
+        limits: LimitsConfig | None = None,
     ) -> None:
         self.served_name = served_name
         self.tokenizer = tokenizer
@@ -93,6 +95,7 @@ class CompletionsService:
         self.embeds_spec = embeds
         self.backend = backend
         self.chat = ChatTemplate(tokenizer, chat_template)
+        self.limits = limits or LimitsConfig()
 
     @classmethod
     def from_config(cls, config: AppConfig, backend: GatewayBackend) -> CompletionsService:
@@ -100,7 +103,7 @@ class CompletionsService:
         spec = read_model_spec(model_dir, config.model)
         embeds = spec.embeds_spec(config.limits.max_embeds_bytes)
         return cls(config.model.name, load_tokenizer(model_dir), spec, embeds, backend,
-                   load_chat_template(config.model.chat_template))
+                   load_chat_template(config.model.chat_template), config.limits)
 
     def model_list(self) -> ModelList:
         return ModelList(data=[ModelCard(id=self.served_name,
@@ -149,6 +152,9 @@ class CompletionsService:
 
     async def _prepare(self, request: CompletionRequest) -> tuple[UpstreamCall, list[Any]]:
         self._check_model(request.model)
+        check_items(len(request.text_prompts()) + len(request.embeds_list()), self.limits,
+                    "prompt")
+        check_sampling(request.n, request.max_tokens, self.limits)
         # Every prompt goes upstream as embeddings, so vLLM's refusals apply to all of them;
         # answering here also keeps the suffix text from ever leaving the gateway.
         incompatible = request.incompatible_with_embeds()
@@ -195,6 +201,10 @@ class CompletionsService:
         self, request: ChatCompletionRequest
     ) -> tuple[UpstreamCall, list[Any]]:
         self._check_model(request.model)
+        parts = sum(len(m.content) if isinstance(m.content, list) else 1
+                    for m in request.messages)
+        check_items(parts, self.limits, "messages")
+        check_sampling(request.n, request.completion_max_tokens, self.limits)
         rendered = await self._render_chat(request)
         max_tokens = request.completion_max_tokens
         if rendered.embeds:
@@ -257,6 +267,8 @@ def create_gateway_app(service: CompletionsService,
                   description="OpenAI-compatible completions and chat over prompt embeddings, "
                               "and sentence embeddings (OpenAI and Cohere APIs).")
     embeddings = embeddings or EmbeddingsService({}, _NoEncoders(), [service.served_name])
+    # Added last, so outermost: the key is checked before the body is read.
+    app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes)
     if api_keys:
         app.add_middleware(BearerKeyMiddleware, keys=api_keys)
 

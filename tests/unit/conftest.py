@@ -16,6 +16,7 @@ import torch
 from serve_app.config import (
     AppConfig,
     EmbeddingModelConfig,
+    LimitsConfig,
     ModelConfig,
     ReferenceBackendConfig,
     UpstreamConfig,
@@ -57,16 +58,16 @@ async def make_gateway(
     """A gateway client whose dispatcher reaches the upstream through `transport`."""
     closers: list[Any] = []
 
-    def factory(transport: httpx.AsyncBaseTransport,
-                api_keys: tuple[str, ...] = ()) -> httpx.AsyncClient:
+    def factory(transport: httpx.AsyncBaseTransport, api_keys: tuple[str, ...] = (),
+                limits: LimitsConfig | None = None) -> httpx.AsyncClient:
         upstream_client = httpx.AsyncClient(transport=transport, base_url="http://ref")
         dispatcher = DispatcherCore(UPSTREAM, upstream_client)
-        service = CompletionsService.from_config(
-            AppConfig(upstream=UPSTREAM), InProcessBackend(embedder, dispatcher)
-        )
+        config = AppConfig(upstream=UPSTREAM, limits=limits or LimitsConfig())
+        service = CompletionsService.from_config(config, InProcessBackend(embedder, dispatcher))
+        embeddings = EmbeddingsService(embeddings_service.models, embeddings_service.backend,
+                                       [service.served_name], config.limits)
         gateway = httpx.AsyncClient(
-            transport=httpx.ASGITransport(
-                app=create_gateway_app(service, embeddings_service, api_keys)),
+            transport=httpx.ASGITransport(app=create_gateway_app(service, embeddings, api_keys)),
             base_url="http://gateway",
         )
         closers.extend([dispatcher.aclose, gateway.aclose])
