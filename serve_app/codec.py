@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import binascii
 import io
+import re
 import threading
+import zipfile
 from dataclasses import dataclass
 
 import pybase64
@@ -86,6 +88,32 @@ def _has_internal_overlap(shape: tuple[int, ...], strides: tuple[int, ...]) -> b
     return False
 
 
+# What torch.save writes for one tensor, under the archive's single top-level folder.
+_ARCHIVE_RECORDS = re.compile(
+    r"data\.pkl|\.format_version|\.storage_alignment|byteorder|version|"
+    r"\.data/serialization_id|\.data/version|data/\d+"
+)
+
+
+def _check_archive(raw: bytes, param: str) -> None:
+    """Only torch.save's own zip layout for one tensor: stored (never compressed) records
+    that fit in the payload, one storage, nothing extra for a reader to trip over."""
+    try:
+        with zipfile.ZipFile(io.BytesIO(raw)) as archive:
+            infos = archive.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError):
+        raise _invalid(f"{param} is not a torch.save archive", param) from None
+    prefixes = {info.filename.split("/", 1)[0] for info in infos}
+    records = [info.filename.split("/", 1)[-1] for info in infos]
+    if len(prefixes) != 1 or not all(_ARCHIVE_RECORDS.fullmatch(r) for r in records):
+        raise _invalid(f"{param} archive holds entries torch.save does not write", param)
+    if sum(r.startswith("data/") for r in records) > 1:
+        raise _invalid(f"{param} archive holds more than one tensor storage", param)
+    if any(i.compress_type != zipfile.ZIP_STORED for i in infos) or (
+            sum(i.file_size for i in infos) > len(raw)):
+        raise _invalid(f"{param} archive is compressed or larger than its payload", param)
+
+
 def _load_untrusted(raw: bytes, param: str) -> object:
     try:
         with _LOAD_LOCK, torch.sparse.check_sparse_tensor_invariants():
@@ -115,6 +143,7 @@ def decode_prompt_embeds(
     except (binascii.Error, ValueError):
         raise _invalid(f"{param} is not valid base64", param) from None
 
+    _check_archive(raw, param)
     loaded = _load_untrusted(raw, param)
     if type(loaded) not in _ACCEPTED_TYPES:
         raise _invalid(f"{param} must hold a tensor, not {type(loaded).__name__}", param)

@@ -171,6 +171,47 @@ def test_truncated_archive() -> None:
     assert_rejected(pybase64.b64encode(raw[: len(raw) // 2]), "torch.save")
 
 
+def rewritten_archive(tensor: torch.Tensor, extra: dict[str, bytes] | None = None,
+                      compression: int = zipfile.ZIP_STORED) -> str:
+    """torch.save's archive of `tensor`, re-zipped with `extra` entries or compression."""
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    original = zipfile.ZipFile(io.BytesIO(buffer.getvalue()))
+    forged = io.BytesIO()
+    with zipfile.ZipFile(forged, "w", compression) as out:
+        for name in original.namelist():
+            out.writestr(name, original.read(name))
+        for name, data in (extra or {}).items():
+            out.writestr(name, data)
+    return pybase64.b64encode(forged.getvalue()).decode()
+
+
+def test_plain_re_zip_is_still_accepted() -> None:
+    tensor = torch.randn(3, HIDDEN)
+    assert torch.equal(decode_prompt_embeds(rewritten_archive(tensor), SPEC), tensor)
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{"archive/extra.py": b"print('hi')"}, {"other/data.pkl": b"x"},
+     {"archive/data/1": b"\0" * 16}, {"archive/../../etc/passwd": b"x"}],
+)
+def test_archive_with_extra_entries(extra: dict[str, bytes]) -> None:
+    assert_rejected(rewritten_archive(torch.randn(3, HIDDEN), extra), "archive")
+
+
+def test_compressed_archive_is_refused() -> None:
+    # A deflated record can declare far more bytes than the payload carries (a zip bomb).
+    text = rewritten_archive(torch.zeros(3, HIDDEN), compression=zipfile.ZIP_DEFLATED)
+    assert_rejected(text, "compressed")
+
+
+def test_legacy_non_zip_format_is_refused() -> None:
+    buffer = io.BytesIO()
+    torch.save(torch.randn(3, HIDDEN), buffer, _use_new_zipfile_serialization=False)
+    assert_rejected(pybase64.b64encode(buffer.getvalue()), "torch.save archive")
+
+
 def test_archive_whose_storage_is_shorter_than_its_shape() -> None:
     """A forged zip claims a (3, 8) tensor over 8 bytes of storage: no out-of-bounds read."""
     buffer = io.BytesIO()
@@ -255,19 +296,23 @@ def test_value_overflowing_the_target_dtype() -> None:
 
 
 def test_sparse_coo() -> None:
-    assert_rejected(saved_b64(torch.randn(3, HIDDEN).to_sparse()), "dense")
+    # Indices and values are two storages: refused from the archive's layout, unloaded.
+    assert_rejected(saved_b64(torch.randn(3, HIDDEN).to_sparse()), "storage")
 
 
 def test_sparse_csr() -> None:
-    assert_rejected(saved_b64(torch.randn(3, HIDDEN).to_sparse_csr()), "dense")
+    assert_rejected(saved_b64(torch.randn(3, HIDDEN).to_sparse_csr()), "storage")
 
 
 def test_sparse_coo_with_out_of_range_index_fails_at_load() -> None:
     malicious = torch.sparse_coo_tensor(
         torch.tensor([[0, 99], [0, 1]]), torch.ones(2), (3, HIDDEN), check_invariants=False
     )
-    # Rejected by the invariant check during load (never materialised into a layout check).
-    assert_rejected(saved_b64(malicious), "torch.save")
+    assert_rejected(saved_b64(malicious), "storage")
+    # Behind the archive check, the load itself runs with sparse invariant checks on
+    # (never materialised into a layout check).
+    with pytest.raises(GatewayError, match="torch.save"):
+        codec._load_untrusted(pybase64.b64decode(saved_b64(malicious)), "prompt_embeds")
     # The process-wide invariant checking is switched back off afterwards.
     assert not torch.sparse.check_sparse_tensor_invariants.is_enabled()
 
