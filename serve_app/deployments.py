@@ -40,6 +40,12 @@ logger = logging.getLogger(__name__)
 # Fractional CPUs so the whole graph (and the reference backend) fits on a 2-core machine;
 # serve_config.yaml may override any of these per deployment.
 _SMALL = {"num_cpus": 0.25}
+# Bounded queues: a full one rejects at once instead of letting latency grow without end.
+# Inner deployments' rejections reach the ingress as BackPressureError, answered as an
+# OpenAI-shaped 429 with Retry-After; the ingress's own queue overflows at the proxy as a
+# 429 with Retry-After too (Serve's backpressure_config), which the OpenAI SDK retries.
+_INNER_QUEUE = 1024
+_INGRESS_BACKPRESSURE = {"status_code": 429, "retry_after_s": 1}
 _EMBEDDER_AUTOSCALING = {
     "min_replicas": 1,
     "max_replicas": 2,
@@ -48,7 +54,7 @@ _EMBEDDER_AUTOSCALING = {
 
 
 @serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=64,
-                  autoscaling_config=_EMBEDDER_AUTOSCALING)
+                  max_queued_requests=_INNER_QUEUE, autoscaling_config=_EMBEDDER_AUTOSCALING)
 class Embedder:
     def __init__(self, config: dict[str, Any]) -> None:
         model = AppConfig.model_validate(config).model
@@ -72,7 +78,7 @@ def _batch_tokens(requests: list[list[list[int]]]) -> int:
 
 
 @serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=64,
-                  autoscaling_config=_EMBEDDER_AUTOSCALING)
+                  max_queued_requests=_INNER_QUEUE, autoscaling_config=_EMBEDDER_AUTOSCALING)
 class Encoder:
     """One sentence-embedding model; bound once per `embedding_models` entry."""
 
@@ -111,7 +117,8 @@ def encoder_deployment_name(served_name: str) -> str:
     return "Encoder_" + re.sub(r"[^A-Za-z0-9_-]", "_", served_name)
 
 
-@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=256)
+@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=256,
+                  max_queued_requests=_INNER_QUEUE)
 class Dispatcher:
     def __init__(self, config: dict[str, Any]) -> None:
         self.core = DispatcherCore.from_config(AppConfig.model_validate(config).upstream)
@@ -156,7 +163,8 @@ class ServeBackend:
             events.cancel()
 
 
-@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=128)
+@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=128,
+                  max_queued_requests=512, backpressure_config=_INGRESS_BACKPRESSURE)
 @serve.ingress()
 class Gateway:
     def __init__(self, config: dict[str, Any], embedder: DeploymentHandle,
