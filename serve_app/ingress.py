@@ -14,6 +14,8 @@ from typing import Any, Protocol
 
 import orjson
 from fastapi import FastAPI, Request
+from fastapi.openapi.utils import get_openapi
+from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
@@ -36,7 +38,12 @@ from serve_app.limits import BodyLimitMiddleware, check_items, check_sampling
 from serve_app.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
+    ChatCompletionResponse,
+    CohereEmbedRequest,
     CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    ErrorResponse,
     ModelCard,
     ModelList,
 )
@@ -243,6 +250,40 @@ class CompletionsService:
         return StreamingResponse(_relay(events), media_type="text/event-stream")
 
 
+def _answers(model: type[BaseModel] | None) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI responses of a POST route: its answer model and the OpenAI error shape."""
+    ok: dict[str, Any] = {"description": "The answer (JSON, or SSE when `stream` is set)."}
+    if model is not None:
+        ok["model"] = model
+    return {200: ok, "4XX": {"model": ErrorResponse, "description": "OpenAI-shaped error."},
+            "5XX": {"model": ErrorResponse, "description": "OpenAI-shaped error."}}
+
+
+def _document_request_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -> None:
+    """Routes read their JSON by hand (fast, and errors stay OpenAI-shaped), so FastAPI
+    cannot see their bodies; add the protocol models to `/openapi.json` ourselves."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema:
+            return app.openapi_schema
+        schema = get_openapi(title=app.title, version=app.version,
+                             description=app.description, routes=app.routes)
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        for path, model in bodies.items():
+            body = model.model_json_schema(ref_template="#/components/schemas/{model}")
+            components.update(body.pop("$defs", {}))
+            components[model.__name__] = body
+            schema["paths"][path]["post"]["requestBody"] = {
+                "required": True,
+                "content": {"application/json": {
+                    "schema": {"$ref": f"#/components/schemas/{model.__name__}"}}},
+            }
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 class _NoEncoders:
     async def encode(self, model: str, chunk: list[list[int]]) -> Any:
         raise GatewayError(f"The model `{model}` does not exist.", 404, param="model")
@@ -288,20 +329,24 @@ def create_gateway_app(service: CompletionsService,
     async def models() -> ModelList:
         return ModelList(data=service.model_list().data + embeddings.model_cards())
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", responses=_answers(CompletionResponse))
     async def completions(request: Request) -> Response:
         return await service.completions(await request.body())
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", responses=_answers(ChatCompletionResponse))
     async def chat_completions(request: Request) -> Response:
         return await service.chat_completions(await request.body())
 
-    @app.post("/v1/embeddings")
+    @app.post("/v1/embeddings", responses=_answers(None))
     async def openai_embeddings(request: Request) -> Response:
         return await embeddings.openai(await request.body())
 
-    @app.post("/v2/embed")
+    @app.post("/v2/embed", responses=_answers(None))
     async def cohere_embed(request: Request) -> Response:
         return await embeddings.cohere(await request.body())
 
+    _document_request_bodies(app, {
+        "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+        "/v1/embeddings": EmbeddingRequest, "/v2/embed": CohereEmbedRequest,
+    })
     return app
