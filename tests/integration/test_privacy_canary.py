@@ -1,0 +1,74 @@
+"""A canary in prompts, chat messages, error-provoking requests and `user` never appears
+upstream, in any file Ray writes for the session (Serve access logs included), in the
+metrics, or in an error returned to another request."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import pytest
+
+pytestmark = pytest.mark.integration
+
+CANARY = "CANARY-e41d-private-words"
+
+
+def send_canaries(client: openai.OpenAI, base_url: str, model: str) -> list[str]:
+    """Requests carrying the canary; returns the error messages they were answered with."""
+    client.completions.create(model=model, prompt=f"{CANARY} Tell me about France",
+                              max_tokens=4, user=CANARY)
+    list(client.completions.create(model=model, prompt=[CANARY, "France"], max_tokens=4,
+                                   stream=True))
+    client.chat.completions.create(model=model, max_tokens=4, user=CANARY, messages=[
+        {"role": "system", "content": CANARY}, {"role": "user", "content": CANARY}])
+    client.embeddings.create(model="serve-app-demo-embed", input=[CANARY], user=CANARY)
+    errors = []
+    bad_requests = [
+        lambda: client.completions.create(model=model, prompt=CANARY * 100, max_tokens=500),
+        lambda: client.completions.create(model=model, prompt=CANARY, suffix=CANARY),
+        lambda: client.chat.completions.create(model=model, messages=[
+            {"role": "user", "content": CANARY}], tools=[{"type": "function",
+                                                          "function": {"name": "f"}}]),
+        lambda: client.chat.completions.create(model=model, messages=[{"role": "user",
+            "content": [{"type": "prompt_embeds", "data": CANARY}]}]),
+        lambda: client.embeddings.create(model="serve-app-demo-embed",
+                                         input=CANARY + " x" * 300),
+    ]
+    for call in bad_requests:
+        with pytest.raises(openai.BadRequestError) as caught:
+            call()
+        errors.append(str(caught.value.body))
+    raw = httpx.post(f"{base_url}/v1/completions", content=b'{"prompt": "' + CANARY.encode())
+    assert raw.status_code == 400
+    errors.append(raw.text)
+    return errors
+
+
+def test_canary_goes_nowhere(client, serve_graph) -> None:  # type: ignore[no-untyped-def]
+    import ray._private.worker as worker
+
+    before = len(serve_graph.proxy.bodies)
+    errors = send_canaries(client, serve_graph.base_url, serve_graph.model)
+    # Errors answer with what was wrong, never with the request's text.
+    for message in errors:
+        assert CANARY not in message
+    for body in serve_graph.proxy.bodies[before:]:
+        assert CANARY.encode() not in body
+
+    node = worker._global_node
+    time.sleep(3)  # let workers flush their log files
+    logs = Path(node.get_session_dir_path())
+    scanned = 0
+    for path in logs.rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            scanned += 1
+            assert CANARY.encode() not in path.read_bytes(), path
+    assert scanned > 10  # the session's logs were really there to scan
+    access_logs = [p for p in (logs / "logs" / "serve").glob("*.log")]
+    assert any(b"/v1/completions" in p.read_bytes() for p in access_logs)  # requests logged
+    metrics = httpx.get(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=10)
+    assert metrics.status_code == 200 and "serve_" in metrics.text  # Serve's metrics, live
+    assert CANARY not in metrics.text
