@@ -124,6 +124,10 @@ class LimitsConfig(StrictModel):
         description="Most prompts / embeddings / messages / embedding inputs in one request.",
     )
     max_n: int = Field(16, ge=1, description="Most samples (`n`) per prompt.")
+    max_concurrent_requests: int = Field(
+        256, ge=1,
+        description="API requests one ingress replica serves at once; beyond, an OpenAI 429.",
+    )
     max_tokens: int | None = Field(
         None, ge=1, description="Cap on `max_tokens`; the model's context by default."
     )

@@ -163,7 +163,9 @@ class ServeBackend:
             events.cancel()
 
 
-@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=128,
+# max_ongoing_requests above limits.max_concurrent_requests (256 by default), so overload
+# is answered by the ingress itself in the OpenAI shape before Serve's queue fills.
+@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=384,
                   max_queued_requests=512, backpressure_config=_INGRESS_BACKPRESSURE)
 @serve.ingress()
 class Gateway:

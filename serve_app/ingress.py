@@ -34,7 +34,12 @@ from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt
 from serve_app.embeddings import EmbeddingsService
 from serve_app.errors import GatewayError, to_gateway_error
-from serve_app.limits import BodyLimitMiddleware, check_items, check_sampling
+from serve_app.limits import (
+    BodyLimitMiddleware,
+    ConcurrencyLimitMiddleware,
+    check_items,
+    check_sampling,
+)
 from serve_app.protocol import (
     SSE_DONE,
     ChatCompletionRequest,
@@ -310,6 +315,8 @@ def create_gateway_app(service: CompletionsService,
     embeddings = embeddings or EmbeddingsService({}, _NoEncoders(), [service.served_name])
     # Added last, so outermost: the key is checked before the body is read.
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes)
+    app.add_middleware(ConcurrencyLimitMiddleware,
+                       limit=service.limits.max_concurrent_requests)
     if api_keys:
         app.add_middleware(BearerKeyMiddleware, keys=api_keys)
 

@@ -69,3 +69,30 @@ class BodyLimitMiddleware:
         except BodyTooLarge as exc:
             if not started:  # bodies are read before answering, so this is the usual case
                 await exc.to_response()(scope, receive, send)
+
+
+class ConcurrencyLimitMiddleware:
+    """At most `limit` API requests in flight per replica (streams count until they end);
+    the next is answered at once with an OpenAI-shaped 429 and Retry-After, which the
+    OpenAI SDK retries. Serve's own overflow answer has a plain-text body; this keeps
+    overload inside the ingress, in the API's own shape."""
+
+    def __init__(self, app: ASGIApp, limit: int) -> None:
+        self.app = app
+        self.limit = limit
+        self.in_flight = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/v2/")):
+            await self.app(scope, receive, send)
+            return
+        if self.in_flight >= self.limit:
+            error = GatewayError("The gateway is overloaded; retry shortly.", 429,
+                                 code="overloaded", headers={"Retry-After": "1"})
+            await error.to_response()(scope, receive, send)
+            return
+        self.in_flight += 1
+        try:
+            await self.app(scope, receive, send)
+        finally:
+            self.in_flight -= 1

@@ -121,3 +121,34 @@ async def test_openai_sdk_sees_authentication_error(guarded: httpx.AsyncClient) 
         await sdk("sk-wrong").models.list()
     models = await sdk(KEYS[0]).models.list()
     assert "serve-app-demo" in [m.id for m in models.data]
+
+
+@pytest.mark.parametrize("status", [200, 401, 500])
+async def test_upstream_key_is_sent_but_never_logged(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture, status: int
+) -> None:
+    import logging
+
+    import torch
+
+    from serve_app.codec import encode_prompt_embeds
+    from serve_app.config import UpstreamConfig
+    from serve_app.dispatcher import DispatcherCore, UpstreamCall
+
+    secret = "sk-upstream-secret-5c1e"
+    monkeypatch.setenv("UPSTREAM_KEY", secret)
+    seen: list[str] = []
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        seen.append(request.headers["authorization"])
+        return httpx.Response(status, json={"error": {"message": "no"}} if status >= 400 else
+                              {"choices": [], "usage": {"completion_tokens": 0}})
+
+    config = UpstreamConfig(url="http://up/v1", api_key_env="UPSTREAM_KEY")
+    core = DispatcherCore.from_config(config)
+    core.client = httpx.AsyncClient(transport=httpx.MockTransport(respond))
+    caplog.set_level(logging.DEBUG)
+    reply = await core.complete(UpstreamCall("m"), [encode_prompt_embeds(torch.ones(2, 4))])
+    await core.aclose()
+    assert seen == [f"Bearer {secret}"]
+    assert secret not in caplog.text and secret.encode() not in reply.body

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -83,3 +84,34 @@ async def test_at_the_limits_requests_pass(limited: httpx.AsyncClient) -> None:
             "temperature": 0}
     response = await limited.post("/v1/completions", json=body)
     assert response.status_code == 200 and len(response.json()["choices"]) == 6
+
+
+class SlowTransport(httpx.AsyncBaseTransport):
+    """The reference backend, answering only once `release` is set."""
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+        self.arrived = asyncio.Event()
+        self.release = asyncio.Event()
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        self.arrived.set()
+        await self.release.wait()
+        return await self.inner.handle_async_request(request)
+
+
+async def test_concurrency_beyond_the_limit_is_an_openai_429(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport
+) -> None:
+    slow = SlowTransport(recorder)
+    gateway = make_gateway(slow, limits=LimitsConfig(max_concurrent_requests=1))
+    body = {"model": "serve-app-demo", "prompt": FRANCE, **GREEDY}
+    first = asyncio.ensure_future(gateway.post("/v1/completions", json=body))
+    await asyncio.wait_for(slow.arrived.wait(), 30)  # the first holds the only slot
+    turned_away = await gateway.post("/v1/completions", json=body)
+    error = error_of(turned_away, 429)
+    assert error["code"] == "overloaded" and turned_away.headers["retry-after"] == "1"
+    assert (await gateway.get("/health")).status_code == 200  # not an API route
+    slow.release.set()
+    assert (await first).status_code == 200
+    assert (await gateway.post("/v1/completions", json=body)).status_code == 200  # slot freed
