@@ -17,9 +17,11 @@ class ChatShape:
     top_logprobs: int | None = None
 
 
-def _chat_id(upstream_id: Any) -> str:
-    text = str(upstream_id or "")
-    return "chatcmpl-" + text.removeprefix("cmpl-")
+def _head(payload: dict[str, Any], kind: str) -> dict[str, Any]:
+    """id / object / created / model of a chat answer made from an upstream completion."""
+    upstream_id = str(payload.get("id") or "")
+    return {"id": "chatcmpl-" + upstream_id.removeprefix("cmpl-"), "object": kind,
+            "created": payload.get("created"), "model": payload.get("model")}
 
 
 def _token_entry(token: str, logprob: float | None) -> dict[str, Any]:
@@ -54,13 +56,7 @@ def chat_completion(payload: dict[str, Any], shape: ChatShape) -> dict[str, Any]
         }
         for choice in payload.get("choices") or []
     ]
-    out = {
-        "id": _chat_id(payload.get("id")),
-        "object": "chat.completion",
-        "created": payload.get("created"),
-        "model": payload.get("model"),
-        "choices": choices,
-    }
+    out = {**_head(payload, "chat.completion"), "choices": choices}
     if "usage" in payload:
         out["usage"] = payload["usage"]
     return out
@@ -77,12 +73,7 @@ class ChatStreamConverter:
     started: set[int] = field(default_factory=set)
 
     def convert(self, payload: dict[str, Any]) -> list[dict[str, Any]]:
-        head = {
-            "id": _chat_id(payload.get("id")),
-            "object": "chat.completion.chunk",
-            "created": payload.get("created"),
-            "model": payload.get("model"),
-        }
+        head = _head(payload, "chat.completion.chunk")
         chunks = []
         for choice in payload.get("choices") or []:
             index = choice.get("index", 0)

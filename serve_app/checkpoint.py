@@ -6,11 +6,13 @@ the one input-embedding tensor straight out of the safetensors files.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import torch
 
@@ -19,6 +21,8 @@ from serve_app.codec import EmbedsSpec
 from serve_app.config import DEMO_MODEL, ModelConfig
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 # Weights formats we never need to download: the loader reads safetensors only.
@@ -98,6 +102,17 @@ def load_tokenizer(model_dir: Path) -> Any:
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(model_dir)
+
+
+INLINE_TOKENIZE_CHARS = 8192
+"""Tokenize on the event loop up to this many characters; above, in a worker thread."""
+
+
+async def tokenize_off_loop_if_large(chars: int, tokenize: Callable[..., T], *args: Any) -> T:
+    """`tokenize(*args)`: inline when short (a thread hop costs more), else in a thread."""
+    if chars <= INLINE_TOKENIZE_CHARS:
+        return tokenize(*args)
+    return await asyncio.to_thread(tokenize, *args)
 
 
 def _embedding_parameter_name(model_dir: Path) -> tuple[str, bool]:

@@ -21,7 +21,7 @@ import pybase64
 import torch
 from starlette.responses import Response
 
-from serve_app.checkpoint import load_tokenizer
+from serve_app.checkpoint import load_tokenizer, tokenize_off_loop_if_large
 from serve_app.config import AppConfig, LimitsConfig
 from serve_app.encoder import EncoderCore, SentenceSpec, read_sentence_spec, resolve_encoder_dir
 from serve_app.errors import GatewayError, to_gateway_error
@@ -30,7 +30,6 @@ from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, ModelCard, 
 
 Truncation = Literal["START", "END"] | None
 
-_INLINE_TOKENIZE_CHARS = 8192
 _UNSUPPORTED_COHERE_TYPES = ("int8", "uint8")
 
 
@@ -57,12 +56,10 @@ class EmbeddingModel:
 
     def __post_init__(self) -> None:
         # One tokenizer per truncation side: a call never changes another's settings.
-        self.tokenizers: dict[Truncation, Any] = {None: self.tokenizer}
-        sides: tuple[Truncation, ...] = ("START", "END")
-        for side in sides:
-            copied = copy.deepcopy(self.tokenizer)
-            copied.truncation_side = "left" if side == "START" else "right"
-            self.tokenizers[side] = copied
+        self.truncating: dict[str, Any] = {}
+        for side, hf_side in (("START", "left"), ("END", "right")):
+            self.truncating[side] = copy.deepcopy(self.tokenizer)
+            self.truncating[side].truncation_side = hf_side
 
     def tokenize(self, texts: Sequence[str], prompt: str, truncation: Truncation,
                  limit: int, param: str) -> list[list[int]]:
@@ -70,7 +67,7 @@ class EmbeddingModel:
         if truncation is None:
             ids = self.tokenizer(prompted).input_ids
         else:
-            ids = self.tokenizers[truncation](prompted, truncation=True, max_length=limit)
+            ids = self.truncating[truncation](prompted, truncation=True, max_length=limit)
             ids = ids.input_ids
         return self.check([list(i) for i in ids], None, limit, param)
 
@@ -157,9 +154,8 @@ class EmbeddingsService:
 
     async def _tokenize(self, model: EmbeddingModel, texts: Sequence[str], prompt: str,
                         truncation: Truncation, limit: int, param: str) -> list[list[int]]:
-        if sum(len(t) for t in texts) <= _INLINE_TOKENIZE_CHARS:
-            return model.tokenize(texts, prompt, truncation, limit, param)
-        return await asyncio.to_thread(model.tokenize, texts, prompt, truncation, limit, param)
+        return await tokenize_off_loop_if_large(sum(len(t) for t in texts), model.tokenize,
+                                                texts, prompt, truncation, limit, param)
 
     async def openai(self, body: bytes) -> Response:
         try:

@@ -22,7 +22,13 @@ from starlette.responses import Response, StreamingResponse
 from serve_app.auth import BearerKeyMiddleware
 from serve_app.chat_response import ChatShape
 from serve_app.chat_template import ChatTemplate, RenderedChat, load_chat_template
-from serve_app.checkpoint import ModelSpec, load_tokenizer, read_model_spec, resolve_model_dir
+from serve_app.checkpoint import (
+    ModelSpec,
+    load_tokenizer,
+    read_model_spec,
+    resolve_model_dir,
+    tokenize_off_loop_if_large,
+)
 from serve_app.codec import (
     EmbedsSpec,
     EncodedPromptEmbeds,
@@ -32,7 +38,7 @@ from serve_app.codec import (
 from serve_app.config import AppConfig, LimitsConfig
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt
-from serve_app.embeddings import EmbeddingsService
+from serve_app.embeddings import EmbeddingsService, InProcessEncoders
 from serve_app.errors import GatewayError, to_gateway_error
 from serve_app.limits import (
     BodyLimitMiddleware,
@@ -52,9 +58,6 @@ from serve_app.protocol import (
     ModelCard,
     ModelList,
 )
-
-# Tokenize on the event loop below this many characters; above it, in a worker thread.
-_INLINE_TOKENIZE_CHARS = 8192
 
 
 class GatewayBackend(Protocol):
@@ -121,13 +124,12 @@ class CompletionsService:
         return ModelList(data=[ModelCard(id=self.served_name,
                                          max_model_len=self.model.max_model_len)])
 
-    async def _token_ids(self, request: CompletionRequest) -> list[list[int]]:
-        prompts = request.text_prompts()
+    async def _token_ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
         if not prompts or not isinstance(prompts[0], str):
             return prompts  # type: ignore[return-value]
-        if sum(len(p) for p in prompts) <= _INLINE_TOKENIZE_CHARS:
-            return list(self.tokenizer(prompts).input_ids)
-        return list((await asyncio.to_thread(self.tokenizer, prompts)).input_ids)
+        chars = sum(len(p) for p in prompts)
+        encoded = await tokenize_off_loop_if_large(chars, self.tokenizer, prompts)
+        return list(encoded.input_ids)
 
     def _check_token_ids(self, prompts: list[list[int]], max_tokens: int | None) -> None:
         vocab = self.model.vocab_size
@@ -164,8 +166,8 @@ class CompletionsService:
 
     async def _prepare(self, request: CompletionRequest) -> tuple[UpstreamCall, list[Any]]:
         self._check_model(request.model)
-        check_items(len(request.text_prompts()) + len(request.embeds_list()), self.limits,
-                    "prompt")
+        prompts, client_embeds = request.text_prompts(), request.embeds_list()
+        check_items(len(prompts) + len(client_embeds), self.limits, "prompt")
         check_sampling(request.n, request.max_tokens, self.limits)
         # Every prompt goes upstream as embeddings, so vLLM's refusals apply to all of them;
         # answering here also keeps the suffix text from ever leaving the gateway.
@@ -173,8 +175,7 @@ class CompletionsService:
         if incompatible:
             raise GatewayError(f"{incompatible} is not compatible with prompt embeds.", 400,
                                param=incompatible)
-        client_embeds = request.embeds_list()
-        token_ids = await self._token_ids(request)
+        token_ids = await self._token_ids(prompts)
         if not client_embeds and not token_ids:
             raise GatewayError("Either prompt or prompt_embeds must be given.", 400,
                                param="prompt")
@@ -187,27 +188,19 @@ class CompletionsService:
         call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream))
         return call, refs
 
-    async def _render_chat(self, request: ChatCompletionRequest) -> RenderedChat:
-        size = sum(len(m.content) if isinstance(m.content, str) else 0 for m in request.messages)
-        if size <= _INLINE_TOKENIZE_CHARS and not any(
-            isinstance(m.content, list) for m in request.messages
-        ):
-            return self.chat.render(request)
-        return await asyncio.to_thread(self.chat.render, request)
-
     def _splice(self, rendered: RenderedChat, max_tokens: int | None) -> PromptInput:
         """The templated prompt: token ids, or ids with the client's tensors in place."""
         tensors = [decode_prompt_embeds(text, self.embeds_spec, "messages")
                    for text in rendered.embeds]
-        pieces = [p if isinstance(p, list) else tensors[p] for p in rendered.pieces]
-        prompt = SplicedPrompt(tuple(pieces))
-        if prompt.rows == 0:
+        rows = rendered.token_count + sum(int(t.shape[0]) for t in tensors)
+        if rows == 0:
             raise GatewayError("The chat template produced an empty prompt.", 400,
                                param="messages")
-        self._check_length(prompt.rows, max_tokens)
-        if tensors:
-            return prompt
-        return [i for piece in rendered.pieces if isinstance(piece, list) for i in piece]
+        self._check_length(rows, max_tokens)
+        if not tensors:
+            return [i for piece in rendered.pieces if isinstance(piece, list) for i in piece]
+        return SplicedPrompt(tuple(p if isinstance(p, list) else tensors[p]
+                                   for p in rendered.pieces))
 
     async def _prepare_chat(
         self, request: ChatCompletionRequest
@@ -217,7 +210,8 @@ class CompletionsService:
                     for m in request.messages)
         check_items(parts, self.limits, "messages")
         check_sampling(request.n, request.completion_max_tokens, self.limits)
-        rendered = await self._render_chat(request)
+        chars = sum(message.text_length() for message in request.messages)
+        rendered = await tokenize_off_loop_if_large(chars, self.chat.render, request)
         max_tokens = request.completion_max_tokens
         if rendered.embeds:
             prompt = await asyncio.to_thread(self._splice, rendered, max_tokens)
@@ -289,11 +283,6 @@ def _document_request_bodies(app: FastAPI, bodies: dict[str, type[BaseModel]]) -
     app.openapi = openapi  # type: ignore[method-assign]
 
 
-class _NoEncoders:
-    async def encode(self, model: str, chunk: list[list[int]]) -> Any:
-        raise GatewayError(f"The model `{model}` does not exist.", 404, param="model")
-
-
 async def _relay(events: AsyncIterator[UpstreamReply | bytes]) -> AsyncIterator[bytes]:
     """Pass SSE events through; a failure after the first byte ends with an error + [DONE]."""
     try:
@@ -312,8 +301,10 @@ def create_gateway_app(service: CompletionsService,
     app = FastAPI(title="serve_app gateway",
                   description="OpenAI-compatible completions and chat over prompt embeddings, "
                               "and sentence embeddings (OpenAI and Cohere APIs).")
-    embeddings = embeddings or EmbeddingsService({}, _NoEncoders(), [service.served_name])
-    # Added last, so outermost: the key is checked before the body is read.
+    embeddings = embeddings or EmbeddingsService({}, InProcessEncoders({}),
+                                                 [service.served_name])
+    # The last added is outermost: the key is checked first, then the concurrency slot,
+    # then the body is read under its cap.
     app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes)
     app.add_middleware(ConcurrencyLimitMiddleware,
                        limit=service.limits.max_concurrent_requests)

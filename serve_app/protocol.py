@@ -153,6 +153,12 @@ class ChatMessage(OpenAIBaseModel):
                 )
         return content
 
+    def text_length(self) -> int:
+        """Characters of text in the message (what tokenizing it costs)."""
+        if isinstance(self.content, str):
+            return len(self.content)
+        return sum(len(p.text) for p in self.content or [] if isinstance(p, TextPart))
+
     @model_validator(mode="after")
     def _no_tool_calls(self) -> ChatMessage:
         if self.model_extra and {"tool_calls", "function_call"} & set(self.model_extra):
