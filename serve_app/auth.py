@@ -1,8 +1,9 @@
 """Bearer-key check for the ingress, as ASGI middleware (streams pass through untouched).
 
-Like vLLM's `--api-key`, it guards the API routes (`/v1/...`, `/v2/...`); `/health` and
-the OpenAPI document stay open. Keys are compared in constant time, against every
-accepted key, so timing tells nothing about which key came close.
+Like vLLM's `--api-key`, it guards the API routes (`/v1/...`, `/v2/...`), and also
+`/health/upstreams`, which names the backends; `/health` and the OpenAPI document stay
+open. Keys are compared in constant time, against every accepted key, so timing tells
+nothing about which key came close.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 
 from serve_app.errors import GatewayError
 
-_GUARDED_PREFIXES = ("/v1/", "/v2/")
+_GUARDED_PREFIXES = ("/v1/", "/v2/", "/health/upstreams")
 
 
 class BearerKeyMiddleware:

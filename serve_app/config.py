@@ -80,7 +80,9 @@ class BatchingConfig(StrictModel):
     batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0)
 
 
-class UpstreamConfig(StrictModel):
+class BackendConfig(StrictModel):
+    """One NIM or vLLM server of the upstream fleet."""
+
     url: str = Field(
         "http://127.0.0.1:8000/reference/v1",
         description="Base URL of the OpenAI-compatible server, up to and including `/v1`.",
@@ -89,21 +91,105 @@ class UpstreamConfig(StrictModel):
         "vllm", description="`vllm` sends `prompt_embeds`; `nim` sends `prompt-embeds`."
     )
     model: str | None = Field(
-        None, description="Model name the upstream knows; defaults to the served name."
+        None, description="Model name this server knows; defaults to the served name."
     )
     api_key_env: str | None = Field(
-        None, description="Environment variable holding the upstream's API key."
+        None, description="Environment variable holding this server's API key."
     )
-    connect_timeout_s: float = Field(5.0, gt=0)
-    read_timeout_s: float = Field(300.0, gt=0, description="Longest silence from the upstream.")
-    max_connections: int = Field(256, ge=1)
+    weight: float = Field(
+        1.0, gt=0, description="Share of traffic relative to the others at equal load."
+    )
+    max_in_flight: int = Field(
+        64, ge=1,
+        description="Requests one Dispatcher replica keeps open to this server at once.",
+    )
+    health_url: str | None = Field(
+        None,
+        description="GET probed for health; defaults to `<url>/models`. vLLM also has "
+                    "`/health` at its root, NIM `/v1/health/ready`.",
+    )
 
-    @field_validator("url")
+    @field_validator("url", "health_url")
     @classmethod
-    def _http_url(cls, value: str) -> str:
+    def _http_url(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
         if not value.startswith(("http://", "https://")):
             raise ValueError("must start with http:// or https://")
         return value.rstrip("/")
+
+    @property
+    def probe_url(self) -> str:
+        return self.health_url or f"{self.url}/models"
+
+
+class UpstreamTimeouts(StrictModel):
+    """Each limit ends the request with a 504 (or, once streaming, an error event)."""
+
+    connect_s: float = Field(5.0, gt=0, description="TCP (and TLS) connect, per attempt.")
+    first_token_s: float = Field(
+        120.0, gt=0,
+        description="Streams: from sending the request to the first event, per attempt.",
+    )
+    idle_s: float = Field(60.0, gt=0, description="Streams: longest gap between events.")
+    total_s: float = Field(
+        600.0, gt=0,
+        description="The whole request: waiting for a slot, every attempt, the answer.",
+    )
+
+
+class RetryConfig(StrictModel):
+    """Failover before the first byte of the answer; never once it has gone to the client."""
+
+    max_attempts: int = Field(
+        3, ge=1, le=16, description="Attempts per request, each on a different backend."
+    )
+    max_retry_after_s: float = Field(
+        60.0, ge=0, description="Longest Retry-After of a 429 that keeps a backend aside."
+    )
+
+
+class HealthConfig(StrictModel):
+    """Active probes and passive ejection; an ejected backend is probed before readmission."""
+
+    probe_interval_s: float = Field(5.0, gt=0, description="Time between active probes.")
+    probe_timeout_s: float = Field(2.0, gt=0)
+    failure_threshold: int = Field(
+        3, ge=1,
+        description="Consecutive failures (connect errors, 5xx, timeouts, failed probes) "
+                    "that eject a backend.",
+    )
+    cooldown_s: float = Field(
+        10.0, gt=0, description="Time out of rotation before the half-open probe."
+    )
+    max_cooldown_s: float = Field(
+        120.0, gt=0, description="Cap on the cooldown, which doubles on each failed probe."
+    )
+
+
+class UpstreamConfig(StrictModel):
+    """The upstream fleet: also the Dispatcher's `user_config`, so it changes in place."""
+
+    backends: list[BackendConfig] = Field(
+        default_factory=lambda: [BackendConfig()], min_length=1,
+        description="The servers of the model; requests go to the least loaded healthy one.",
+    )
+    timeouts: UpstreamTimeouts = UpstreamTimeouts()
+    retry: RetryConfig = RetryConfig()
+    health: HealthConfig = HealthConfig()
+    max_queue_wait_s: float = Field(
+        5.0, ge=0,
+        description="How long a request waits when every backend is at `max_in_flight`; "
+                    "then a 429 with Retry-After.",
+    )
+
+    @model_validator(mode="after")
+    def _unique_urls(self) -> UpstreamConfig:
+        urls = [backend.url for backend in self.backends]
+        duplicates = sorted({url for url in urls if urls.count(url) > 1})
+        if duplicates:
+            raise ValueError(f"backend urls must be unique: {', '.join(duplicates)}")
+        return self
 
 
 class LimitsConfig(StrictModel):

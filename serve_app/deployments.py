@@ -27,6 +27,7 @@ from serve_app.config import (
     EmbeddingModelConfig,
     EncoderBatchingConfig,
     ReferenceBackendConfig,
+    UpstreamConfig,
 )
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore, PromptInput
@@ -46,6 +47,8 @@ _SMALL = {"num_cpus": 0.25}
 # 429 with Retry-After too (Serve's backpressure_config), which the OpenAI SDK retries.
 _INNER_QUEUE = 1024
 _INGRESS_BACKPRESSURE = {"status_code": 429, "retry_after_s": 1}
+# Replicas replaced by a redeploy finish their streams first, up to this long.
+_STREAM_DRAIN_S = 300.0
 _EMBEDDER_AUTOSCALING = {
     "min_replicas": 1,
     "max_replicas": 2,
@@ -118,19 +121,37 @@ def encoder_deployment_name(served_name: str) -> str:
 
 
 @serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=256,
-                  max_queued_requests=_INNER_QUEUE)
+                  max_queued_requests=_INNER_QUEUE,
+                  graceful_shutdown_timeout_s=_STREAM_DRAIN_S)
 class Dispatcher:
-    def __init__(self, config: dict[str, Any]) -> None:
-        self.core = DispatcherCore.from_config(AppConfig.model_validate(config).upstream)
+    """The upstream fleet; its `user_config` is `AppConfig.upstream`."""
+
+    def __init__(self) -> None:
+        self.core: DispatcherCore | None = None
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A changed fleet applies in place: streams in flight keep their backends."""
+        config = UpstreamConfig.model_validate(user_config)
+        if self.core is None:
+            self.core = DispatcherCore.from_config(config)
+        await self.core.reconfigure(config)
+
+    def _ready(self) -> DispatcherCore:
+        if self.core is None:
+            raise RuntimeError("the Dispatcher needs its user_config (the upstream fleet)")
+        return self.core
 
     async def complete(self, call: UpstreamCall, *embeds: EncodedPromptEmbeds) -> UpstreamReply:
-        return await self.core.complete(call, embeds)
+        return await self._ready().complete(call, embeds)
 
     async def stream(
         self, call: UpstreamCall, *embeds: EncodedPromptEmbeds
     ) -> AsyncIterator[UpstreamReply | bytes]:
-        async for item in self.core.stream(call, embeds):
+        async for item in self._ready().stream(call, embeds):
             yield item
+
+    def upstream_status(self) -> list[dict[str, Any]]:
+        return self._ready().status()
 
 
 class ServeBackend:
@@ -162,11 +183,16 @@ class ServeBackend:
         finally:
             events.cancel()
 
+    async def upstream_status(self) -> list[dict[str, Any]]:
+        status: list[dict[str, Any]] = await self.dispatcher.upstream_status.remote()
+        return status
+
 
 # max_ongoing_requests above limits.max_concurrent_requests (256 by default), so overload
 # is answered by the ingress itself in the OpenAI shape before Serve's queue fills.
 @serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=384,
-                  max_queued_requests=512, backpressure_config=_INGRESS_BACKPRESSURE)
+                  max_queued_requests=512, backpressure_config=_INGRESS_BACKPRESSURE,
+                  graceful_shutdown_timeout_s=_STREAM_DRAIN_S)
 @serve.ingress()
 class Gateway:
     def __init__(self, config: dict[str, Any], embedder: DeploymentHandle,
@@ -198,7 +224,9 @@ def build_app(config: AppConfig) -> serve.Application:
     # Deployments receive the validated config as plain data and re-validate it on start.
     plain = config.model_dump(mode="json")
     embedder = Embedder.options(user_config=plain["batching"]).bind(plain)
-    dispatcher = Dispatcher.bind(plain)
+    # The fleet is the Dispatcher's user_config: a `deployments:` override of it in the
+    # Serve config changes backends in place, without restarting a replica.
+    dispatcher = Dispatcher.options(user_config=plain["upstream"]).bind()
     encoders = {
         model.name: Encoder.options(name=encoder_deployment_name(model.name),
                                     user_config=model.batching.model_dump(mode="json"))

@@ -1,32 +1,43 @@
-"""DispatcherCore: sends encoded prompt embeddings to the upstream's /v1/completions.
+"""DispatcherCore: sends encoded prompt embeddings to a fleet of NIM / vLLM servers.
 
 The upstream body is assembled from bytes: orjson serialises the small sampling part and
-the base64 payloads are spliced in unescaped (base64 needs no JSON escaping). Responses
-are relayed as they come, with the model name and the prompt token count corrected.
+the base64 payloads are spliced in unescaped (base64 needs no JSON escaping). Each request
+goes to one backend chosen by the `Fleet`; before the first byte of the answer has gone to
+the client it may fail over to another (connect errors, 429, 502, 503, 504 only), and after
+that an upstream failure ends the stream with an error event and `[DONE]`.
 """
 
 from __future__ import annotations
 
+import asyncio
+import email.utils
 import logging
-from collections.abc import AsyncIterator, Sequence
+import math
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from datetime import datetime, timezone
+from typing import Any, TypeVar
 
 import httpx
 import orjson
 
-from serve_app import envs
 from serve_app.chat_response import ChatShape, ChatStreamConverter, chat_completion
 from serve_app.codec import EncodedPromptEmbeds
 from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
+from serve_app.fleet import Backend, Fleet
 from serve_app.protocol import SSE_DONE
 
 logger = logging.getLogger(__name__)
 
 _WRITE_TIMEOUT_S = 60.0
-_POOL_TIMEOUT_S = 30.0
+_KEEPALIVE_CONNECTIONS = 256
 _KEEPALIVE_EXPIRY_S = 30.0
+_RETRIED_STATUSES = frozenset({429, 502, 503, 504})
+"""Statuses that mean the backend did not take the request on: safe to send elsewhere."""
+
+_T = TypeVar("_T")
 
 
 @dataclass(frozen=True)
@@ -46,21 +57,21 @@ class UpstreamReply:
 
     status: int
     body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, error: GatewayError) -> UpstreamReply:
+        return cls(error.status, error.to_body(), error.headers)
 
 
-def make_http_client(config: UpstreamConfig) -> httpx.AsyncClient:
-    timeout = httpx.Timeout(
-        connect=config.connect_timeout_s,
-        read=config.read_timeout_s,
-        write=_WRITE_TIMEOUT_S,
-        pool=_POOL_TIMEOUT_S,
-    )
-    limits = httpx.Limits(
-        max_connections=config.max_connections,
-        max_keepalive_connections=config.max_connections,
-        keepalive_expiry=_KEEPALIVE_EXPIRY_S,
-    )
-    return httpx.AsyncClient(timeout=timeout, limits=limits)
+def make_http_client() -> httpx.AsyncClient:
+    """One pool for the whole fleet; timeouts are set per request from the fleet config.
+
+    The number of connections is bounded by the backends' in-flight slots, not here.
+    """
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=_KEEPALIVE_CONNECTIONS,
+                          keepalive_expiry=_KEEPALIVE_EXPIRY_S)
+    return httpx.AsyncClient(limits=limits)
 
 
 def build_upstream_body(
@@ -81,8 +92,23 @@ def build_upstream_body(
     return b"".join(parts)
 
 
+def retry_after_seconds(value: str | None) -> float:
+    """Retry-After as seconds (delta-seconds or an HTTP date); 1 when absent or unreadable."""
+    if not value:
+        return 1.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return 1.0
+    return max(0.0, (when - datetime.now(timezone.utc)).total_seconds())
+
+
 def _upstream_error(status: int, body: bytes) -> GatewayError:
-    """The upstream's own message for its 4xx; a 502 naming the upstream for anything else."""
+    """The upstream's own message for its 4xx; a 5xx is named and kept as 502, 503 or 504."""
     message = "upstream error"
     try:
         parsed = orjson.loads(body)
@@ -93,46 +119,287 @@ def _upstream_error(status: int, body: bytes) -> GatewayError:
             message = detail
     except orjson.JSONDecodeError:
         pass
+    if status == 429:
+        return GatewayError(message, 429, code="upstream_rate_limited")
     if 400 <= status < 500:
         return GatewayError(message, status, code="upstream_error")
-    return GatewayError(
-        f"upstream failed with HTTP {status}: {message}", 502, code="upstream_error"
-    )
+    return GatewayError(f"upstream failed with HTTP {status}: {message}",
+                        status if status in _RETRIED_STATUSES else 502, code="upstream_error")
 
 
-def _transport_error(exc: httpx.HTTPError) -> GatewayError:
+def _transport_error(exc: httpx.HTTPError, when: str) -> GatewayError:
     if isinstance(exc, httpx.TimeoutException):
-        return GatewayError("upstream timed out", 504, code="upstream_timeout")
-    if isinstance(exc, httpx.ConnectError):
-        return GatewayError("upstream is unreachable", 503, code="upstream_unreachable")
-    return GatewayError(
-        f"upstream connection failed ({type(exc).__name__})", 502, code="upstream_error"
-    )
+        return GatewayError(f"upstream timed out {when}", 504, code="upstream_timeout")
+    return GatewayError(f"upstream connection lost {when} ({type(exc).__name__})", 502,
+                        code="upstream_error")
+
+
+class _AttemptFailed(Exception):
+    """One attempt's failure before any byte went to the client; `retry` if another may."""
+
+    def __init__(self, error: GatewayError, retry: bool) -> None:
+        super().__init__(error.message)
+        self.error = error
+        self.retry = retry
+
+
+_Opened = tuple[httpx.Response, AsyncIterator[bytes], bytes]
 
 
 class DispatcherCore:
-    def __init__(
-        self, config: UpstreamConfig, client: httpx.AsyncClient, api_key: str | None = None
-    ) -> None:
-        self.config = config
+    """Sends each request to the fleet: one backend at a time, failing over before the
+    first byte of the answer, relaying the answer once one backend has started it."""
+
+    def __init__(self, config: UpstreamConfig, client: httpx.AsyncClient) -> None:
         self.client = client
-        self.url = f"{config.url}/completions"
-        self.headers = {"content-type": "application/json"}
-        if api_key:
-            self.headers["authorization"] = f"Bearer {api_key}"
+        self.fleet = Fleet(config, client)
 
     @classmethod
     def from_config(cls, config: UpstreamConfig) -> DispatcherCore:
-        return cls(config, make_http_client(config), envs.secret(config.api_key_env))
+        return cls(config, make_http_client())
+
+    async def reconfigure(self, config: UpstreamConfig) -> None:
+        """A new fleet config; streams in flight continue on the backends they hold."""
+        self.fleet.update(config)
+
+    def status(self) -> list[dict[str, Any]]:
+        return self.fleet.status()
 
     async def aclose(self) -> None:
+        await self.fleet.close()
         await self.client.aclose()
 
-    def _body(self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]) -> bytes:
+    # ----------------------------------------------------------------- whole answers
+
+    async def complete(
+        self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]
+    ) -> UpstreamReply:
         if not embeds:
-            raise GatewayError("no prompt to send upstream", 400, param="prompt")
-        fields = {**call.fields, "model": self.config.model or call.served_model}
-        return build_upstream_body(fields, embeds, self.config.dialect)
+            return UpstreamReply.of(_NO_PROMPT)
+        deadline = time.monotonic() + self.fleet.config.timeouts.total_s
+        try:
+            backend, content = await self._failover(
+                lambda backend: self._complete_once(backend, call, embeds, deadline), deadline)
+        except GatewayError as exc:
+            return UpstreamReply.of(exc)
+        self.fleet.release(backend)
+        payload = _json_object(content)
+        if payload is None:
+            return UpstreamReply.of(
+                GatewayError("upstream sent invalid JSON", 502, code="upstream_error"))
+        answer = self._patch(payload, call, sum(item.rows for item in embeds))
+        if call.chat is not None:
+            answer = chat_completion(answer, call.chat)
+        return UpstreamReply(200, orjson.dumps(answer))
+
+    async def _complete_once(self, backend: Backend, call: UpstreamCall,
+                             embeds: Sequence[EncodedPromptEmbeds], deadline: float) -> bytes:
+        body = self._body(call, embeds, backend)
+
+        async def exchange() -> bytes:
+            response = await self._send(backend, body)
+            try:
+                return await response.aread()
+            finally:
+                await response.aclose()
+
+        try:
+            content = await asyncio.wait_for(exchange(), deadline - time.monotonic())
+        except asyncio.TimeoutError:
+            self.fleet.failed(backend, "timed out")
+            total = self.fleet.config.timeouts.total_s
+            raise _AttemptFailed(GatewayError(
+                f"upstream did not answer within timeouts.total_s ({total:g} s)", 504,
+                code="upstream_timeout"), retry=False) from None
+        except httpx.HTTPError as exc:
+            self.fleet.failed(backend, type(exc).__name__)
+            raise _AttemptFailed(_transport_error(exc, "before answering"), retry=False) from exc
+        self.fleet.succeeded(backend)
+        return content
+
+    # ----------------------------------------------------------------- streams
+
+    async def stream(
+        self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]
+    ) -> AsyncIterator[UpstreamReply | bytes]:
+        """Yield an `UpstreamReply` head, then (when it is 200) SSE event bytes to `[DONE]`.
+
+        The head waits for the upstream's first event, so every failure before it is still
+        a plain error status (and a retry where that is safe); after it, an error event.
+        """
+        if not embeds:
+            yield UpstreamReply.of(_NO_PROMPT)
+            return
+        deadline = time.monotonic() + self.fleet.config.timeouts.total_s
+        try:
+            backend, (response, events, first) = await self._failover(
+                lambda backend: self._open_stream(backend, call, embeds, deadline), deadline)
+        except GatewayError as exc:
+            yield UpstreamReply.of(exc)
+            return
+        rows = sum(item.rows for item in embeds)
+        try:
+            yield UpstreamReply(200)
+            async for event in self._relay_events(backend, events, first, call, rows, deadline):
+                yield event
+        finally:
+            # Also when the client went away: closing the response drops the upstream
+            # connection, which is how vLLM and NIM learn to stop generating.
+            await events.aclose()  # type: ignore[attr-defined]
+            await response.aclose()
+            self.fleet.release(backend)
+
+    async def _open_stream(self, backend: Backend, call: UpstreamCall,
+                           embeds: Sequence[EncodedPromptEmbeds], deadline: float) -> _Opened:
+        body = self._body(call, embeds, backend)
+        first_token_s = self.fleet.config.timeouts.first_token_s
+        opened: list[httpx.Response] = []
+
+        async def first_event() -> tuple[AsyncIterator[bytes], bytes | None]:
+            opened.append(await self._send(backend, body))
+            events = _sse_data(opened[0])
+            return events, await anext(events, None)
+
+        try:
+            events, first = await asyncio.wait_for(
+                first_event(), min(first_token_s, deadline - time.monotonic()))
+        except BaseException as exc:
+            if opened:
+                await opened[0].aclose()
+            if isinstance(exc, asyncio.TimeoutError):
+                self.fleet.failed(backend, "no first token in time")
+                raise _AttemptFailed(GatewayError(
+                    f"upstream sent no token within timeouts.first_token_s "
+                    f"({first_token_s:g} s) or the total deadline", 504,
+                    code="upstream_timeout"), retry=False) from None
+            if isinstance(exc, httpx.HTTPError):
+                self.fleet.failed(backend, type(exc).__name__)
+                raise _AttemptFailed(_transport_error(exc, "before the first token"),
+                                     retry=False) from exc
+            raise
+        if first is None:
+            await opened[0].aclose()
+            self.fleet.failed(backend, "empty stream")
+            raise _AttemptFailed(GatewayError("upstream stream ended before any event", 502,
+                                              code="upstream_error"), retry=False)
+        self.fleet.succeeded(backend)
+        return opened[0], events, first
+
+    async def _relay_events(
+        self, backend: Backend, events: AsyncIterator[bytes], first: bytes,
+        call: UpstreamCall, rows: int, deadline: float,
+    ) -> AsyncIterator[bytes]:
+        """Re-emit each upstream SSE data event, patched; end with `[DONE]` in every case."""
+        chat = ChatStreamConverter(call.chat) if call.chat is not None else None
+        idle_s = self.fleet.config.timeouts.idle_s
+        data: bytes | None = first
+        while data is not None:
+            if data == b"[DONE]":
+                yield SSE_DONE
+                return
+            payload = _json_object(data)
+            if payload is None:
+                yield _stream_failure("upstream sent an invalid stream event", 502)
+                yield SSE_DONE
+                return
+            if "error" in payload:
+                yield b"data: " + data + b"\n\n"
+            else:
+                patched = self._patch(payload, call, rows)
+                for event in chat.convert(patched) if chat else [patched]:
+                    yield b"data: " + orjson.dumps(event) + b"\n\n"
+            remaining = deadline - time.monotonic()
+            try:
+                data = await asyncio.wait_for(anext(events, None), min(idle_s, remaining))
+            except asyncio.TimeoutError:
+                limit = (f"timeouts.idle_s ({idle_s:g} s) between events" if idle_s < remaining
+                         else "the timeouts.total_s deadline")
+                self.fleet.failed(backend, "stream stalled")
+                yield _stream_failure(f"upstream stream stalled: {limit}", 504, "upstream_timeout")
+                yield SSE_DONE
+                return
+            except httpx.HTTPError as exc:
+                self.fleet.failed(backend, type(exc).__name__)
+                yield _transport_error(exc, "mid-stream").to_sse_event()
+                yield SSE_DONE
+                return
+        self.fleet.failed(backend, "stream ended before [DONE]")
+        yield _stream_failure("upstream stream ended before [DONE]", 502)
+        yield SSE_DONE
+
+    # ----------------------------------------------------------------- attempts
+
+    async def _failover(
+        self, attempt: Callable[[Backend], Awaitable[_T]], deadline: float
+    ) -> tuple[Backend, _T]:
+        """Run `attempt` on one backend after another until one succeeds, retrying only
+        failures marked safe to retry. The winner's slot is the caller's to release."""
+        tried: set[Backend] = set()
+        last: GatewayError | None = None
+        for _ in range(self.fleet.config.retry.max_attempts):
+            try:
+                backend = await self.fleet.acquire(tried, deadline)
+            except GatewayError as exc:
+                raise (last or exc) from None
+            tried.add(backend)
+            try:
+                return backend, await attempt(backend)
+            except _AttemptFailed as failure:
+                self.fleet.release(backend)
+                if not failure.retry:
+                    raise failure.error from None
+                last = failure.error
+            except BaseException:
+                self.fleet.release(backend)
+                raise
+        assert last is not None
+        raise last
+
+    async def _send(self, backend: Backend, body: bytes) -> httpx.Response:
+        """POST to one backend; its 200 response, unread, or `_AttemptFailed`."""
+        timeouts = self.fleet.config.timeouts
+        timeout = httpx.Timeout(connect=timeouts.connect_s, read=None,
+                                write=_WRITE_TIMEOUT_S, pool=timeouts.connect_s)
+        request = self.client.build_request("POST", backend.completions_url, content=body,
+                                            headers=backend.headers, timeout=timeout)
+        try:
+            response = await self.client.send(request, stream=True)
+        except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
+            # Nothing reached the backend: always safe to try another.
+            self.fleet.failed(backend, "connect error")
+            raise _AttemptFailed(GatewayError("upstream is unreachable", 503,
+                                              code="upstream_unreachable"), retry=True) from exc
+        except httpx.HTTPError as exc:
+            self.fleet.failed(backend, type(exc).__name__)
+            raise _AttemptFailed(_transport_error(exc, "before answering"),
+                                 retry=False) from exc
+        if response.status_code < 400:
+            return response
+        try:
+            content = await response.aread()
+        except httpx.HTTPError:
+            content = b""
+        finally:
+            await response.aclose()
+        raise self._refused(backend, response.status_code, content, response.headers)
+
+    def _refused(self, backend: Backend, status: int, content: bytes,
+                 headers: httpx.Headers) -> _AttemptFailed:
+        """An upstream error status: 429 sets the backend aside for its Retry-After, 5xx
+        count towards ejection; 429, 502, 503 and 504 are retried on another backend."""
+        error = _upstream_error(status, content)
+        if status == 429:
+            seconds = retry_after_seconds(headers.get("retry-after"))
+            self.fleet.throttled(backend, seconds)
+            error.headers = {"Retry-After": str(max(1, math.ceil(seconds)))}
+        elif status >= 500:
+            self.fleet.failed(backend, f"HTTP {status}")
+        return _AttemptFailed(error, retry=status in _RETRIED_STATUSES)
+
+    def _body(self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds],
+              backend: Backend) -> bytes:
+        fields = {**call.fields, "model": backend.config.model or call.served_model}
+        return build_upstream_body(fields, embeds, backend.config.dialect)
 
     def _patch(self, payload: dict[str, Any], call: UpstreamCall,
                prompt_rows: int) -> dict[str, Any]:
@@ -145,91 +412,12 @@ class DispatcherCore:
             usage["total_tokens"] = prompt_rows + completion
         return payload
 
-    async def complete(
-        self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]
-    ) -> UpstreamReply:
-        try:
-            body = self._body(call, embeds)
-            response = await self.client.post(self.url, content=body, headers=self.headers)
-        except GatewayError as exc:
-            return UpstreamReply(exc.status, exc.to_body())
-        except httpx.HTTPError as exc:
-            error = _transport_error(exc)
-            return UpstreamReply(error.status, error.to_body())
-        if response.status_code >= 400:
-            error = _upstream_error(response.status_code, response.content)
-            return UpstreamReply(error.status, error.to_body())
-        payload = _json_object(response.content)
-        if payload is None:
-            error = GatewayError("upstream sent invalid JSON", 502, code="upstream_error")
-            return UpstreamReply(error.status, error.to_body())
-        answer = self._patch(payload, call, sum(item.rows for item in embeds))
-        if call.chat is not None:
-            answer = chat_completion(answer, call.chat)
-        return UpstreamReply(200, orjson.dumps(answer))
 
-    async def stream(
-        self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]
-    ) -> AsyncIterator[UpstreamReply | bytes]:
-        """Yield an `UpstreamReply` head, then (when it is 200) SSE event bytes to `[DONE]`."""
-        try:
-            body = self._body(call, embeds)
-        except GatewayError as exc:
-            yield UpstreamReply(exc.status, exc.to_body())
-            return
-        rows = sum(item.rows for item in embeds)
-        started = False
-        try:
-            request = self.client.build_request(
-                "POST", self.url, content=body, headers=self.headers
-            )
-            response = await self.client.send(request, stream=True)
-            try:
-                if response.status_code >= 400:
-                    error = _upstream_error(response.status_code, await response.aread())
-                    yield UpstreamReply(error.status, error.to_body())
-                    return
-                yield UpstreamReply(200)
-                started = True
-                async for event in self._relay_events(response, call, rows):
-                    yield event
-            finally:
-                await response.aclose()
-        except httpx.HTTPError as exc:
-            error = _transport_error(exc)
-            if not started:
-                yield UpstreamReply(error.status, error.to_body())
-                return
-            yield error.to_sse_event()
-            yield SSE_DONE
+_NO_PROMPT = GatewayError("no prompt to send upstream", 400, param="prompt")
 
 
-    async def _relay_events(
-        self, response: httpx.Response, call: UpstreamCall, rows: int
-    ) -> AsyncIterator[bytes]:
-        """Re-emit each upstream SSE data event, patched; end with `[DONE]` in every case."""
-        chat = ChatStreamConverter(call.chat) if call.chat is not None else None
-        async for data in _sse_data(response):
-            if data == b"[DONE]":
-                yield SSE_DONE
-                return
-            payload = _json_object(data)
-            if payload is None:
-                error = GatewayError(
-                    "upstream sent an invalid stream event", 502, code="upstream_error"
-                )
-                yield error.to_sse_event()
-                yield SSE_DONE
-                return
-            if "error" in payload:
-                yield b"data: " + data + b"\n\n"
-                continue
-            patched = self._patch(payload, call, rows)
-            for event in chat.convert(patched) if chat else [patched]:
-                yield b"data: " + orjson.dumps(event) + b"\n\n"
-        error = GatewayError("upstream stream ended before [DONE]", 502, code="upstream_error")
-        yield error.to_sse_event()
-        yield SSE_DONE
+def _stream_failure(message: str, status: int, code: str = "upstream_error") -> bytes:
+    return GatewayError(message, status, code=code).to_sse_event()
 
 
 def _json_object(data: bytes) -> dict[str, Any] | None:

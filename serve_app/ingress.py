@@ -71,6 +71,8 @@ class GatewayBackend(Protocol):
         self, call: UpstreamCall, embeds: Sequence[Any]
     ) -> AsyncIterator[UpstreamReply | bytes]: ...
 
+    async def upstream_status(self) -> list[dict[str, Any]]: ...
+
 
 class InProcessBackend:
     """The embedder and dispatcher cores called directly, for running without Ray."""
@@ -96,6 +98,9 @@ class InProcessBackend:
     ) -> AsyncIterator[UpstreamReply | bytes]:
         async for item in self.dispatcher.stream(call, await self._resolve(embeds)):
             yield item
+
+    async def upstream_status(self) -> list[dict[str, Any]]:
+        return self.dispatcher.status()
 
 
 class CompletionsService:
@@ -240,12 +245,13 @@ class CompletionsService:
         if not call.stream:
             reply = await self.backend.complete(call, refs)
             return Response(reply.body, status_code=reply.status,
-                            media_type="application/json")
+                            media_type="application/json", headers=reply.headers)
         events = self.backend.stream(call, refs)
         head = await anext(events)
         assert isinstance(head, UpstreamReply)
         if head.status != 200:
-            return Response(head.body, status_code=head.status, media_type="application/json")
+            return Response(head.body, status_code=head.status, media_type="application/json",
+                            headers=head.headers)
         return StreamingResponse(_relay(events), media_type="text/event-stream")
 
 
@@ -322,6 +328,11 @@ def create_gateway_app(service: CompletionsService,
     @app.get("/health")
     async def health() -> dict[str, str]:
         return {"status": "ok"}
+
+    @app.get("/health/upstreams")
+    async def upstreams() -> dict[str, Any]:
+        """Each upstream backend's state as the answering Dispatcher replica sees it."""
+        return {"object": "list", "data": await service.backend.upstream_status()}
 
     @app.get("/v1/models")
     async def models() -> ModelList:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import http.server
 import io
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -22,18 +21,14 @@ import pytest
 import torch
 import yaml
 
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from tests.integration.upstream_servers import ROOT, ServerProcess, free_port
 
 
 @dataclass
 class RecordingProxy:
-    """Forwards POSTs to `target`, streaming the answer back; keeps each request body."""
+    """Forwards requests to `target`, streaming the answer back; keeps each POST body.
+
+    GETs pass too: the Dispatcher's health probes ask for `/v1/models`."""
 
     target: str
     bodies: list[bytes] = field(default_factory=list)
@@ -49,8 +44,14 @@ class RecordingProxy:
             def do_POST(self) -> None:  # noqa: N802 - stdlib naming
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 proxy.bodies.append(body)
+                self._forward("POST", body)
+
+            def do_GET(self) -> None:  # noqa: N802 - stdlib naming
+                self._forward("GET", b"")
+
+            def _forward(self, method: str, body: bytes) -> None:
                 headers = {"content-type": self.headers.get("content-type", "application/json")}
-                with httpx.stream("POST", proxy.target + self.path, content=body,
+                with httpx.stream(method, proxy.target + self.path, content=body,
                                   headers=headers, timeout=120) as upstream:
                     self.send_response(upstream.status_code)
                     self.send_header("content-type", upstream.headers.get("content-type", ""))
@@ -62,7 +63,7 @@ class RecordingProxy:
             def log_message(self, *args: Any) -> None:
                 pass
 
-        self.port = _free_port()
+        self.port = free_port()
         self.server = http.server.ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
 
@@ -91,7 +92,7 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path) -> Iterator[ServeGraph]:
 
     from serve_app import envs
 
-    port = _free_port()
+    port = free_port()
     # Logical CPUs above the real two: replicas ask for fractions, the reference backend more.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {envs.CACHE_DIR_ENV: str(cache_dir)}})
@@ -103,7 +104,9 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path) -> Iterator[ServeGraph]:
         for app in config["applications"]:
             args = dict(app.get("args") or {})
             if app["name"] == "gateway":
-                args["upstream"] = {**args.get("upstream", {}), "url": f"{proxy.url}/v1"}
+                [backend] = args["upstream"]["backends"]
+                args["upstream"] = {**args["upstream"],
+                                    "backends": [{**backend, "url": f"{proxy.url}/v1"}]}
             built = call_user_app_builder_with_args_if_necessary(
                 import_attr(app["import_path"]), args)
             serve.run(built, name=app["name"], route_prefix=app["route_prefix"])
@@ -133,3 +136,30 @@ def client_side_embeds(tokenizer, causal_lm, text: str | list[int]) -> str:  # t
     buffer = io.BytesIO()
     torch.save(embeds, buffer)
     return pybase64.b64encode(buffer.getvalue()).decode()
+
+
+# --------------------------------------------------------------------- fake upstreams
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    logs = tmp_path_factory.mktemp("fleet-logs")
+    fleet = {name: ServerProcess("fake", name, logs / f"{name}.jsonl") for name in "abc"}
+    for server in fleet.values():
+        server.launch()
+    for server in fleet.values():
+        server.wait_ready()
+    yield fleet
+    for server in fleet.values():
+        server.kill()
+
+
+@pytest.fixture
+def fakes(servers: dict[str, ServerProcess]) -> dict[str, ServerProcess]:
+    """Fake vLLM servers a, b and c, each alive (restarted if a test killed it) and back in
+    its default mode."""
+    for server in servers.values():
+        if not server.alive:
+            server.start()
+        server.set_mode()
+    return servers

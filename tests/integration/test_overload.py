@@ -10,7 +10,7 @@ import httpx
 import openai
 import pytest
 
-from serve_app.config import AppConfig, UpstreamConfig
+from serve_app.config import AppConfig, BackendConfig, UpstreamConfig
 from serve_app.deployments import Dispatcher, Embedder, Gateway
 
 pytestmark = pytest.mark.integration
@@ -25,10 +25,12 @@ def overloaded_url(serve_graph) -> Iterator[str]:  # type: ignore[no-untyped-def
     """The real Gateway with a Dispatcher that holds one request and queues one more."""
     from ray import serve
 
-    config = AppConfig(upstream=UpstreamConfig(url=f"{serve_graph.base_url}/reference/v1"))
+    backend = BackendConfig(url=f"{serve_graph.base_url}/reference/v1")
+    config = AppConfig(upstream=UpstreamConfig(backends=[backend]))
     plain = config.model_dump(mode="json")
     embedder = Embedder.options(user_config=plain["batching"]).bind(plain)
-    dispatcher = Dispatcher.options(max_ongoing_requests=1, max_queued_requests=1).bind(plain)
+    dispatcher = Dispatcher.options(max_ongoing_requests=1, max_queued_requests=1,
+                                    user_config=plain["upstream"]).bind()
     serve.run(Gateway.bind(plain, embedder, dispatcher, {}), name="overloaded",
               route_prefix=PREFIX)
     try:

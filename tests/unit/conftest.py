@@ -15,6 +15,7 @@ import torch
 
 from serve_app.config import (
     AppConfig,
+    BackendConfig,
     EmbeddingModelConfig,
     LimitsConfig,
     ModelConfig,
@@ -29,7 +30,7 @@ from serve_app.ingress import CompletionsService, InProcessBackend, create_gatew
 from serve_app.reference_backend import ReferenceBackend, create_reference_app
 from tests.unit.gateway_client import GatewayFactory, RecordingASGITransport
 
-UPSTREAM = UpstreamConfig(url="http://ref/v1")
+UPSTREAM = UpstreamConfig(backends=[BackendConfig(url="http://ref/v1")])
 
 
 @pytest.fixture(scope="module")

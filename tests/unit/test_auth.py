@@ -36,6 +36,7 @@ ROUTES = [
     ("POST", "/v1/embeddings", {"model": "serve-app-demo-embed", "input": "x"}),
     ("POST", "/v2/embed", {"model": "serve-app-demo-embed", "texts": ["x"]}),
     ("GET", "/v1/models", None),
+    ("GET", "/health/upstreams", None),  # it names the backends
 ]
 
 
@@ -132,7 +133,7 @@ async def test_upstream_key_is_sent_but_never_logged(
     import torch
 
     from serve_app.codec import encode_prompt_embeds
-    from serve_app.config import UpstreamConfig
+    from serve_app.config import BackendConfig, UpstreamConfig
     from serve_app.dispatcher import DispatcherCore, UpstreamCall
 
     secret = "sk-upstream-secret-5c1e"
@@ -144,9 +145,9 @@ async def test_upstream_key_is_sent_but_never_logged(
         return httpx.Response(status, json={"error": {"message": "no"}} if status >= 400 else
                               {"choices": [], "usage": {"completion_tokens": 0}})
 
-    config = UpstreamConfig(url="http://up/v1", api_key_env="UPSTREAM_KEY")
-    core = DispatcherCore.from_config(config)
-    core.client = httpx.AsyncClient(transport=httpx.MockTransport(respond))
+    config = UpstreamConfig(backends=[BackendConfig(url="http://up/v1",
+                                                    api_key_env="UPSTREAM_KEY")])
+    core = DispatcherCore(config, httpx.AsyncClient(transport=httpx.MockTransport(respond)))
     caplog.set_level(logging.DEBUG)
     reply = await core.complete(UpstreamCall("m"), [encode_prompt_embeds(torch.ones(2, 4))])
     await core.aclose()

@@ -18,6 +18,7 @@ from ray.serve.schema import ServeDeploySchema
 from serve_app.config import (
     DEMO_SERVED_NAME,
     AppConfig,
+    BackendConfig,
     ModelConfig,
     ReferenceBackendConfig,
     UpstreamConfig,
@@ -122,9 +123,9 @@ def test_embedder_user_config_is_valid_batching(raw_config: dict[str, Any]) -> N
 @pytest.mark.parametrize(
     ("path", "value", "field"),
     [
-        (("upstream", "dialect"), "openai", "dialect"),
+        (("upstream", "max_queue_wait_s"), -1, "max_queue_wait_s"),
         (("batching", "max_batch"), 8, "max_batch"),
-        (("upstream", "url"), "127.0.0.1:9000/v1", "url"),
+        (("upstream", "backends"), [], "backends"),
         (("model", "dtype"), "int8", "dtype"),
         (("batching", "max_batch_size"), 0, "max_batch_size"),
         (("model", "source"), "  ", "source"),
@@ -153,8 +154,10 @@ def test_app_config_defaults() -> None:
     config = AppConfig()
     assert config.model.source == "demo"
     assert config.model.name == DEMO_SERVED_NAME == "serve-app-demo"
-    assert config.upstream.dialect == "vllm"
-    assert config.upstream.url.startswith("http://")
+    [backend] = config.upstream.backends
+    assert backend.dialect == "vllm"
+    assert backend.url.startswith("http://")
+    assert backend.probe_url == backend.url + "/models"
     assert ReferenceBackendConfig().model.name == "serve-app-demo"
 
 
@@ -164,13 +167,32 @@ def test_model_name_resolution() -> None:
 
 
 @pytest.mark.parametrize("url", ["127.0.0.1:8000/v1", "ftp://host/v1", "ws://host/v1", ""])
-def test_upstream_url_needs_http_scheme(url: str) -> None:
+def test_backend_url_needs_http_scheme(url: str) -> None:
     with pytest.raises(ValidationError, match="http"):
-        UpstreamConfig(url=url)
+        BackendConfig(url=url)
+    with pytest.raises(ValidationError, match="http"):
+        BackendConfig(health_url=url)
 
 
-def test_upstream_url_trailing_slash_is_stripped() -> None:
-    assert UpstreamConfig(url="https://nim.example/v1/").url == "https://nim.example/v1"
+def test_backend_url_trailing_slash_is_stripped() -> None:
+    assert BackendConfig(url="https://nim.example/v1/").url == "https://nim.example/v1"
+
+
+@pytest.mark.parametrize(
+    ("backend", "field"),
+    [({"dialect": "openai"}, "dialect"), ({"weight": 0}, "weight"),
+     ({"max_in_flight": 0}, "max_in_flight"), ({"url": "http://a/v1", "wieght": 2}, "wieght")],
+)
+def test_bad_backend_names_the_field(backend: dict[str, Any], field: str) -> None:
+    with pytest.raises(ValidationError) as info:
+        UpstreamConfig.model_validate({"backends": [backend]})
+    assert field in str(info.value)
+
+
+def test_backend_urls_are_unique() -> None:
+    with pytest.raises(ValidationError, match="unique: http://a/v1"):
+        UpstreamConfig(backends=[BackendConfig(url="http://a/v1"),
+                                 BackendConfig(url="http://a/v1/")])
 
 
 def test_configs_are_frozen() -> None:

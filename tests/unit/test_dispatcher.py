@@ -12,7 +12,7 @@ import torch
 
 from serve_app.chat_response import ChatShape
 from serve_app.codec import EncodedPromptEmbeds, encode_prompt_embeds
-from serve_app.config import UpstreamConfig
+from serve_app.config import BackendConfig, UpstreamConfig
 from serve_app.dispatcher import (
     DispatcherCore,
     UpstreamCall,
@@ -52,7 +52,9 @@ class FakeUpstream:
 
 
 @pytest.fixture
-async def make_core() -> AsyncIterator[Callable[..., tuple[DispatcherCore, FakeUpstream]]]:
+async def make_core(
+    monkeypatch: pytest.MonkeyPatch,
+) -> AsyncIterator[Callable[..., tuple[DispatcherCore, FakeUpstream]]]:
     cores: list[DispatcherCore] = []
 
     def factory(
@@ -63,9 +65,13 @@ async def make_core() -> AsyncIterator[Callable[..., tuple[DispatcherCore, FakeU
         api_key: str | None = None,
     ) -> tuple[DispatcherCore, FakeUpstream]:
         upstream = FakeUpstream(respond)
-        config = UpstreamConfig(url=UPSTREAM_URL, dialect=dialect, model=model)
+        key_env = f"TEST_UPSTREAM_KEY_{len(cores)}"
+        if api_key is not None:
+            monkeypatch.setenv(key_env, api_key)
+        backend = BackendConfig(url=UPSTREAM_URL, dialect=dialect, model=model,
+                                api_key_env=key_env if api_key is not None else None)
         client = httpx.AsyncClient(transport=httpx.MockTransport(upstream))
-        core = DispatcherCore(config, client, api_key)
+        core = DispatcherCore(UpstreamConfig(backends=[backend]), client)
         cores.append(core)
         return core, upstream
 
@@ -418,8 +424,10 @@ async def test_upstream_4xx_plain_text_body(make_core, stream: bool) -> None:
 
 
 @pytest.mark.parametrize("stream", [False, True])
-@pytest.mark.parametrize("status", [500, 503])
-async def test_upstream_5xx_is_502(make_core, stream: bool, status: int) -> None:
+@pytest.mark.parametrize(("status", "answered"), [(500, 502), (501, 502), (503, 503), (504, 504)])
+async def test_upstream_5xx_is_named(
+    make_core, stream: bool, status: int, answered: int
+) -> None:
     body = {"error": {"message": "engine dead", "type": "InternalServerError", "code": status}}
     core, _ = make_core(lambda request: httpx.Response(status, json=body))
     if stream:
@@ -427,10 +435,10 @@ async def test_upstream_5xx_is_502(make_core, stream: bool, status: int) -> None
         assert events == []
     else:
         reply = await core.complete(call(), make_embeds(1))
-    assert reply.status == 502
+    assert reply.status == answered
     error = error_of(reply.body)
     assert str(status) in error["message"] and "engine dead" in error["message"]
-    assert error["type"] == "BadGatewayError"
+    assert error["code"] == "upstream_error"
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -439,7 +447,7 @@ async def test_upstream_5xx_is_502(make_core, stream: bool, status: int) -> None
     [
         (httpx.ConnectError, 503),
         (httpx.ReadTimeout, 504),
-        (httpx.ConnectTimeout, 504),
+        (httpx.ConnectTimeout, 503),
         (httpx.RemoteProtocolError, 502),
     ],
 )

@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from serve_app.config import AppConfig, UpstreamConfig
+from serve_app.config import AppConfig, BackendConfig, UpstreamConfig
 from serve_app.dispatcher import DispatcherCore
 from serve_app.embedder import EmbedderCore
 from serve_app.embeddings import EmbeddingsService
@@ -30,7 +30,7 @@ FUZZ = settings(max_examples=40, deadline=None,
 @pytest.fixture(scope="module")
 def client(reference_app: Any, embedder: EmbedderCore,
            embeddings_service: EmbeddingsService, cache_dir: Path) -> Iterator[TestClient]:
-    upstream = UpstreamConfig(url="http://ref/v1")
+    upstream = UpstreamConfig(backends=[BackendConfig(url="http://ref/v1")])
     transport = httpx.ASGITransport(app=reference_app)
     dispatcher = DispatcherCore(upstream, httpx.AsyncClient(transport=transport,
                                                             base_url="http://ref"))
