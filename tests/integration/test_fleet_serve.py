@@ -1,0 +1,145 @@
+"""The fleet through the real Serve graph: a client that hangs up closes the upstream
+request, a new fleet given as the Dispatcher's `user_config` applies in place while a
+stream runs, the backends' state is visible, and an upstream's 429 reaches the client
+with its Retry-After in the OpenAI shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import openai
+import pytest
+
+from serve_app.config import AppConfig, BackendConfig, HealthConfig, UpstreamConfig
+from serve_app.deployments import Dispatcher, Embedder, Gateway
+from tests.integration.upstream_servers import ServerProcess
+
+PREFIX = "/fleet"
+VERSION = "fleet-test"
+HEALTH = HealthConfig(probe_interval_s=0.2, failure_threshold=2, cooldown_s=0.5)
+
+
+class FleetApp:
+    """A gateway app whose Dispatcher's fleet is redeployed as `user_config` only.
+
+    Every deployment keeps one code version, as `serve deploy` gives them while the app's
+    import path and args stay the same, so Serve treats a changed `user_config` as the
+    lightweight update it makes of a `deployments:` override: the running replica's
+    `reconfigure` is called, nothing restarts. (`serve.run` would otherwise draw a new
+    version per call; `_internal` is how Serve's own config path sets it.)
+    """
+
+    def __init__(self, base_url: str) -> None:
+        self.url = f"{base_url}{PREFIX}"
+        self.plain = AppConfig().model_dump(mode="json")
+
+    def deploy(self, *servers: ServerProcess) -> None:
+        from ray import serve
+
+        fleet = UpstreamConfig(backends=[BackendConfig(url=s.url) for s in servers],
+                               health=HEALTH)
+        pinned: dict[str, Any] = {"version": VERSION, "_internal": True}
+        embedder = Embedder.options(user_config=self.plain["batching"], **pinned)
+        dispatcher = Dispatcher.options(user_config=fleet.model_dump(mode="json"), **pinned)
+        gateway = Gateway.options(**pinned).bind(self.plain, embedder.bind(self.plain),
+                                                 dispatcher.bind(), {})
+        serve.run(gateway, name="fleet", route_prefix=PREFIX)
+
+    def upstreams(self) -> dict[str, dict[str, Any]]:
+        rows = httpx.get(f"{self.url}/health/upstreams", timeout=10).json()["data"]
+        return {row["url"]: row for row in rows}
+
+
+@pytest.fixture(scope="module")
+def fleet_app(serve_graph, servers) -> Iterator[FleetApp]:  # type: ignore[no-untyped-def]
+    from ray import serve
+
+    app = FleetApp(serve_graph.base_url)
+    app.deploy(servers["a"])
+    try:
+        yield app
+    finally:
+        serve.delete("fleet")
+
+
+def body(tag: str, stream: bool = True) -> dict[str, Any]:
+    return {"model": "serve-app-demo", "prompt": "Tell me about France", "max_tokens": 4,
+            "stream": stream, "tag": tag}
+
+
+def sdk_args(tag: str) -> dict[str, Any]:
+    """`body` for the OpenAI SDK: the tag (which the fakes log) as an extra field."""
+    return {"model": "serve-app-demo", "prompt": "Tell me about France", "max_tokens": 4,
+            "extra_body": {"tag": tag}}
+
+
+async def test_client_disconnect_reaches_the_upstream_within_a_second(
+        fleet_app: FleetApp, fakes: dict[str, ServerProcess]) -> None:
+    fleet_app.deploy(fakes["a"])
+    fakes["a"].set_mode(events=400, gap_s=0.05)
+    async with httpx.AsyncClient(timeout=30) as client:
+        async with client.stream("POST", f"{fleet_app.url}/v1/completions",
+                                 json=body("serve-cancel")) as response:
+            assert response.status_code == 200
+            lines = response.aiter_lines()
+            while not (await anext(lines)).startswith("data: "):
+                pass
+            hung_up = time.time()
+    deadline = time.monotonic() + 5
+    while not fakes["a"].events("disconnect", "serve-cancel"):
+        assert time.monotonic() < deadline, "the upstream request was never closed"
+        await asyncio.sleep(0.05)
+    [disconnect] = fakes["a"].events("disconnect", "serve-cancel")
+    assert disconnect["t"] - hung_up < 1.0
+    assert fakes["a"].events("done", "serve-cancel") == []
+    await asyncio.sleep(0.2)
+    assert fleet_app.upstreams()[fakes["a"].url]["in_flight"] == 0
+
+
+async def test_new_fleet_applies_in_place_without_dropping_a_stream(
+        fleet_app: FleetApp, fakes: dict[str, ServerProcess]) -> None:
+    fleet_app.deploy(fakes["a"])
+    fakes["a"].set_mode(events=40, gap_s=0.1)  # a 4-second stream
+
+    async def read_stream() -> list[str]:
+        async with httpx.AsyncClient(timeout=60) as client:
+            async with client.stream("POST", f"{fleet_app.url}/v1/completions",
+                                     json=body("serve-inplace")) as response:
+                return [line async for line in response.aiter_lines() if line]
+
+    running = asyncio.ensure_future(read_stream())
+    await asyncio.sleep(1.0)
+    await asyncio.to_thread(fleet_app.deploy, fakes["b"])
+    # The same replica, its state kept: a is retired, still holding the running stream.
+    states = fleet_app.upstreams()
+    assert states[fakes["a"].url]["state"] == "retired"
+    assert states[fakes["a"].url]["in_flight"] == 1 and not running.done()
+    client = openai.OpenAI(base_url=f"{fleet_app.url}/v1", api_key="EMPTY", max_retries=0)
+    answer = await asyncio.to_thread(client.completions.create, **sdk_args("serve-new"))
+    assert answer.choices[0].text == "b"
+
+    lines = await running
+    assert lines[-1] == "data: [DONE]"
+    assert not any('"error"' in line for line in lines)
+    assert '"a39 "' in lines[-2]
+    assert fakes["a"].events("done", "serve-inplace")
+    assert list(fleet_app.upstreams()) == [fakes["b"].url]
+
+
+async def test_upstream_state_is_visible_and_a_429_keeps_its_retry_after(
+        fleet_app: FleetApp, fakes: dict[str, ServerProcess]) -> None:
+    fleet_app.deploy(fakes["c"])
+    fakes["c"].set_mode(status=429, retry_after=7)
+    client = openai.OpenAI(base_url=f"{fleet_app.url}/v1", api_key="EMPTY", max_retries=0)
+    with pytest.raises(openai.RateLimitError) as info:
+        await asyncio.to_thread(client.completions.create, **sdk_args("serve-429"))
+    assert info.value.response.headers["retry-after"] == "7"
+    assert info.value.code == "upstream_rate_limited"
+    state = fleet_app.upstreams()[fakes["c"].url]
+    assert state["state"] == "healthy" and 5 < state["throttled_remaining_s"] <= 7
+    assert state["last_error"] == "HTTP 429"

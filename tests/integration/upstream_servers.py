@@ -1,0 +1,209 @@
+"""Real upstream servers on loopback ports, each in its own process, for the fleet tests.
+
+`fake`: a small vLLM-compatible `/v1/completions` server that checks the embeddings
+payload is there and decodes as base64, and can be made slow, failing, stalled or killed
+(mid-stream too) through `POST /admin/mode`. Every request, finished answer and client
+disconnect is appended to a JSON-lines log, which outlives a killed process.
+`reference`: the project's reference backend on the demo model.
+
+    python -m tests.integration.upstream_servers fake --port 9001 --name a --log a.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pybase64
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+ROOT = Path(__file__).resolve().parents[2]
+
+DEFAULT_MODE: dict[str, Any] = {
+    "status": 200,            # answer every completion with this status
+    "retry_after": None,      # Retry-After header on such an answer
+    "delay_s": 0.0,           # wait before answering (a slow or busy backend)
+    "events": 4,              # text events per streamed choice
+    "gap_s": 0.0,             # wait between streamed events
+    "exit_after_events": None,  # the process dies after this many events (mid-stream death)
+    "stall_after_events": None,  # goes silent after this many events, connection open
+    "health_status": 200,     # status of GET /v1/models and /health
+}
+
+
+def create_fake_app(name: str, log: Path) -> Starlette:
+    mode = dict(DEFAULT_MODE)
+
+    def record(event: str, **fields: Any) -> None:
+        with log.open("a") as out:
+            out.write(json.dumps({"event": event, "server": name, "t": time.time(), **fields})
+                      + "\n")
+
+    async def set_mode(request: Request) -> Response:
+        mode.clear()
+        mode.update(DEFAULT_MODE, **(await request.json()))
+        return JSONResponse(mode)
+
+    async def health(_: Request) -> Response:
+        return JSONResponse({"object": "list", "data": [{"id": name, "object": "model"}]},
+                            status_code=mode["health_status"])
+
+    async def completions(request: Request) -> Response:
+        body = await request.json()
+        embeds = body.get("prompt_embeds", body.get("prompt-embeds"))
+        tag = body.get("tag")
+        record("request", tag=tag, keys=sorted(body), model=body.get("model"),
+               prompt=body.get("prompt"))
+        items = embeds if isinstance(embeds, list) else [embeds]
+        if embeds is None or not all(isinstance(item, str) and pybase64.b64decode(
+                item, validate=True) for item in items):
+            return JSONResponse({"error": {"message": "prompt embeds missing"}}, 400)
+        if mode["delay_s"]:
+            await asyncio.sleep(mode["delay_s"])
+        if mode["status"] != 200:
+            headers = {"retry-after": str(mode["retry_after"])} if mode["retry_after"] else {}
+            return JSONResponse({"error": {"message": f"{name} refuses", "code": mode["status"]}},
+                                mode["status"], headers=headers)
+        answer = {"id": f"cmpl-{name}", "object": "text_completion", "created": 1,
+                  "model": body.get("model")}
+        usage = {"prompt_tokens": 0, "completion_tokens": mode["events"],
+                 "total_tokens": mode["events"]}
+        if not body.get("stream"):
+            record("done", tag=tag)
+            return JSONResponse({**answer, "usage": usage, "choices": [
+                {"index": 0, "text": name, "logprobs": None, "finish_reason": "length"}]})
+        return StreamingResponse(stream(answer, usage, tag, body), media_type="text/event-stream")
+
+    async def stream(answer: dict[str, Any], usage: dict[str, Any], tag: Any,
+                     body: dict[str, Any]) -> AsyncIterator[bytes]:
+        finished = False
+        try:
+            for index in range(mode["events"]):
+                if index == mode["exit_after_events"]:
+                    record("exit", tag=tag)
+                    os._exit(1)
+                if index == mode["stall_after_events"]:
+                    await asyncio.sleep(3600)
+                last = index == mode["events"] - 1
+                choice = {"index": 0, "text": f"{name}{index} ", "logprobs": None,
+                          "finish_reason": "length" if last else None}
+                yield b"data: " + json.dumps({**answer, "choices": [choice]}).encode() + b"\n\n"
+                if mode["gap_s"]:
+                    await asyncio.sleep(mode["gap_s"])
+            if (body.get("stream_options") or {}).get("include_usage"):
+                yield b"data: " + json.dumps({**answer, "choices": [], "usage": usage}).encode()
+                yield b"\n\n"
+            yield b"data: [DONE]\n\n"
+            finished = True
+            record("done", tag=tag)
+        finally:
+            if not finished:
+                record("disconnect", tag=tag)
+
+    return Starlette(routes=[
+        Route("/admin/mode", set_mode, methods=["POST"]),
+        Route("/v1/models", health),
+        Route("/health", health),
+        Route("/v1/completions", completions, methods=["POST"]),
+    ])
+
+
+def create_reference() -> Any:
+    from serve_app.config import ReferenceBackendConfig
+    from serve_app.reference_backend import ReferenceBackend, create_reference_app
+
+    return create_reference_app(ReferenceBackend.from_config(ReferenceBackendConfig()))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerProcess:
+    """One server process on a fixed loopback port, which survives kill and restart."""
+
+    kind: str
+    name: str
+    log: Path
+    port: int = field(default_factory=free_port)
+    process: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def launch(self) -> None:
+        argv = [sys.executable, "-m", "tests.integration.upstream_servers", self.kind,
+                "--port", str(self.port), "--name", self.name, "--log", str(self.log)]
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
+
+    def wait_ready(self, timeout_s: float = 60.0) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            assert self.process is not None and self.process.poll() is None, "server exited"
+            try:
+                if httpx.get(f"{self.url}/models", timeout=1).status_code < 500:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.05)
+        raise TimeoutError(f"{self.kind} server {self.name} did not start")
+
+    def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    @property
+    def alive(self) -> bool:
+        return self.process is not None and self.process.poll() is None
+
+    def kill(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait()
+
+    def set_mode(self, **mode: Any) -> None:
+        httpx.post(f"http://127.0.0.1:{self.port}/admin/mode", json=mode,
+                   timeout=5).raise_for_status()
+
+    def events(self, event: str | None = None, tag_prefix: str = "") -> list[dict[str, Any]]:
+        if not self.log.exists():
+            return []
+        rows = [json.loads(line) for line in self.log.read_text().splitlines() if line]
+        return [row for row in rows if (event is None or row["event"] == event)
+                and str(row.get("tag") or "").startswith(tag_prefix)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("kind", choices=["fake", "reference"])
+    parser.add_argument("--port", type=int, required=True)
+    parser.add_argument("--name", default="fake")
+    parser.add_argument("--log", type=Path, default=Path(os.devnull))
+    args = parser.parse_args()
+    app = create_fake_app(args.name, args.log) if args.kind == "fake" else create_reference()
+    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning",
+                timeout_graceful_shutdown=1)
+
+
+if __name__ == "__main__":
+    main()
