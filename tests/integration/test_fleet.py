@@ -11,7 +11,7 @@ import asyncio
 import itertools
 import time
 from collections import Counter
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +23,13 @@ from serve_app.codec import encode_prompt_embeds
 from serve_app.config import (
     BackendConfig,
     HealthConfig,
+    ModelConfig,
     RetryConfig,
     UpstreamConfig,
     UpstreamTimeouts,
 )
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
+from serve_app.embedder import EmbedderCore
 from tests.integration.upstream_servers import ServerProcess
 
 DONE = b"data: [DONE]\n\n"
@@ -405,3 +407,43 @@ def test_probe_targets(tmp_path: Path) -> None:
     assert BackendConfig(url="http://h:1/v1").probe_url == "http://h:1/v1/models"
     custom = BackendConfig(url="http://h:1/v1", health_url="http://h:1/health")
     assert custom.probe_url == "http://h:1/health"
+
+
+# --------------------------------------------------------------------- real generation
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory: pytest.TempPathFactory,
+               demo_model_dir: Path) -> Iterator[list[ServerProcess]]:
+    """Two reference backends (the demo model, real generation) in their own processes."""
+    logs = tmp_path_factory.mktemp("reference-logs")
+    pair = [ServerProcess("reference", f"ref{i}", logs / f"ref{i}.jsonl") for i in range(2)]
+    for server in pair:
+        server.launch()
+    try:
+        for server in pair:
+            server.wait_ready(timeout_s=180)
+        yield pair
+    finally:
+        for server in pair:
+            server.kill()
+
+
+async def test_reference_backends_fail_over_to_the_same_greedy_answer(
+        references, make_core, demo_model_dir: Path, demo_tokenizer: Any) -> None:
+    embedder = EmbedderCore.from_checkpoint(demo_model_dir, ModelConfig())
+    embeds = embedder.embed_batch([demo_tokenizer("Tell me about France")["input_ids"]])
+    greedy = UpstreamCall("serve-app-demo", {"max_tokens": 8, "temperature": 0})
+    core = make_core(*references)
+    expected = orjson.loads((await core.complete(greedy, embeds)).body)["choices"][0]["text"]
+    assert expected
+
+    references[0].kill()
+    replies = await asyncio.wait_for(
+        asyncio.gather(*(core.complete(greedy, embeds) for _ in range(6))), 120)
+    assert [reply.status for reply in replies] == [200] * 6
+    assert {orjson.loads(r.body)["choices"][0]["text"] for r in replies} == {expected}
+    streamed = UpstreamCall("serve-app-demo", {**greedy.fields, "stream": True}, stream=True)
+    items = [item async for item in core.stream(streamed, embeds)]
+    text = "".join(p["choices"][0]["text"] for p in payloads(items[1:]) if p["choices"])
+    assert text == expected and items[-1] == DONE
