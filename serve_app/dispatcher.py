@@ -76,20 +76,27 @@ def make_http_client() -> httpx.AsyncClient:
 
 def build_upstream_body(
     fields: dict[str, Any], embeds: Sequence[EncodedPromptEmbeds], dialect: str
-) -> bytes:
-    """JSON body with the embeddings spliced in as raw bytes (no re-escaping, one join)."""
+) -> list[bytes]:
+    """The JSON body as pieces sent back to back: orjson for the small fields, and each
+    payload's base64 pieces spliced in as they are (base64 needs no JSON escaping), so the
+    megabytes of embeddings are never copied into one buffer."""
     head = orjson.dumps(fields)
     parts = [head[:-1], b"," if len(head) > 2 else b""]
     parts.append(b'"prompt":"","prompt-embeds":' if dialect == "nim" else b'"prompt_embeds":')
     if len(embeds) == 1:
-        parts += [b'"', embeds[0].data, b'"']
+        parts += [b'"', *embeds[0].parts, b'"']
     else:
         parts.append(b"[")
         for index, item in enumerate(embeds):
-            parts += [b',"' if index else b'"', item.data, b'"']
+            parts += [b',"' if index else b'"', *item.parts, b'"']
         parts.append(b"]")
     parts.append(b"}")
-    return b"".join(parts)
+    return parts
+
+
+async def _pieces(parts: list[bytes]) -> AsyncIterator[bytes]:
+    for part in parts:
+        yield part
 
 
 def retry_after_seconds(value: str | None) -> float:
@@ -355,13 +362,17 @@ class DispatcherCore:
         assert last is not None
         raise last
 
-    async def _send(self, backend: Backend, body: bytes) -> httpx.Response:
+    async def _send(self, backend: Backend, body: list[bytes]) -> httpx.Response:
         """POST to one backend; its 200 response, unread, or `_AttemptFailed`."""
         timeouts = self.fleet.config.timeouts
         timeout = httpx.Timeout(connect=timeouts.connect_s, read=None,
                                 write=_WRITE_TIMEOUT_S, pool=timeouts.connect_s)
-        request = self.client.build_request("POST", backend.completions_url, content=body,
-                                            headers=backend.headers, timeout=timeout)
+        # The pieces go to the socket one by one; the explicit length keeps the request
+        # a plain (not chunked) body, as vLLM and NIM expect.
+        headers = {**backend.headers, "content-length": str(sum(map(len, body)))}
+        request = self.client.build_request("POST", backend.completions_url,
+                                            content=_pieces(body), headers=headers,
+                                            timeout=timeout)
         try:
             response = await self.client.send(request, stream=True)
         except (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout) as exc:
@@ -397,7 +408,7 @@ class DispatcherCore:
         return _AttemptFailed(error, retry=status in _RETRIED_STATUSES)
 
     def _body(self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds],
-              backend: Backend) -> bytes:
+              backend: Backend) -> list[bytes]:
         fields = {**call.fields, "model": backend.config.model or call.served_model}
         return build_upstream_body(fields, embeds, backend.config.dialect)
 

@@ -407,3 +407,36 @@ def test_param_name_appears_in_errors() -> None:
         decode_prompt_embeds("", SPEC, param="messages[0].prompt_embeds")
     assert info.value.param == "messages[0].prompt_embeds"
     assert info.value.message.startswith("messages[0].prompt_embeds")
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape", [(1, 1), (1, 7), (3, 8), (5, 3), (33, 64)])
+def test_encode_is_torch_save_layout_loadable_as_vllm_loads_it(
+    dtype: torch.dtype, shape: tuple[int, int]
+) -> None:
+    """The pieces are the base64 of torch.save's own archive (every record at the same
+    offset and size) with the data taken from the tensor; plain torch.load reads it."""
+    tensor = torch.randn(*shape).to(dtype)
+    encoded = encode_prompt_embeds(tensor)
+    assert len(encoded.parts) == 3 and all(len(p) % 4 == 0 for p in encoded.parts[:2])
+    raw = pybase64.b64decode(encoded.data, validate=True)
+    reference = io.BytesIO()
+    torch.save(tensor, reference)
+
+    def layout(archive: bytes) -> list[tuple[str, int, int]]:
+        with zipfile.ZipFile(io.BytesIO(archive)) as opened:
+            return [(i.filename, i.header_offset, i.file_size) for i in opened.infolist()]
+
+    assert layout(raw) == layout(reference.getvalue())
+    loaded = torch.load(io.BytesIO(raw), weights_only=True)
+    assert loaded.dtype == dtype and torch.equal(loaded, tensor)
+
+
+def test_encode_without_skip_data_falls_back_to_torch_save(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delattr(torch.serialization, "skip_data")
+    tensor = torch.randn(4, 8)
+    encoded = encode_prompt_embeds(tensor)
+    assert len(encoded.parts) == 1
+    spec = EmbedsSpec(8, 16, 16 * 8 * 4, torch.float32)
+    assert torch.equal(decode_prompt_embeds(encoded.data, spec), tensor)

@@ -572,7 +572,7 @@ async def test_stream_stops_at_done(make_core) -> None:
 )
 def test_build_upstream_body(dialect: str, count: int, fields: dict[str, Any]) -> None:
     embeds = make_embeds(*range(1, count + 1))
-    raw = build_upstream_body(fields, embeds, dialect)
+    raw = b"".join(build_upstream_body(fields, embeds, dialect))
     body = orjson.loads(raw)
     data = [item.data.decode() for item in embeds]
     expected = dict(fields)
@@ -590,9 +590,9 @@ def test_build_upstream_body(dialect: str, count: int, fields: dict[str, Any]) -
 
 def test_build_upstream_body_embeds_are_raw_base64_bytes() -> None:
     embeds = make_embeds(3)
-    raw = build_upstream_body({"model": "m"}, embeds, "vllm")
+    raw = b"".join(build_upstream_body({"model": "m"}, embeds, "vllm"))
     assert raw == b'{"model":"m","prompt_embeds":"' + embeds[0].data + b'"}'
-    nim = build_upstream_body({}, embeds, "nim")
+    nim = b"".join(build_upstream_body({}, embeds, "nim"))
     assert nim == b'{"prompt":"","prompt-embeds":"' + embeds[0].data + b'"}'
 
 
