@@ -19,6 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import envs
+from serve_app.allocator import keep_payload_memory
 from serve_app.checkpoint import resolve_model_dir
 from serve_app.codec import EncodedPromptEmbeds
 from serve_app.config import (
@@ -60,6 +61,7 @@ _EMBEDDER_AUTOSCALING = {
                   max_queued_requests=_INNER_QUEUE, autoscaling_config=_EMBEDDER_AUTOSCALING)
 class Embedder:
     def __init__(self, config: dict[str, Any]) -> None:
+        keep_payload_memory()
         model = AppConfig.model_validate(config).model
         self.core = EmbedderCore.from_checkpoint(resolve_model_dir(model), model)
 
@@ -127,6 +129,7 @@ class Dispatcher:
     """The upstream fleet; its `user_config` is `AppConfig.upstream`."""
 
     def __init__(self) -> None:
+        keep_payload_memory()
         self.core: DispatcherCore | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -197,6 +200,7 @@ class ServeBackend:
 class Gateway:
     def __init__(self, config: dict[str, Any], embedder: DeploymentHandle,
                  dispatcher: DeploymentHandle, encoders: dict[str, DeploymentHandle]) -> None:
+        keep_payload_memory()  # client embeddings are decoded and re-encoded here
         app_config = AppConfig.model_validate(config)
         self.service = CompletionsService.from_config(app_config,
                                                       ServeBackend(embedder, dispatcher))
