@@ -33,6 +33,7 @@ import numpy as np
 import pybase64
 import torch
 
+from serve_app.allocator import keep_payload_memory
 from serve_app.codec import EmbedsSpec, decode_prompt_embeds, encode_prompt_embeds
 from serve_app.dispatcher import build_upstream_body
 
@@ -80,10 +81,11 @@ def measure(rows: int, hidden: int, repeats: int) -> dict[str, float]:
     return {name: median_seconds(call, repeats) for name, call in cases.items()}
 
 
-def table(results: dict[int, dict[str, float]], hidden: int) -> str:
+def table(results: dict[int, dict[str, float]], hidden: int, tuned: bool) -> str:
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, {platform.system()}; "
-        f"torch {torch.__version__}; bf16, hidden {hidden}.",
+        f"torch {torch.__version__}; bf16, hidden {hidden}; malloc thresholds "
+        f"{'raised as in the replicas' if tuned else 'glibc defaults'}.",
         "",
         "| rows | MiB | path | median ms | GB/s | vs memcpy |",
         "|---:|---:|---|---:|---:|---:|",
@@ -103,9 +105,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, nargs="+", default=[128, 512, 2048])
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--default-malloc", action="store_true",
+                        help="leave glibc's thresholds as they are (replicas raise them)")
     args = parser.parse_args()
+    tuned = not args.default_malloc and keep_payload_memory()
     results = {rows: measure(rows, args.hidden, args.repeats) for rows in args.rows}
-    text = table(results, args.hidden)
+    text = table(results, args.hidden, tuned)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "codec_throughput.md").write_text(text)
     print(text)
