@@ -1,0 +1,65 @@
+"""A checkpoint with Llama-3.1-8B's vocabulary and hidden sizes and random weights, for
+benchmarks: the embedding matrix (128256 x 4096 bf16, 1 GiB) is the real size; one decoder
+layer stands in for 32, so the whole model still loads in seconds on a small machine.
+
+Its word-level tokenizer maps `w0 ... w128255` to one token each, so a prompt of N words
+is exactly N tokens.
+
+    python benchmarks/llama8b_sized.py DIR
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+import torch
+
+VOCAB, HIDDEN = 128256, 4096
+logger = logging.getLogger(__name__)
+
+
+def prompt_of(tokens: int, offset: int = 0) -> str:
+    """A prompt that the tokenizer turns into exactly `tokens` ids."""
+    return " ".join(f"w{(offset * 7919 + index * 31) % (VOCAB - 1)}" for index in range(tokens))
+
+
+def _tokenizer() -> object:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{index}": index for index in range(VOCAB - 1)}
+    vocab["<unk>"] = VOCAB - 1
+    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>",
+                                   eos_token="<unk>", model_max_length=131072)
+
+
+def ensure_llama8b_sized(directory: Path) -> Path:
+    """Build the checkpoint once into `directory` (about 2.6 GB); later calls reuse it."""
+    if (directory / "config.json").exists():
+        return directory
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    logger.warning("building the Llama-3.1-8B-sized benchmark checkpoint in %s", directory)
+    config = LlamaConfig(
+        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=14336, num_hidden_layers=1,
+        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
+        rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16",
+    )
+    torch.manual_seed(0)
+    with torch.device("cpu"):
+        model = LlamaForCausalLM(config).to(torch.bfloat16)
+    partial = directory.with_name(directory.name + ".partial")
+    model.save_pretrained(partial)
+    _tokenizer().save_pretrained(partial)  # type: ignore[attr-defined]
+    partial.rename(directory)
+    return directory
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("directory", type=Path)
+    print(ensure_llama8b_sized(parser.parse_args().directory))
