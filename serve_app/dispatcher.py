@@ -17,13 +17,13 @@ import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import httpx
 import orjson
 
 from serve_app.chat_response import ChatShape, ChatStreamConverter, chat_completion
-from serve_app.codec import EncodedPromptEmbeds
+from serve_app.codec import EncodedPromptEmbeds, Piece
 from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
 from serve_app.fleet import Backend, Fleet
@@ -76,12 +76,12 @@ def make_http_client() -> httpx.AsyncClient:
 
 def build_upstream_body(
     fields: dict[str, Any], embeds: Sequence[EncodedPromptEmbeds], dialect: str
-) -> list[bytes]:
+) -> list[Piece]:
     """The JSON body as pieces sent back to back: orjson for the small fields, and each
     payload's base64 pieces spliced in as they are (base64 needs no JSON escaping), so the
     megabytes of embeddings are never copied into one buffer."""
     head = orjson.dumps(fields)
-    parts = [head[:-1], b"," if len(head) > 2 else b""]
+    parts: list[Piece] = [head[:-1], b"," if len(head) > 2 else b""]
     parts.append(b'"prompt":"","prompt-embeds":' if dialect == "nim" else b'"prompt_embeds":')
     if len(embeds) == 1:
         parts += [b'"', *embeds[0].parts, b'"']
@@ -94,9 +94,11 @@ def build_upstream_body(
     return parts
 
 
-async def _pieces(parts: list[bytes]) -> AsyncIterator[bytes]:
+async def _pieces(parts: list[Piece]) -> AsyncIterator[bytes]:
+    """The body for httpx; memoryview pieces (payloads read in place from Ray's object
+    store) pass through h11's writer like bytes, so they are not copied here."""
     for part in parts:
-        yield part
+        yield cast(bytes, part)
 
 
 def retry_after_seconds(value: str | None) -> float:
@@ -362,7 +364,7 @@ class DispatcherCore:
         assert last is not None
         raise last
 
-    async def _send(self, backend: Backend, body: list[bytes]) -> httpx.Response:
+    async def _send(self, backend: Backend, body: list[Piece]) -> httpx.Response:
         """POST to one backend; its 200 response, unread, or `_AttemptFailed`."""
         timeouts = self.fleet.config.timeouts
         timeout = httpx.Timeout(connect=timeouts.connect_s, read=None,
@@ -408,7 +410,7 @@ class DispatcherCore:
         return _AttemptFailed(error, retry=status in _RETRIED_STATUSES)
 
     def _body(self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds],
-              backend: Backend) -> list[bytes]:
+              backend: Backend) -> list[Piece]:
         fields = {**call.fields, "model": backend.config.model or call.served_model}
         return build_upstream_body(fields, embeds, backend.config.dialect)
 

@@ -440,3 +440,22 @@ def test_encode_without_skip_data_falls_back_to_torch_save(
     assert len(encoded.parts) == 1
     spec = EmbedsSpec(8, 16, 16 * 8 * 4, torch.float32)
     assert torch.equal(decode_prompt_embeds(encoded.data, spec), tensor)
+
+
+def test_encoded_pickles_its_pieces_out_of_band() -> None:
+    """Protocol 5 hands the pieces over as buffers (what Ray stores once and maps in the
+    receiver); older protocols and in-band pickling still round-trip."""
+    import pickle
+
+    tensor = torch.randn(6, HIDDEN)
+    encoded = encode_prompt_embeds(tensor)
+    buffers: list[pickle.PickleBuffer] = []
+    stream = pickle.dumps(encoded, protocol=5, buffer_callback=buffers.append)
+    assert len(buffers) == 3 and len(stream) < 300
+    received = pickle.loads(stream, buffers=buffers)
+    assert all(isinstance(part, memoryview) for part in received.parts)
+    assert received.rows == 6 and received.data == encoded.data
+    assert torch.equal(decode_prompt_embeds(received.data, SPEC), tensor)
+    for protocol in (4, 5):
+        copied = pickle.loads(pickle.dumps(encoded, protocol=protocol))
+        assert copied.data == encoded.data and copied.nbytes == encoded.nbytes
