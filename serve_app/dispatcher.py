@@ -11,10 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import email.utils
-import logging
 import math
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from typing import Any, TypeVar, cast
@@ -28,8 +27,6 @@ from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
 from serve_app.fleet import Backend, Fleet
 from serve_app.protocol import SSE_DONE
-
-logger = logging.getLogger(__name__)
 
 _WRITE_TIMEOUT_S = 60.0
 _KEEPALIVE_CONNECTIONS = 256
@@ -152,7 +149,7 @@ class _AttemptFailed(Exception):
         self.retry = retry
 
 
-_Opened = tuple[httpx.Response, AsyncIterator[bytes], bytes]
+_Opened = tuple[httpx.Response, AsyncGenerator[bytes, None], bytes]
 
 
 class DispatcherCore:
@@ -254,7 +251,7 @@ class DispatcherCore:
         finally:
             # Also when the client went away: closing the response drops the upstream
             # connection, which is how vLLM and NIM learn to stop generating.
-            await events.aclose()  # type: ignore[attr-defined]
+            await events.aclose()
             await response.aclose()
             self.fleet.release(backend)
 
@@ -264,7 +261,7 @@ class DispatcherCore:
         first_token_s = self.fleet.config.timeouts.first_token_s
         opened: list[httpx.Response] = []
 
-        async def first_event() -> tuple[AsyncIterator[bytes], bytes | None]:
+        async def first_event() -> tuple[AsyncGenerator[bytes, None], bytes | None]:
             opened.append(await self._send(backend, body))
             events = _sse_data(opened[0])
             return events, await anext(events, None)
@@ -442,7 +439,7 @@ def _json_object(data: bytes) -> dict[str, Any] | None:
     return payload if isinstance(payload, dict) else None
 
 
-async def _sse_data(response: httpx.Response) -> AsyncIterator[bytes]:
+async def _sse_data(response: httpx.Response) -> AsyncGenerator[bytes, None]:
     """The `data:` payload of each server-sent event (multi-line data joined by newlines)."""
     lines: list[bytes] = []
     buffer = b""

@@ -403,12 +403,6 @@ async def test_reconfigure_in_place_keeps_streams_in_flight(fakes, make_core) ->
     assert [row["url"] for row in core.status()] == [fakes["b"].url]
 
 
-def test_probe_targets(tmp_path: Path) -> None:
-    assert BackendConfig(url="http://h:1/v1").probe_url == "http://h:1/v1/models"
-    custom = BackendConfig(url="http://h:1/v1", health_url="http://h:1/health")
-    assert custom.probe_url == "http://h:1/health"
-
-
 # --------------------------------------------------------------------- real generation
 
 

@@ -189,6 +189,12 @@ def test_bad_backend_names_the_field(backend: dict[str, Any], field: str) -> Non
     assert field in str(info.value)
 
 
+def test_probe_targets() -> None:
+    assert BackendConfig(url="http://h:1/v1").probe_url == "http://h:1/v1/models"
+    custom = BackendConfig(url="http://h:1/v1", health_url="http://h:1/health")
+    assert custom.probe_url == "http://h:1/health"
+
+
 def test_backend_urls_are_unique() -> None:
     with pytest.raises(ValidationError, match="unique: http://a/v1"):
         UpstreamConfig(backends=[BackendConfig(url="http://a/v1"),

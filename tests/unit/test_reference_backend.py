@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import io
 import threading
-from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -34,10 +33,9 @@ def reference_app(backend: ReferenceBackend) -> Any:
 
 
 @pytest.fixture
-async def client(reference_app: Any) -> AsyncIterator[httpx.AsyncClient]:
-    transport = httpx.ASGITransport(app=reference_app)
-    async with httpx.AsyncClient(transport=transport, base_url="http://ref") as client:
-        yield client
+def client(reference: httpx.AsyncClient) -> httpx.AsyncClient:
+    """conftest's ASGI client, over this module's `reference_app` (and its `backend`)."""
+    return reference
 
 
 @pytest.fixture(scope="module")
