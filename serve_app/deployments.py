@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 
 from serve_app import envs
-from serve_app.allocator import keep_payload_memory
+from serve_app.allocator import PAYLOAD_ENV_VARS, keep_payload_memory
 from serve_app.checkpoint import resolve_model_dir
 from serve_app.codec import EncodedPromptEmbeds
 from serve_app.config import (
@@ -41,7 +41,11 @@ logger = logging.getLogger(__name__)
 
 # Fractional CPUs so the whole graph (and the reference backend) fits on a 2-core machine;
 # serve_config.yaml may override any of these per deployment.
-_SMALL = {"num_cpus": 0.25}
+_SMALL: dict[str, Any] = {"num_cpus": 0.25}
+# Replicas that handle payloads also get one malloc arena (allocator.py says why). A config
+# that sets `ray_actor_options` replaces these, so serve_config.yaml repeats the variable
+# in the gateway's application-level `runtime_env`, which Serve merges into every replica.
+_PAYLOAD = {**_SMALL, "runtime_env": {"env_vars": PAYLOAD_ENV_VARS}}
 # Bounded queues: a full one rejects at once instead of letting latency grow without end.
 # Inner deployments' rejections reach the ingress as BackPressureError, answered as an
 # OpenAI-shaped 429 with Retry-After; the ingress's own queue overflows at the proxy as a
@@ -57,7 +61,7 @@ _EMBEDDER_AUTOSCALING = {
 }
 
 
-@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=64,
+@serve.deployment(ray_actor_options=_PAYLOAD, max_ongoing_requests=64,
                   max_queued_requests=_INNER_QUEUE, autoscaling_config=_EMBEDDER_AUTOSCALING)
 class Embedder:
     def __init__(self, config: dict[str, Any]) -> None:
@@ -122,7 +126,7 @@ def encoder_deployment_name(served_name: str) -> str:
     return "Encoder_" + re.sub(r"[^A-Za-z0-9_-]", "_", served_name)
 
 
-@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=256,
+@serve.deployment(ray_actor_options=_PAYLOAD, max_ongoing_requests=256,
                   max_queued_requests=_INNER_QUEUE,
                   graceful_shutdown_timeout_s=_STREAM_DRAIN_S)
 class Dispatcher:
@@ -193,7 +197,7 @@ class ServeBackend:
 
 # max_ongoing_requests above limits.max_concurrent_requests (256 by default), so overload
 # is answered by the ingress itself in the OpenAI shape before Serve's queue fills.
-@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=384,
+@serve.deployment(ray_actor_options=_PAYLOAD, max_ongoing_requests=384,
                   max_queued_requests=512, backpressure_config=_INGRESS_BACKPRESSURE,
                   graceful_shutdown_timeout_s=_STREAM_DRAIN_S)
 @serve.ingress()
