@@ -118,6 +118,21 @@ def serving_processes(target: str, baseline: subprocess.Popen[bytes]) -> list[ps
     return found
 
 
+def process_roles(sink: subprocess.Popen[bytes]) -> dict[str, psutil.Process]:
+    """Every process that spends CPU on a gateway request, by role."""
+    roles = {"sink": psutil.Process(sink.pid)}
+    for process in psutil.process_iter(["cmdline", "name"]):
+        line = " ".join(process.info["cmdline"] or [])
+        for role, needle in (("proxy", "ProxyActor"), ("controller", "ServeController"),
+                             ("ingress", "ServeReplica:gateway:Gateway"),
+                             ("embedder", "ServeReplica:gateway:Embedder"),
+                             ("dispatcher", "ServeReplica:gateway:Dispatcher"),
+                             ("raylet", "raylet"), ("gcs", "gcs_server")):
+            if needle in line or process.info["name"] == needle:
+                roles.setdefault(role, process)
+    return roles
+
+
 def cpu_seconds(processes: list[psutil.Process]) -> float:
     total = 0.0
     for process in processes:
@@ -138,6 +153,7 @@ class Run:
     seconds: float
     latencies: list[float]
     cpu: float
+    by_role: dict[str, float] | None = None
 
     @property
     def rps(self) -> float:
@@ -173,12 +189,16 @@ async def load(url: str, tokens: int, concurrency: int, requests: int) -> tuple[
 
 
 def measure(target: str, url: str, tokens: int, concurrency: int, requests: int,
-            processes: Callable[[], list[psutil.Process]]) -> Run:
+            processes: Callable[[], list[psutil.Process]],
+            roles: dict[str, psutil.Process] | None = None) -> Run:
     watched = processes()
     before = cpu_seconds(watched)
+    roles_before = {role: cpu_seconds([p]) for role, p in (roles or {}).items()}
     seconds, latencies = asyncio.run(load(url, tokens, concurrency, requests))
     cpu = (cpu_seconds(watched) - before) / requests
-    run = Run(target, tokens, concurrency, requests, seconds, latencies, cpu)
+    by_role = {role: (cpu_seconds([p]) - roles_before[role]) / requests
+               for role, p in (roles or {}).items()}
+    run = Run(target, tokens, concurrency, requests, seconds, latencies, cpu, by_role)
     print(f"{target:8} {tokens:5} tokens c={concurrency:2}: {run.rps:7.2f} req/s, "
           f"p50 {run.quantile(0.5):8.1f} ms, p99 {run.quantile(0.99):8.1f} ms, "
           f"{cpu:.3f} CPU s/req", flush=True)
@@ -196,15 +216,25 @@ def noop_p50(base: str, requests: int = 50) -> float:
     return statistics.median(samples) * 1e3
 
 
-def rss_gib(needle: str) -> float:
-    for process in psutil.process_iter(["cmdline", "memory_info"]):
-        if needle in " ".join(process.info["cmdline"] or []):
-            return float(process.info["memory_info"].rss) / 2**30
-    return float("nan")
+def resident_gib(pid: int) -> dict[str, float]:
+    """Resident memory by kind (Linux): private heap, mapped files, shared memory."""
+    fields = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "RssAnon", "RssFile", "RssShmem"):
+            fields[key] = int(value.split()[0]) / 2**20
+    return fields
 
 
-def report(runs: list[Run], floor_ms: float, embedder_gib: float, baseline_gib: float,
-           out: Path) -> str:
+def embedder_pid() -> int:
+    for process in psutil.process_iter(["cmdline"]):
+        if "ServeReplica:gateway:Embedder" in " ".join(process.info["cmdline"] or []):
+            return process.pid
+    raise LookupError("no embedder replica")
+
+
+def report(runs: list[Run], floor_ms: float, embedder: dict[str, float],
+           baseline: dict[str, float], out: Path) -> str:
     by_key = {(r.target, r.tokens, r.concurrency): r for r in runs}
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
@@ -228,13 +258,37 @@ def report(runs: list[Run], floor_ms: float, embedder_gib: float, baseline_gib: 
     lines += [
         "",
         f"- No-op three-deployment Serve graph, p50 at concurrency 1: {floor_ms:.1f} ms.",
-        f"- Embedder replica resident memory: {embedder_gib:.2f} GiB (embedding matrix "
-        f"{matrix_gib:.2f} GiB); baseline process: {baseline_gib:.2f} GiB (whole model).",
+        f"- Embedder replica resident memory, after the whole grid: {embedder['VmRSS']:.2f} GiB"
+        f" = private heap {embedder['RssAnon']:.2f} + mapped files {embedder['RssFile']:.2f} "
+        f"(the embedding matrix, {matrix_gib:.2f} GiB, is mapped from the checkpoint) + shared "
+        f"memory {embedder['RssShmem']:.2f} (pages of Ray's object store that the replica "
+        f"wrote its results into; the store's, bounded by its size). Replica's own: "
+        f"{embedder['RssAnon'] + embedder['RssFile']:.2f} GiB against the matrix + 1 GiB = "
+        f"{matrix_gib + 1:.2f} GiB.",
+        f"- Baseline process resident memory: {baseline['VmRSS']:.2f} GiB (the whole model).",
     ]
+    lines += role_table(runs)
     text = "\n".join(lines) + "\n"
     (out / "end_to_end.md").write_text(text)
     plot(runs, out / "end_to_end.png")
     return text
+
+
+def role_table(runs: list[Run]) -> list[str]:
+    """CPU per request by process for the gateway runs: where the time goes."""
+    chosen = [run for run in runs if run.target == "gateway" and run.by_role]
+    if not chosen:
+        return []
+    roles = list(chosen[0].by_role or {})
+    lines = ["", "Gateway CPU milliseconds per request, by process (the sink and Ray's daemons "
+             "share the same cores):", "",
+             "| prompt tokens | concurrency | " + " | ".join(roles) + " |",
+             "|---:|---:|" + "---:|" * len(roles)]
+    for run in chosen:
+        by_role = run.by_role or {}
+        lines.append(f"| {run.tokens} | {run.concurrency} | "
+                     + " | ".join(f"{by_role[role] * 1e3:.1f}" for role in roles) + " |")
+    return lines
 
 
 def plot(runs: list[Run], path: Path) -> None:
@@ -276,16 +330,17 @@ def main() -> None:
     port = free_port()
     try:
         gateway_url = deploy_gateway(model_dir, sink_url, port)
+        roles = process_roles(sink)
         runs = []
         for tokens in args.tokens:
             for concurrency in args.concurrency:
                 requests = max(args.requests, 2 * concurrency)
                 for target, url in (("gateway", gateway_url), ("baseline", baseline_url)):
                     runs.append(measure(target, url, tokens, concurrency, requests,
-                                        lambda t=target: serving_processes(t, baseline)))
+                                        lambda t=target: serving_processes(t, baseline),
+                                        roles if target == "gateway" else None))
         text = report(runs, noop_p50(f"http://127.0.0.1:{port}"),
-                      rss_gib("ServeReplica:gateway:Embedder"),
-                      psutil.Process(baseline.pid).memory_info().rss / 2**30, args.out)
+                      resident_gib(embedder_pid()), resident_gib(baseline.pid), args.out)
         print(text)
     finally:
         baseline.kill()
