@@ -12,6 +12,7 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
+from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 try:
@@ -118,6 +119,10 @@ def to_gateway_error(exc: BaseException) -> GatewayError:
         )
     if isinstance(exc, _UNAVAILABLE):
         return GatewayError("A gateway component is unavailable.", 503, code="unavailable")
+    if isinstance(exc, ClientDisconnect):
+        # The client left before its body arrived: nobody reads the answer, nothing failed.
+        logger.debug("client disconnected before sending its whole request")
+        return GatewayError("The client closed the request.", 400, code="client_disconnected")
     # Messages of unexpected exceptions may quote request data: log the type only.
     logger.error("internal error while serving a request: %s", type(exc).__name__)
     return GatewayError("Internal server error.", 500, code="internal_error")

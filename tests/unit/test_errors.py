@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import logging
+
+import pytest
 from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
+from starlette.requests import ClientDisconnect
 
 from serve_app.errors import to_gateway_error
 
@@ -24,3 +28,13 @@ def test_unexpected_exception_is_500_without_its_message() -> None:
     error = to_gateway_error(RuntimeError("secret prompt text"))
     assert error.status == 500
     assert "secret" not in error.message
+
+
+def test_client_leaving_mid_body_is_not_logged_as_an_internal_error(
+        caplog: pytest.LogCaptureFixture) -> None:
+    with caplog.at_level(logging.INFO, logger="serve_app.errors"):
+        error = to_gateway_error(ClientDisconnect())
+    assert error.code == "client_disconnected"
+    assert error.status == 400
+    assert error.to_dict()["error"]["type"]
+    assert not [r for r in caplog.records if r.levelno >= logging.INFO]
