@@ -51,25 +51,31 @@ class ModelSpec:
         )
 
 
-def resolve_model_dir(config: ModelConfig) -> Path:
-    """A local directory holding the checkpoint: built (demo), given, or downloaded."""
+def resolve_model_dir(config: ModelConfig, weights: bool = True) -> Path:
+    """A local directory holding the checkpoint: built (demo), given, or downloaded.
+
+    `weights=False` is for the ingress, which reads only the tokenizer and `config.json`:
+    a hub download then skips the weight files (16 GB for an 8B model).
+    """
     if config.source == DEMO_MODEL:
         from serve_app.demo_model import ensure_demo_model
 
         path = ensure_demo_model(envs.cache_dir())
         logger.warning("demo model at %s", path)
         return path
-    return local_or_hub(config.source, config.revision)
+    return local_or_hub(config.source, config.revision, weights)
 
 
-def local_or_hub(source: str, revision: str | None) -> Path:
-    """`source` as a local directory, else a hub snapshot (safetensors and configs only)."""
+def local_or_hub(source: str, revision: str | None, weights: bool = True) -> Path:
+    """`source` as a local directory, else a hub snapshot (safetensors and configs only;
+    configs and tokenizer only without `weights`)."""
     local = Path(source).expanduser()
     if local.is_dir():
         return local
     from huggingface_hub import snapshot_download
 
-    return Path(snapshot_download(source, revision=revision, ignore_patterns=_HUB_IGNORE))
+    ignore = _HUB_IGNORE if weights else [*_HUB_IGNORE, "*.safetensors"]
+    return Path(snapshot_download(source, revision=revision, ignore_patterns=ignore))
 
 
 def _text_config(model_dir: Path) -> dict[str, Any]:

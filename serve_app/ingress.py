@@ -119,7 +119,7 @@ class CompletionsService:
 
     @classmethod
     def from_config(cls, config: AppConfig, backend: GatewayBackend) -> CompletionsService:
-        model_dir = resolve_model_dir(config.model)
+        model_dir = resolve_model_dir(config.model, weights=False)
         spec = read_model_spec(model_dir, config.model)
         embeds = spec.embeds_spec(config.limits.max_embeds_bytes)
         return cls(config.model.name, load_tokenizer(model_dir), spec, embeds, backend,

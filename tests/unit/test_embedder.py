@@ -153,3 +153,23 @@ def test_tied_checkpoint_storing_only_lm_head(tmp_path: Path) -> None:
     with safe_open(str(file), framework="pt") as handle:
         assert "model.embed_tokens.weight" not in handle.keys()
     assert torch.equal(load_input_embeddings(tmp_path), expected)
+
+
+@pytest.mark.parametrize("weights", [True, False])
+def test_hub_download_skips_weights_only_where_they_are_not_read(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path, weights: bool) -> None:
+    import huggingface_hub
+
+    from serve_app.checkpoint import resolve_model_dir
+
+    asked: dict[str, Any] = {}
+
+    def snapshot_download(repo_id: str, **kwargs: Any) -> str:
+        asked.update(kwargs, repo_id=repo_id)
+        return str(tmp_path)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", snapshot_download)
+    assert resolve_model_dir(ModelConfig(source="org/llm"), weights=weights) == tmp_path
+    assert asked["repo_id"] == "org/llm"
+    assert ("*.safetensors" in asked["ignore_patterns"]) is not weights
+    assert "*.bin" in asked["ignore_patterns"]
