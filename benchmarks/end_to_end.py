@@ -118,9 +118,10 @@ def serving_processes(target: str, baseline: subprocess.Popen[bytes]) -> list[ps
     return found
 
 
-def process_roles(sink: subprocess.Popen[bytes]) -> dict[str, psutil.Process]:
-    """Every process that spends CPU on a gateway request, by role."""
-    roles = {"sink": psutil.Process(sink.pid)}
+def process_roles(sink: subprocess.Popen[bytes]) -> dict[str, list[psutil.Process]]:
+    """Every process that spends CPU on a gateway request, by role (an autoscaled
+    deployment's replicas share one)."""
+    roles = {"sink": [psutil.Process(sink.pid)]}
     for process in psutil.process_iter(["cmdline", "name"]):
         line = " ".join(process.info["cmdline"] or [])
         for role, needle in (("proxy", "ProxyActor"), ("controller", "ServeController"),
@@ -129,7 +130,8 @@ def process_roles(sink: subprocess.Popen[bytes]) -> dict[str, psutil.Process]:
                              ("dispatcher", "ServeReplica:gateway:Dispatcher"),
                              ("raylet", "raylet"), ("gcs", "gcs_server")):
             if needle in line or process.info["name"] == needle:
-                roles.setdefault(role, process)
+                roles.setdefault(role, []).append(process)
+                break
     return roles
 
 
@@ -190,14 +192,15 @@ async def load(url: str, tokens: int, concurrency: int, requests: int) -> tuple[
 
 def measure(target: str, url: str, tokens: int, concurrency: int, requests: int,
             processes: Callable[[], list[psutil.Process]],
-            roles: dict[str, psutil.Process] | None = None) -> Run:
+            roles: Callable[[], dict[str, list[psutil.Process]]] | None = None) -> Run:
     watched = processes()
     before = cpu_seconds(watched)
-    roles_before = {role: cpu_seconds([p]) for role, p in (roles or {}).items()}
+    watched_roles = roles() if roles else {}
+    roles_before = {role: cpu_seconds(ps) for role, ps in watched_roles.items()}
     seconds, latencies = asyncio.run(load(url, tokens, concurrency, requests))
     cpu = (cpu_seconds(watched) - before) / requests
-    by_role = {role: (cpu_seconds([p]) - roles_before[role]) / requests
-               for role, p in (roles or {}).items()}
+    by_role = {role: (cpu_seconds(ps) - roles_before[role]) / requests
+               for role, ps in watched_roles.items()}
     run = Run(target, tokens, concurrency, requests, seconds, latencies, cpu, by_role)
     print(f"{target:8} {tokens:5} tokens c={concurrency:2}: {run.rps:7.2f} req/s, "
           f"p50 {run.quantile(0.5):8.1f} ms, p99 {run.quantile(0.99):8.1f} ms, "
@@ -330,7 +333,6 @@ def main() -> None:
     port = free_port()
     try:
         gateway_url = deploy_gateway(model_dir, sink_url, port)
-        roles = process_roles(sink)
         runs = []
         for tokens in args.tokens:
             for concurrency in args.concurrency:
@@ -338,7 +340,8 @@ def main() -> None:
                 for target, url in (("gateway", gateway_url), ("baseline", baseline_url)):
                     runs.append(measure(target, url, tokens, concurrency, requests,
                                         lambda t=target: serving_processes(t, baseline),
-                                        roles if target == "gateway" else None))
+                                        (lambda: process_roles(sink))
+                                        if target == "gateway" else None))
         text = report(runs, noop_p50(f"http://127.0.0.1:{port}"),
                       resident_gib(embedder_pid()), resident_gib(baseline.pid), args.out)
         print(text)
