@@ -301,8 +301,8 @@ def plot(runs: list[Run], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     lengths = sorted({run.tokens for run in runs})
-    figure, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.5))
-    for axis, tokens in zip(axes, lengths, strict=True):
+    figure, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.5), squeeze=False)
+    for axis, tokens in zip(axes[0], lengths, strict=True):
         for target, style in (("gateway", "o-"), ("baseline", "s--")):
             chosen = sorted((r for r in runs if r.target == target and r.tokens == tokens),
                             key=lambda r: r.concurrency)
