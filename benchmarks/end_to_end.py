@@ -35,6 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from llama8b_sized import HIDDEN, VOCAB, ensure_llama8b_sized, prompt_of  # noqa: E402
 
 from serve_app import envs  # noqa: E402
+from serve_app.config import TransportConfig  # noqa: E402
 
 MODEL = "llama-3.1-8b-sized"
 HERE = Path(__file__).resolve().parent
@@ -61,7 +62,7 @@ def start_server(*argv: str) -> tuple[subprocess.Popen[bytes], str]:
     raise TimeoutError(f"{argv[0]} did not start")
 
 
-def deploy_gateway(model_dir: Path, sink: str, port: int) -> str:
+def deploy_gateway(model_dir: Path, sink: str, port: int, by_value_max_bytes: int) -> str:
     import ray
     from ray import serve
 
@@ -71,7 +72,8 @@ def deploy_gateway(model_dir: Path, sink: str, port: int) -> str:
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = AppConfig(model=ModelConfig(source=str(model_dir), served_name=MODEL),
-                       upstream=UpstreamConfig(backends=[BackendConfig(url=sink)]))
+                       upstream=UpstreamConfig(backends=[BackendConfig(url=sink)]),
+                       transport=TransportConfig(by_value_max_bytes=by_value_max_bytes))
     serve.run(build_app(config), name="gateway", route_prefix="/")
     serve.run(noop_graph(), name="noop", route_prefix="/noop")
     return f"http://127.0.0.1:{port}/v1"
@@ -237,12 +239,14 @@ def embedder_pid() -> int:
 
 
 def report(runs: list[Run], floor_ms: float, embedder: dict[str, float],
-           baseline: dict[str, float], out: Path) -> str:
+           baseline: dict[str, float], by_value_max_bytes: int, out: Path) -> str:
     by_key = {(r.target, r.tokens, r.concurrency): r for r in runs}
     lines = [
         f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.system()}. Model: "
-        f"vocab {VOCAB}, hidden {HIDDEN}, bf16 (random weights). max_tokens 1.",
+        f"vocab {VOCAB}, hidden {HIDDEN}, bf16 (random weights). max_tokens 1. Gateway "
+        f"`transport.by_value_max_bytes`: {by_value_max_bytes:,} (a {HIDDEN}-wide bf16 row "
+        f"is {HIDDEN * 2 * 4 // 3:,} bytes of base64).",
         "",
         "| prompt tokens | concurrency | target | req/s | prompt tokens/s | p50 ms | p99 ms "
         "| CPU s/req | gateway / baseline |",
@@ -323,6 +327,10 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
     parser.add_argument("--requests", type=int, default=48)
     parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--by-value-max-bytes", type=int,
+                        default=TransportConfig().by_value_max_bytes,
+                        help="the gateway's transport.by_value_max_bytes (0: every request "
+                        "by reference through the object store)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
 
@@ -332,7 +340,7 @@ def main() -> None:
                                           "--upstream", sink_url)
     port = free_port()
     try:
-        gateway_url = deploy_gateway(model_dir, sink_url, port)
+        gateway_url = deploy_gateway(model_dir, sink_url, port, args.by_value_max_bytes)
         runs = []
         for tokens in args.tokens:
             for concurrency in args.concurrency:
@@ -343,7 +351,8 @@ def main() -> None:
                                         (lambda: process_roles(sink))
                                         if target == "gateway" else None))
         text = report(runs, noop_p50(f"http://127.0.0.1:{port}"),
-                      resident_gib(embedder_pid()), resident_gib(baseline.pid), args.out)
+                      resident_gib(embedder_pid()), resident_gib(baseline.pid),
+                      args.by_value_max_bytes, args.out)
         print(text)
     finally:
         baseline.kill()

@@ -83,6 +83,11 @@ class EmbedsSpec:
         return (self.max_bytes + _ARCHIVE_OVERHEAD_BYTES + 2) // 3 * 4
 
 
+def base64_length(nbytes: int) -> int:
+    """Length of the (padded) base64 text of `nbytes` bytes."""
+    return 4 * -(-nbytes // 3)
+
+
 def encode_prompt_embeds(tensor: torch.Tensor) -> EncodedPromptEmbeds:
     """base64 of `torch.save(tensor)` for a 2-D tensor, saving only its own elements.
 

@@ -280,6 +280,24 @@ class EmbeddingModelConfig(StrictModel):
         return self.source.rstrip("/")
 
 
+# Serve's replica-to-replica gRPC channel refuses messages over 4 MiB by default
+# (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); the rest is room for the call itself.
+GRPC_PAYLOAD_LIMIT = 3 * 1024 * 1024
+
+
+class TransportConfig(StrictModel):
+    """How a request's embeddings travel from the Embedder to the Dispatcher."""
+
+    by_value_max_bytes: int = Field(
+        3 * 512 * 1024, ge=0, le=GRPC_PAYLOAD_LIMIT,
+        description="Requests whose embeddings come to at most this much base64 go by "
+        "value over Serve's gRPC channel between replicas, through the ingress; larger ones "
+        "by reference through Ray's object store, which the ingress never reads. 0: always "
+        "by reference. The default (about 140 rows at hidden 4096 in bf16) lies where the "
+        "object store's fixed cost stops outweighing the extra copies (README Performance).",
+    )
+
+
 class AppConfig(StrictModel):
     """The gateway application's only argument."""
 
@@ -291,6 +309,7 @@ class AppConfig(StrictModel):
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    transport: TransportConfig = TransportConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

@@ -11,6 +11,7 @@ import asyncio
 import logging
 import re
 from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore, PromptInput
 from serve_app.embeddings import EmbeddingsService
 from serve_app.encoder import EncoderCore, resolve_encoder_dir
-from serve_app.ingress import CompletionsService, create_gateway_app
+from serve_app.ingress import CompletionsService, UpstreamPrompt, create_gateway_app
 from serve_app.reference_backend import ReferenceBackend, create_reference_app
 
 logger = logging.getLogger(__name__)
@@ -110,11 +111,18 @@ class Encoder:
         return await asyncio.to_thread(self.core.encode, batch)
 
 
+def by_reference(handle: DeploymentHandle) -> DeploymentHandle:
+    """Calls whose arguments and results travel through Ray's object store, whatever the
+    cluster's default transport (`RAY_SERVE_THROUGHPUT_OPTIMIZED` makes it gRPC)."""
+    return handle.options(_by_reference=True)
+
+
 class ServeEncoders:
-    """Encoder deployments by served model name."""
+    """Encoder deployments by served model name (by reference: a chunk's vectors can pass
+    gRPC's 4 MiB default message limit)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
-        self.handles = handles
+        self.handles = {model: by_reference(handle) for model, handle in handles.items()}
 
     async def encode(self, model: str, chunk: list[list[int]]) -> torch.Tensor:
         vectors: torch.Tensor = await self.handles[model].encode.remote(chunk)
@@ -161,29 +169,65 @@ class Dispatcher:
         return self._ready().status()
 
 
-class ServeBackend:
-    """Embedder and dispatcher reached through Serve handles.
+@dataclass(frozen=True)
+class _Route:
+    """The embedder and dispatcher handles of one transport."""
 
-    The embedder's DeploymentResponse goes into the dispatcher call as a top-level argument,
-    so Serve hands the embeddings from replica to replica without this process reading them.
+    embedder: DeploymentHandle
+    dispatcher: DeploymentHandle
+    streaming_dispatcher: DeploymentHandle
+
+    @classmethod
+    def of(cls, embedder: DeploymentHandle, dispatcher: DeploymentHandle,
+           by_reference: bool) -> "_Route":
+        embedder = embedder.options(_by_reference=by_reference)
+        dispatcher = dispatcher.options(_by_reference=by_reference)
+        return cls(embedder, dispatcher, dispatcher.options(stream=True))
+
+    def embeds(self, prompts: Sequence[UpstreamPrompt]) -> list[Any]:
+        """The dispatcher call's arguments: embedder responses, unawaited, and the client
+        embeddings already encoded here."""
+        return [prompt if isinstance(prompt, EncodedPromptEmbeds)
+                else self.embedder.embed.remote(prompt) for prompt in prompts]
+
+
+class ServeBackend:
+    """Embedder and dispatcher reached through Serve handles, by one of two transports.
+
+    The embedder's DeploymentResponses go into the dispatcher call as top-level arguments.
+    - By reference (Ray's object store), Serve hands the embeddings from replica to replica
+      without this process reading them. Large requests go this way.
+    - By value (Serve's gRPC channel), they pass through this process, but each call skips
+      the object store's per-object bookkeeping, which costs more than copying a megabyte
+      or so twice. Requests up to `TransportConfig.by_value_max_bytes` go this way.
+    Both are pinned here, so `RAY_SERVE_THROUGHPUT_OPTIMIZED` (gRPC for every call by
+    default) cannot send a large payload through gRPC, whose 4 MiB message limit would
+    refuse it.
     """
 
-    def __init__(self, embedder: DeploymentHandle, dispatcher: DeploymentHandle) -> None:
-        self.embedder = embedder
-        self.dispatcher = dispatcher
-        self.streaming_dispatcher = dispatcher.options(stream=True)
+    def __init__(self, embedder: DeploymentHandle, dispatcher: DeploymentHandle,
+                 by_value_max_bytes: int) -> None:
+        self.by_value = _Route.of(embedder, dispatcher, by_reference=False)
+        self.by_reference = _Route.of(embedder, dispatcher, by_reference=True)
+        self.by_value_max_bytes = by_value_max_bytes
 
-    def embed(self, prompt: PromptInput) -> Any:
-        return self.embedder.embed.remote(prompt)
+    def route(self, call: UpstreamCall) -> _Route:
+        small = call.payload_bytes <= self.by_value_max_bytes
+        return self.by_value if small else self.by_reference
 
-    async def complete(self, call: UpstreamCall, embeds: Sequence[Any]) -> UpstreamReply:
-        reply: UpstreamReply = await self.dispatcher.complete.remote(call, *embeds)
+    async def complete(
+        self, call: UpstreamCall, prompts: Sequence[UpstreamPrompt]
+    ) -> UpstreamReply:
+        route = self.route(call)
+        reply: UpstreamReply = await route.dispatcher.complete.remote(call,
+                                                                      *route.embeds(prompts))
         return reply
 
     async def stream(
-        self, call: UpstreamCall, embeds: Sequence[Any]
+        self, call: UpstreamCall, prompts: Sequence[UpstreamPrompt]
     ) -> AsyncIterator[UpstreamReply | bytes]:
-        events = self.streaming_dispatcher.stream.remote(call, *embeds)
+        route = self.route(call)
+        events = route.streaming_dispatcher.stream.remote(call, *route.embeds(prompts))
         try:
             async for item in events:
                 yield item
@@ -191,7 +235,7 @@ class ServeBackend:
             events.cancel()
 
     async def upstream_status(self) -> list[dict[str, Any]]:
-        status: list[dict[str, Any]] = await self.dispatcher.upstream_status.remote()
+        status: list[dict[str, Any]] = await self.by_reference.dispatcher.upstream_status.remote()
         return status
 
 
@@ -206,8 +250,8 @@ class Gateway:
                  dispatcher: DeploymentHandle, encoders: dict[str, DeploymentHandle]) -> None:
         keep_payload_memory()  # client embeddings are decoded and re-encoded here
         app_config = AppConfig.model_validate(config)
-        self.service = CompletionsService.from_config(app_config,
-                                                      ServeBackend(embedder, dispatcher))
+        backend = ServeBackend(embedder, dispatcher, app_config.transport.by_value_max_bytes)
+        self.service = CompletionsService.from_config(app_config, backend)
         self.embeddings = EmbeddingsService.from_config(app_config, ServeEncoders(encoders))
         self.api_keys = envs.api_keys(app_config.auth.api_keys_env,
                                       app_config.auth.api_keys_file)

@@ -46,6 +46,9 @@ class UpstreamCall:
     stream: bool = False
     chat: ChatShape | None = None
     """Set for chat requests: answers are turned into the chat shape on the way back."""
+    payload_bytes: int = 0
+    """The base64 of all its prompts' embeddings, known before they are made: the ingress
+    picks the transport between replicas by it."""
 
 
 @dataclass(frozen=True)

@@ -35,6 +35,11 @@ PromptInput = Sequence[int] | SplicedPrompt
 """What the embedder takes per prompt: token ids, or ids spliced with tensors."""
 
 
+def prompt_rows(prompt: PromptInput) -> int:
+    """Rows of the prompt's embeddings: one per token id, plus the tensors' rows."""
+    return prompt.rows if isinstance(prompt, SplicedPrompt) else len(prompt)
+
+
 def _token_runs(prompt: PromptInput) -> list[Sequence[int]]:
     if isinstance(prompt, SplicedPrompt):
         return [p for p in prompt.pieces if isinstance(p, list)]

@@ -1,9 +1,9 @@
 """The gateway's HTTP surface: OpenAI `/v1/completions`, `/v1/chat/completions`, `/v1/models`.
 
-`CompletionsService` turns a request into prompt embeddings and hands them to a
-`GatewayBackend`: in Serve, the embedder and dispatcher deployment handles (the
-embedder's responses go to the dispatcher by reference, never awaited here); in tests,
-the plain cores in this process.
+`CompletionsService` turns a request into prompts for the upstream (token ids, or client
+embeddings already checked and re-encoded) and hands them to a `GatewayBackend`: in Serve,
+the embedder and dispatcher deployment handles (`deployments.ServeBackend`); in tests, the
+plain cores in this process.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ from serve_app.checkpoint import (
 from serve_app.codec import (
     EmbedsSpec,
     EncodedPromptEmbeds,
+    base64_length,
     decode_prompt_embeds,
     encode_prompt_embeds,
 )
 from serve_app.config import AppConfig, LimitsConfig
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
-from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt
+from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt, prompt_rows
 from serve_app.embeddings import EmbeddingsService, InProcessEncoders
 from serve_app.errors import GatewayError, to_gateway_error
 from serve_app.limits import (
@@ -59,16 +60,20 @@ from serve_app.protocol import (
     ModelList,
 )
 
+UpstreamPrompt = PromptInput | EncodedPromptEmbeds
+"""One prompt of an upstream call, in vLLM's order: to be embedded, or a client's
+embeddings, already checked and re-encoded."""
+
 
 class GatewayBackend(Protocol):
-    """Where embedding and dispatch happen; `embed` returns an opaque, unawaited reference."""
+    """Where embedding and dispatch happen."""
 
-    def embed(self, prompt: PromptInput) -> Any: ...
-
-    async def complete(self, call: UpstreamCall, embeds: Sequence[Any]) -> UpstreamReply: ...
+    async def complete(
+        self, call: UpstreamCall, prompts: Sequence[UpstreamPrompt]
+    ) -> UpstreamReply: ...
 
     def stream(
-        self, call: UpstreamCall, embeds: Sequence[Any]
+        self, call: UpstreamCall, prompts: Sequence[UpstreamPrompt]
     ) -> AsyncIterator[UpstreamReply | bytes]: ...
 
     async def upstream_status(self) -> list[dict[str, Any]]: ...
@@ -81,22 +86,20 @@ class InProcessBackend:
         self.embedder = embedder
         self.dispatcher = dispatcher
 
-    def embed(self, prompt: PromptInput) -> asyncio.Task[EncodedPromptEmbeds]:
-        async def lookup() -> EncodedPromptEmbeds:
-            return (await asyncio.to_thread(self.embedder.embed_batch, [prompt]))[0]
+    async def _embed(self, prompts: Sequence[UpstreamPrompt]) -> list[EncodedPromptEmbeds]:
+        return [prompt if isinstance(prompt, EncodedPromptEmbeds)
+                else (await asyncio.to_thread(self.embedder.embed_batch, [prompt]))[0]
+                for prompt in prompts]
 
-        return asyncio.ensure_future(lookup())
-
-    async def _resolve(self, embeds: Sequence[Any]) -> list[EncodedPromptEmbeds]:
-        return [await item if asyncio.isfuture(item) else item for item in embeds]
-
-    async def complete(self, call: UpstreamCall, embeds: Sequence[Any]) -> UpstreamReply:
-        return await self.dispatcher.complete(call, await self._resolve(embeds))
+    async def complete(
+        self, call: UpstreamCall, prompts: Sequence[UpstreamPrompt]
+    ) -> UpstreamReply:
+        return await self.dispatcher.complete(call, await self._embed(prompts))
 
     async def stream(
-        self, call: UpstreamCall, embeds: Sequence[Any]
+        self, call: UpstreamCall, prompts: Sequence[UpstreamPrompt]
     ) -> AsyncIterator[UpstreamReply | bytes]:
-        async for item in self.dispatcher.stream(call, await self._resolve(embeds)):
+        async for item in self.dispatcher.stream(call, await self._embed(prompts)):
             yield item
 
     async def upstream_status(self) -> list[dict[str, Any]]:
@@ -164,12 +167,20 @@ class CompletionsService:
             encoded.append(encode_prompt_embeds(tensor))
         return encoded
 
+    def _payload_bytes(self, prompts: Sequence[UpstreamPrompt]) -> int:
+        """The base64 the upstream call will carry, known before any lookup."""
+        row_bytes = self.model.hidden_size * self.model.dtype.itemsize
+        return sum(prompt.nbytes if isinstance(prompt, EncodedPromptEmbeds)
+                   else base64_length(prompt_rows(prompt) * row_bytes) for prompt in prompts)
+
     def _check_model(self, model: str) -> None:
         if model != self.served_name:
             raise GatewayError(f"The model `{model}` does not exist.", 404,
                                param="model", code="model_not_found")
 
-    async def _prepare(self, request: CompletionRequest) -> tuple[UpstreamCall, list[Any]]:
+    async def _prepare(
+        self, request: CompletionRequest
+    ) -> tuple[UpstreamCall, list[UpstreamPrompt]]:
         self._check_model(request.model)
         prompts, client_embeds = request.text_prompts(), request.embeds_list()
         check_items(len(prompts) + len(client_embeds), self.limits, "prompt")
@@ -185,13 +196,15 @@ class CompletionsService:
             raise GatewayError("Either prompt or prompt_embeds must be given.", 400,
                                param="prompt")
         self._check_token_ids(token_ids, request.max_tokens)
-        refs: list[Any] = []
+        upstream: list[UpstreamPrompt] = []
         if client_embeds:
-            refs += await asyncio.to_thread(self._reencode, client_embeds, request.max_tokens)
+            upstream += await asyncio.to_thread(self._reencode, client_embeds,
+                                                request.max_tokens)
         # vLLM's order: the embeddings' choices first, then the text prompts'.
-        refs += [self.backend.embed(ids) for ids in token_ids]
-        call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream))
-        return call, refs
+        upstream += token_ids
+        call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream),
+                            payload_bytes=self._payload_bytes(upstream))
+        return call, upstream
 
     def _splice(self, rendered: RenderedChat, max_tokens: int | None) -> PromptInput:
         """The templated prompt: token ids, or ids with the client's tensors in place."""
@@ -209,7 +222,7 @@ class CompletionsService:
 
     async def _prepare_chat(
         self, request: ChatCompletionRequest
-    ) -> tuple[UpstreamCall, list[Any]]:
+    ) -> tuple[UpstreamCall, list[UpstreamPrompt]]:
         self._check_model(request.model)
         parts = sum(len(m.content) if isinstance(m.content, list) else 1
                     for m in request.messages)
@@ -224,8 +237,9 @@ class CompletionsService:
             prompt = self._splice(rendered, max_tokens)
         shape = ChatShape(top_logprobs=(request.top_logprobs or 0) if request.logprobs else None)
         call = UpstreamCall(self.served_name, request.completion_fields(),
-                            bool(request.stream), chat=shape)
-        return call, [self.backend.embed(prompt)]
+                            bool(request.stream), chat=shape,
+                            payload_bytes=self._payload_bytes([prompt]))
+        return call, [prompt]
 
     async def completions(self, body: bytes) -> Response:
         try:
@@ -241,12 +255,12 @@ class CompletionsService:
         except Exception as exc:
             return to_gateway_error(exc).to_response()
 
-    async def _respond(self, call: UpstreamCall, refs: list[Any]) -> Response:
+    async def _respond(self, call: UpstreamCall, prompts: list[UpstreamPrompt]) -> Response:
         if not call.stream:
-            reply = await self.backend.complete(call, refs)
+            reply = await self.backend.complete(call, prompts)
             return Response(reply.body, status_code=reply.status,
                             media_type="application/json", headers=reply.headers)
-        events = self.backend.stream(call, refs)
+        events = self.backend.stream(call, prompts)
         head = await anext(events)
         assert isinstance(head, UpstreamReply)
         if head.status != 200:

@@ -83,6 +83,12 @@ class ServeGraph:
     model: str
 
 
+# The demo model's rows are small (hidden 64), so with the default limit every request
+# would go by value; with this one, prompts up to about 45 tokens do and longer ones go by
+# reference, and the suite drives both transports.
+BY_VALUE_MAX_BYTES = 16 * 1024
+
+
 @pytest.fixture(scope="session")
 def serve_graph(cache_dir: Path, demo_model_dir: Path) -> Iterator[ServeGraph]:
     import ray
@@ -104,6 +110,7 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path) -> Iterator[ServeGraph]:
         for app in config["applications"]:
             args = dict(app.get("args") or {})
             if app["name"] == "gateway":
+                args["transport"] = {"by_value_max_bytes": BY_VALUE_MAX_BYTES}
                 [backend] = args["upstream"]["backends"]
                 args["upstream"] = {**args["upstream"],
                                     "backends": [{**backend, "url": f"{proxy.url}/v1"}]}
