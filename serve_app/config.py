@@ -77,7 +77,12 @@ class BatchingConfig(StrictModel):
     """Embedder batching; also the embedder's `user_config`, so it changes without a restart."""
 
     max_batch_size: int = Field(16, ge=1, le=1024)
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0)
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0.0, le=10.0,
+        description="How long a batch waits for more prompts after its first. With 0 a "
+        "batch takes the prompts that queued while the last one ran: no wait when idle, "
+        "full batches under load (README Performance).",
+    )
 
 
 class BackendConfig(StrictModel):

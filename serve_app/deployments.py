@@ -76,7 +76,7 @@ class Embedder:
         self.embed.set_max_batch_size(batching.max_batch_size)
         self.embed.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
-    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.005)
+    @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def embed(self, batch: list[PromptInput]) -> list[EncodedPromptEmbeds]:
         # Lookup, torch.save and base64 run off the event loop so queued requests keep flowing.
         return await asyncio.to_thread(self.core.embed_batch, batch)
