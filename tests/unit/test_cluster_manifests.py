@@ -557,19 +557,3 @@ def test_one_image_and_one_ray_version_everywhere(
     base_image = re.search(r"^FROM (\S+)", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE)
     assert base_image is not None
     assert f":{ray.__version__}-" in base_image[1]
-
-
-def test_every_node_runs_serves_throughput_optimized_mode(
-    rayservice: dict[str, Any], launcher: dict[str, Any]
-) -> None:
-    """One mode on every node: the controller, the proxy and the replicas each read it."""
-    cluster = rayservice["spec"]["rayClusterConfig"]
-    groups = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
-    for group in groups:
-        for container in group["template"]["spec"]["containers"]:
-            env = {item["name"]: item.get("value") for item in container.get("env", [])}
-            assert env.get("RAY_SERVE_THROUGHPUT_OPTIMIZED") == "1", container["name"]
-    for key in ("head_start_ray_commands", "worker_start_ray_commands"):
-        [start] = [line for line in launcher[key] if "ray start" in line]
-        exported = start.index("export RAY_SERVE_THROUGHPUT_OPTIMIZED=1;")
-        assert exported < start.index("ray start"), key
