@@ -246,7 +246,8 @@ def report(runs: list[Run], floor_ms: float, embedder: dict[str, float],
         f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.system()}. Model: "
         f"vocab {VOCAB}, hidden {HIDDEN}, bf16 (random weights). max_tokens 1. Gateway "
         f"`transport.by_value_max_bytes`: {by_value_max_bytes:,} (a {HIDDEN}-wide bf16 row "
-        f"is {HIDDEN * 2 * 4 // 3:,} bytes of base64).",
+        f"is {HIDDEN * 2 * 4 // 3:,} bytes of base64). RAY_SERVE_THROUGHPUT_OPTIMIZED="
+        f"{os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}.",
         "",
         "| prompt tokens | concurrency | target | req/s | prompt tokens/s | p50 ms | p99 ms "
         "| CPU s/req | gateway / baseline |",
