@@ -111,7 +111,7 @@ class Encoder:
         return await asyncio.to_thread(self.core.encode, batch)
 
 
-def by_reference(handle: DeploymentHandle) -> DeploymentHandle:
+def via_object_store(handle: DeploymentHandle) -> DeploymentHandle:
     """Calls whose arguments and results travel through Ray's object store, whatever the
     cluster's default transport (`RAY_SERVE_THROUGHPUT_OPTIMIZED` makes it gRPC)."""
     return handle.options(_by_reference=True)
@@ -122,7 +122,7 @@ class ServeEncoders:
     gRPC's 4 MiB default message limit)."""
 
     def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
-        self.handles = {model: by_reference(handle) for model, handle in handles.items()}
+        self.handles = {model: via_object_store(handle) for model, handle in handles.items()}
 
     async def encode(self, model: str, chunk: list[list[int]]) -> torch.Tensor:
         vectors: torch.Tensor = await self.handles[model].encode.remote(chunk)

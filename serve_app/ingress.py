@@ -87,9 +87,11 @@ class InProcessBackend:
         self.dispatcher = dispatcher
 
     async def _embed(self, prompts: Sequence[UpstreamPrompt]) -> list[EncodedPromptEmbeds]:
-        return [prompt if isinstance(prompt, EncodedPromptEmbeds)
-                else (await asyncio.to_thread(self.embedder.embed_batch, [prompt]))[0]
-                for prompt in prompts]
+        """The request's token prompts as one batch, the client's embeddings as they are."""
+        batch = [p for p in prompts if not isinstance(p, EncodedPromptEmbeds)]
+        embedded = iter(await asyncio.to_thread(self.embedder.embed_batch, batch) if batch
+                        else [])
+        return [p if isinstance(p, EncodedPromptEmbeds) else next(embedded) for p in prompts]
 
     async def complete(
         self, call: UpstreamCall, prompts: Sequence[UpstreamPrompt]
