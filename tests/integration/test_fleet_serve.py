@@ -19,6 +19,8 @@ from serve_app.config import AppConfig, BackendConfig, HealthConfig, UpstreamCon
 from serve_app.deployments import Dispatcher, Embedder, Gateway
 from tests.integration.upstream_servers import ServerProcess
 
+pytestmark = pytest.mark.integration
+
 PREFIX = "/fleet"
 VERSION = "fleet-test"
 HEALTH = HealthConfig(probe_interval_s=0.2, failure_threshold=2, cooldown_s=0.5)
