@@ -62,19 +62,32 @@ def start_server(*argv: str) -> tuple[subprocess.Popen[bytes], str]:
     raise TimeoutError(f"{argv[0]} did not start")
 
 
-def deploy_gateway(model_dir: Path, sink: str, port: int, by_value_max_bytes: int) -> str:
+def start_serve(port: int) -> None:
+    """A local Ray with Serve's proxy on `port`."""
     import ray
     from ray import serve
 
+    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+
+def gateway_app(model_dir: Path, sink: str, by_value_max_bytes: int) -> Any:
+    """The gateway graph on the bench checkpoint, with the sink as its only backend."""
     from serve_app.config import AppConfig, BackendConfig, ModelConfig, UpstreamConfig
     from serve_app.deployments import build_app
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = AppConfig(model=ModelConfig(source=str(model_dir), served_name=MODEL),
                        upstream=UpstreamConfig(backends=[BackendConfig(url=sink)]),
                        transport=TransportConfig(by_value_max_bytes=by_value_max_bytes))
-    serve.run(build_app(config), name="gateway", route_prefix="/")
+    return build_app(config)
+
+
+def deploy_gateway(model_dir: Path, sink: str, port: int, by_value_max_bytes: int) -> str:
+    from ray import serve
+
+    start_serve(port)
+    serve.run(gateway_app(model_dir, sink, by_value_max_bytes), name="gateway",
+              route_prefix="/")
     serve.run(noop_graph(), name="noop", route_prefix="/noop")
     return f"http://127.0.0.1:{port}/v1"
 

@@ -23,18 +23,11 @@ from pathlib import Path
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from end_to_end import MODEL, free_port, load, start_server  # noqa: E402
+from end_to_end import free_port, gateway_app, load, start_serve, start_server  # noqa: E402
 from llama8b_sized import HIDDEN, ensure_llama8b_sized  # noqa: E402
 
 from serve_app import envs  # noqa: E402
-from serve_app.config import (  # noqa: E402
-    GRPC_PAYLOAD_LIMIT,
-    AppConfig,
-    BackendConfig,
-    ModelConfig,
-    TransportConfig,
-    UpstreamConfig,
-)
+from serve_app.config import GRPC_PAYLOAD_LIMIT  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 TRANSPORTS = {"by value": GRPC_PAYLOAD_LIMIT, "by reference": 0}
@@ -42,19 +35,13 @@ TRANSPORTS = {"by value": GRPC_PAYLOAD_LIMIT, "by reference": 0}
 
 def deploy(model_dir: Path, sink: str, port: int) -> dict[str, str]:
     """One gateway application per transport; their URLs by transport."""
-    import ray
     from ray import serve
 
-    from serve_app.deployments import build_app
-
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(port)
     urls = {}
     for index, (name, limit) in enumerate(TRANSPORTS.items()):
-        config = AppConfig(model=ModelConfig(source=str(model_dir), served_name=MODEL),
-                           upstream=UpstreamConfig(backends=[BackendConfig(url=sink)]),
-                           transport=TransportConfig(by_value_max_bytes=limit))
-        serve.run(build_app(config), name=f"gateway-{index}", route_prefix=f"/t{index}")
+        serve.run(gateway_app(model_dir, sink, limit), name=f"gateway-{index}",
+                  route_prefix=f"/t{index}")
         urls[name] = f"http://127.0.0.1:{port}/t{index}/v1"
     return urls
 

@@ -80,7 +80,7 @@ class EmbedsSpec:
 
     @property
     def max_base64_chars(self) -> int:
-        return (self.max_bytes + _ARCHIVE_OVERHEAD_BYTES + 2) // 3 * 4
+        return base64_length(self.max_bytes + _ARCHIVE_OVERHEAD_BYTES)
 
 
 def base64_length(nbytes: int) -> int:
