@@ -14,6 +14,7 @@ import functools
 import io
 import pickle
 import re
+import struct
 import threading
 import zipfile
 from dataclasses import dataclass
@@ -222,6 +223,45 @@ def _check_archive(raw: bytes, param: str) -> None:
     if any(i.compress_type != zipfile.ZIP_STORED for i in infos) or (
             sum(i.file_size for i in infos) > len(raw)):
         raise _invalid(f"{param} archive is compressed or larger than its payload", param)
+    if not _spans_exactly(raw, infos, archive.start_dir):
+        raise _invalid(f"{param} has bytes before, between or after its archive records",
+                       param)
+
+
+_LOCAL_HEADER, _CENTRAL_HEADER = b"PK\x03\x04", b"PK\x01\x02"
+_ZIP64_END, _ZIP64_LOCATOR, _END = b"PK\x06\x06", b"PK\x06\x07", b"PK\x05\x06"
+_DESCRIPTOR = b"PK\x07\x08"
+
+
+def _spans_exactly(raw: bytes, infos: list[zipfile.ZipInfo], central_start: int) -> bool:
+    """The records, each with its data descriptor, back to back from byte 0; then the
+    central directory and its end records (no comment) closing the payload: a zip reader
+    ignores bytes anywhere else, so an archive with them is not what torch.save wrote."""
+    position = 0
+    for info in sorted(infos, key=lambda i: i.header_offset):
+        header = raw[position:position + 30]
+        if info.header_offset != position or header[:4] != _LOCAL_HEADER:
+            return False
+        name, extra = struct.unpack("<HH", header[26:30])
+        position += 30 + name + extra + info.compress_size
+        if info.flag_bits & 0x08:  # sizes follow the data: 16 bytes, or 24 in zip64
+            if raw[position:position + 4] != _DESCRIPTOR:
+                return False
+            position += 24 if info.compress_size >= 0xFFFFFFFF else 16
+    if position != central_start:
+        return False
+    for _ in infos:
+        header = raw[position:position + 46]
+        if header[:4] != _CENTRAL_HEADER:
+            return False
+        position += 46 + sum(struct.unpack("<HHH", header[28:34]))
+    if raw[position:position + 4] == _ZIP64_END:
+        position += 12 + struct.unpack("<Q", raw[position + 4:position + 12])[0]
+        if raw[position:position + 4] != _ZIP64_LOCATOR:
+            return False
+        position += 20
+    end = raw[position:position + 22]
+    return end[:4] == _END and end[20:22] == b"\x00\x00" and position + 22 == len(raw)
 
 
 def _load_untrusted(raw: bytes, param: str) -> object:
@@ -259,6 +299,8 @@ def decode_prompt_embeds(
         raise _invalid(f"{param} must hold a tensor, not {type(loaded).__name__}", param)
     assert isinstance(loaded, torch.Tensor)
     tensor = loaded.detach()
+    if tensor.device.type != "cpu":  # a meta tensor names a shape and holds no data
+        raise _invalid(f"{param} must hold its data, not a {tensor.device.type} tensor", param)
     if tensor.layout != torch.strided:
         raise _invalid(f"{param} must be a dense tensor, not {tensor.layout}", param)
     if not tensor.is_floating_point():

@@ -6,6 +6,7 @@ import io
 import os
 import zipfile
 from pathlib import Path
+from typing import Any
 
 import pybase64
 import pytest
@@ -198,6 +199,39 @@ def test_plain_re_zip_is_still_accepted() -> None:
 )
 def test_archive_with_extra_entries(extra: dict[str, bytes]) -> None:
     assert_rejected(rewritten_archive(torch.randn(3, HIDDEN), extra), "archive")
+
+
+def saved_bytes(tensor: torch.Tensor) -> bytes:
+    buffer = io.BytesIO()
+    torch.save(tensor, buffer)
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [lambda raw: raw + b"garbage", lambda raw: raw + b"\0", lambda raw: b"PK" + raw,
+     lambda raw: b"\0" * 64 + raw],
+    ids=["trailing text", "trailing zero", "leading bytes", "leading zeros"],
+)
+def test_bytes_outside_the_archive_are_refused(change: Any) -> None:
+    # zip readers skip them; a valid archive with a payload around it is not torch.save's.
+    raw = saved_bytes(torch.randn(3, HIDDEN))
+    assert_rejected(pybase64.b64encode(change(raw)), "bytes before, between or after")
+
+
+def test_archive_comment_is_refused() -> None:
+    forged = io.BytesIO()
+    original = zipfile.ZipFile(io.BytesIO(saved_bytes(torch.randn(3, HIDDEN))))
+    with zipfile.ZipFile(forged, "w") as out:
+        for name in original.namelist():
+            out.writestr(name, original.read(name))
+        out.comment = b"hidden payload"
+    assert_rejected(pybase64.b64encode(forged.getvalue()), "bytes before, between or after")
+
+
+def test_meta_tensor_is_refused() -> None:
+    # It loads as a shape without data: every later check would fail with an internal error.
+    assert_rejected(saved_b64(torch.empty(3, HIDDEN, device="meta")), "meta")
 
 
 def test_compressed_archive_is_refused() -> None:
