@@ -1,9 +1,15 @@
 """Chat messages -> the model's chat template -> token-id runs and client tensors' places.
 
 The gateway applies the template itself (NIM takes embeddings on completions only), so
-chat works against every upstream. A `prompt_embeds` content part stands in the rendered
-text as a marker with a per-request nonce, which client text cannot forge; the text
-around the markers is tokenized and the part's tensor is spliced in at its place.
+chat works against every upstream. Two kinds of marker with a per-request nonce, which
+client text cannot forge, stand in the text the template renders:
+- a `prompt_embeds` content part's marker, where its tensor is spliced in;
+- a special-token string the client typed (`</s>`, `<|im_start|>`), which is tokenized as
+  plain text, so only the template itself makes turn boundaries (unless
+  `tokenization.chat_special_tokens` is `parse`, vLLM's behaviour).
+The text around the markers is tokenized with the template's own special tokens intact.
+transformers' `sanitize_control_tokens` does the same for whole-chat tokenization, which
+cannot splice tensors in; this uses only the tokenizer's public `split_special_tokens`.
 """
 
 from __future__ import annotations
@@ -11,7 +17,7 @@ from __future__ import annotations
 import inspect
 import re
 import secrets
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -46,13 +52,26 @@ class RenderedChat:
         return sum(len(piece) for piece in self.pieces if isinstance(piece, list))
 
 
+# Template variables the tokenizer or Jinja environment sets: a client may not replace them.
+_TEMPLATE_NAMES = {"messages", "tools", "documents", "add_generation_prompt",
+                   "continue_final_message", "raise_exception", "strftime_now",
+                   "additional_special_tokens"}
+
+
 class ChatTemplate:
-    def __init__(self, tokenizer: Any, template: str | None = None) -> None:
+    def __init__(self, tokenizer: Any, template: str | None = None,
+                 special_tokens_as_text: bool = True) -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.available = template is not None or bool(getattr(tokenizer, "chat_template", None))
-        # Template variables may not shadow apply_chat_template's own arguments.
-        self.reserved = set(inspect.signature(tokenizer.apply_chat_template).parameters)
+        specials_map = getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ())
+        self.reserved = (set(inspect.signature(tokenizer.apply_chat_template).parameters)
+                         | _TEMPLATE_NAMES | set(specials_map) | set(tokenizer.special_tokens_map))
+        specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values()
+                           if t.special}, key=len, reverse=True)
+        self.specials = specials if special_tokens_as_text else []
+        self.special_index = {text: index for index, text in enumerate(self.specials)}
+        self.special_pattern = re.compile("|".join(map(re.escape, self.specials)) or "(?!)")
 
     def render(self, request: ChatCompletionRequest) -> RenderedChat:
         if not self.available:
@@ -64,58 +83,93 @@ class ChatTemplate:
         if clash:
             raise GatewayError(f"chat_template_kwargs may not set {', '.join(clash)}.", 400,
                                param="chat_template_kwargs")
-        nonce = secrets.token_hex(8)
-        embeds: list[str] = []
-        messages = [_template_message(m, nonce, embeds) for m in request.messages]
+        markers = _Markers(secrets.token_hex(8), self)
+        messages = [_template_message(m, markers) for m in request.messages]
         try:
             rendered = self.tokenizer.apply_chat_template(
                 messages, chat_template=self.template, tokenize=False,
                 add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=request.continue_final_message, **kwargs)
-        except (TemplateError, ValueError) as exc:
+                continue_final_message=request.continue_final_message,
+                **markers.text(kwargs))
+        except TemplateError as exc:
             # Template authors' own messages ("roles must alternate"); they name no content.
             raise GatewayError(f"The chat template refused the messages: {exc}", 400,
                                param="messages") from None
-        return RenderedChat(self._split(str(rendered), nonce, len(embeds)), embeds)
+        except Exception as exc:
+            # A template tripping over the client's variables; its message may quote them.
+            raise GatewayError(f"The chat template could not render this request "
+                               f"({type(exc).__name__}).", 400, param="messages") from None
+        pieces = self._split(str(rendered), markers)
+        if request.add_special_tokens:  # vLLM's option: the tokenizer's BOS on top
+            pieces.insert(0, list(self.tokenizer("", add_special_tokens=True).input_ids))
+        return RenderedChat(pieces, markers.embeds)
 
-    def _split(self, rendered: str, nonce: str, parts: int) -> list[list[int] | int]:
+    def _split(self, rendered: str, markers: _Markers) -> list[list[int] | int]:
+        """Token-id runs and embeds-part indices, in the rendered text's order."""
         pieces: list[list[int] | int] = []
-        for position, segment in enumerate(re.split(_marker_pattern(nonce), rendered)):
-            if position % 2:
-                pieces.append(int(segment))
-            elif segment:
-                ids = self.tokenizer(segment, add_special_tokens=False).input_ids
-                pieces.append(list(ids))
+        segments = re.split(markers.pattern, rendered)
+        for position in range(0, len(segments), 3):
+            if segments[position]:
+                pieces.append(self._ids(segments[position]))
+            if position + 1 < len(segments):
+                kind, index = segments[position + 1], int(segments[position + 2])
+                if kind == "embeds":
+                    pieces.append(index)
+                else:
+                    pieces.append(self._ids(self.specials[index], as_text=True))
         placed = sorted(piece for piece in pieces if isinstance(piece, int))
-        if placed != list(range(parts)):
+        if placed != list(range(len(markers.embeds))):
             raise GatewayError("The chat template dropped or repeated a prompt_embeds part.",
                                400, param="messages")
         return pieces
 
-
-def _marker(nonce: str, index: int) -> str:
-    return f"<serve-app-embeds-{nonce}-{index}>"
-
-
-def _marker_pattern(nonce: str) -> str:
-    return f"<serve-app-embeds-{nonce}-(\\d+)>"
+    def _ids(self, text: str, as_text: bool = False) -> list[int]:
+        return list(self.tokenizer(text, add_special_tokens=False,
+                                   split_special_tokens=as_text).input_ids)
 
 
-def _template_message(message: ChatMessage, nonce: str, embeds: list[str]) -> dict[str, Any]:
+@dataclass
+class _Markers:
+    """One request's markers: `<serve-app-{embeds|text}-{nonce}-{index}>`."""
+
+    nonce: str
+    template: ChatTemplate
+    embeds: list[str] = field(default_factory=list)
+
+    @property
+    def pattern(self) -> str:
+        return f"<serve-app-(embeds|text)-{self.nonce}-(\\d+)>"
+
+    def embeds_part(self, data: str) -> str:
+        self.embeds.append(data)
+        return f"<serve-app-embeds-{self.nonce}-{len(self.embeds) - 1}>"
+
+    def text(self, value: Any) -> Any:
+        """`value` with every special-token string in its strings replaced by a marker."""
+        if isinstance(value, str):
+            return self.template.special_pattern.sub(self._special_marker, value)
+        if isinstance(value, dict):
+            return {key: self.text(item) for key, item in value.items()}
+        if isinstance(value, list):
+            return [self.text(item) for item in value]
+        return value
+
+    def _special_marker(self, match: re.Match[str]) -> str:
+        index = self.template.special_index[match.group(0)]
+        return f"<serve-app-text-{self.nonce}-{index}>"
+
+
+def _template_message(message: ChatMessage, markers: _Markers) -> dict[str, Any]:
     """The message as templates expect it: string content, `developer` read as `system`."""
     content = message.content
     if isinstance(content, list):
-        texts = []
-        for part in content:
-            if isinstance(part, EmbedsPart):
-                texts.append(_marker(nonce, len(embeds)))
-                embeds.append(part.data)
-            else:
-                texts.append(part.text)
-        content = PART_SEPARATOR.join(texts)
-    out: dict[str, Any] = {**(message.model_extra or {})}
-    out.update(role="system" if message.role == "developer" else message.role,
-               content=content or "")
+        content = PART_SEPARATOR.join(
+            markers.embeds_part(part.data) if isinstance(part, EmbedsPart)
+            else markers.text(part.text) for part in content)
+    else:
+        content = markers.text(content or "")
+    out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
+                           "content": content}
     if message.name is not None:
-        out["name"] = message.name
+        out["name"] = markers.text(message.name)
     return out

@@ -222,6 +222,52 @@ class LimitsConfig(StrictModel):
     max_tokens: int | None = Field(
         None, ge=1, description="Cap on `max_tokens`; the model's context by default."
     )
+    max_prompt_tokens: int | None = Field(
+        None, ge=1,
+        description="Most prompt tokens (embedding rows) one request sends upstream, over "
+        "all its prompts; defaults to the larger of the context and 65536 (512 MiB of "
+        "embeddings at hidden size 4096 in bf16).",
+    )
+    max_logprobs: int = Field(
+        20, ge=0, le=1024,
+        description="Cap on `logprobs` (completions) and `top_logprobs` (chat), as vLLM's.",
+    )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600,
+        description="Time a client has to send its whole request body; then a 408. Requests "
+        "still sending hold no slot of max_concurrent_requests.",
+    )
+    max_receiving_requests: int = Field(
+        768, ge=0,
+        description="Requests one ingress replica holds while their bodies arrive, beside "
+        "max_concurrent_requests (Serve's max_ongoing_requests is the sum).",
+    )
+
+
+class PrivacyConfig(StrictModel):
+    """Which client text may travel upstream beside the embeddings (docs/upstream-fields.md)."""
+
+    forward_stop: bool = Field(
+        True, description="Forward `stop` strings (bounded), which a generation needs "
+        "upstream; false refuses them with a 400 (`stop_token_ids` still work).",
+    )
+    forward_structured_outputs: bool = Field(
+        False, description="Forward structured-output constraints (JSON schemas, regexes, "
+        "choices, grammars), which carry text; false refuses them with a 400.",
+    )
+
+
+class TokenizationConfig(StrictModel):
+    """How client text becomes token ids."""
+
+    chat_special_tokens: Literal["text", "parse"] = Field(
+        "text", description="`text`: special-token strings typed in messages are tokenized "
+        "as plain text, so only the chat template makes turn boundaries; `parse`: they "
+        "become the tokenizer's special tokens (vLLM's behaviour).",
+    )
+    completion_special_tokens: Literal["text", "parse"] = Field(
+        "parse", description="The same for completions prompts; `parse` is vLLM's behaviour.",
+    )
 
 
 class AuthConfig(StrictModel):
@@ -314,6 +360,8 @@ class AppConfig(StrictModel):
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
+    privacy: PrivacyConfig = PrivacyConfig()
+    tokenization: TokenizationConfig = TokenizationConfig()
     transport: TransportConfig = TransportConfig()
 
     @model_validator(mode="after")

@@ -239,10 +239,11 @@ class ServeBackend:
         return status
 
 
-# max_ongoing_requests above limits.max_concurrent_requests (256 by default), so overload
-# is answered by the ingress itself in the OpenAI shape before Serve's queue fills.
-@serve.deployment(ray_actor_options=_PAYLOAD, max_ongoing_requests=384,
-                  max_queued_requests=512, backpressure_config=_INGRESS_BACKPRESSURE,
+# max_ongoing_requests is set from the limits in `build_app`: requests still sending
+# their bodies beside the ones being served, so overload is answered by the ingress itself
+# in the OpenAI shape before Serve's queue fills.
+@serve.deployment(ray_actor_options=_PAYLOAD, max_queued_requests=512,
+                  backpressure_config=_INGRESS_BACKPRESSURE,
                   graceful_shutdown_timeout_s=_STREAM_DRAIN_S)
 @serve.ingress()
 class Gateway:
@@ -285,7 +286,10 @@ def build_app(config: AppConfig) -> serve.Application:
         .bind(model.model_dump(mode="json"))
         for model in config.embedding_models
     }
-    return Gateway.bind(plain, embedder, dispatcher, encoders)
+    limits = config.limits
+    gateway = Gateway.options(
+        max_ongoing_requests=limits.max_concurrent_requests + limits.max_receiving_requests)
+    return gateway.bind(plain, embedder, dispatcher, encoders)
 
 
 def build_reference_app(config: ReferenceBackendConfig) -> serve.Application:

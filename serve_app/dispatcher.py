@@ -26,7 +26,8 @@ from serve_app.codec import EncodedPromptEmbeds, Piece
 from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
 from serve_app.fleet import Backend, Fleet
-from serve_app.protocol import SSE_DONE
+from serve_app.protocol import SamplingFields
+from serve_app.responses import SSE_DONE
 
 _WRITE_TIMEOUT_S = 60.0
 _KEEPALIVE_CONNECTIONS = 256
@@ -42,7 +43,8 @@ class UpstreamCall:
     """What the ingress asks of the upstream, less the embeddings themselves."""
 
     served_model: str
-    fields: dict[str, Any] = field(default_factory=dict)
+    fields: SamplingFields = field(default_factory=SamplingFields)
+    """The sampling part of the body: the allowlist, nothing else reaches a backend."""
     stream: bool = False
     chat: ChatShape | None = None
     """Set for chat requests: answers are turned into the chat shape on the way back."""
@@ -411,7 +413,7 @@ class DispatcherCore:
 
     def _body(self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds],
               backend: Backend) -> list[Piece]:
-        fields = {**call.fields, "model": backend.config.model or call.served_model}
+        fields = {**call.fields.to_upstream(), "model": backend.config.model or call.served_model}
         return build_upstream_body(fields, embeds, backend.config.dialect)
 
     def _patch(self, payload: dict[str, Any], call: UpstreamCall,

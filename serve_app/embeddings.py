@@ -26,7 +26,9 @@ from serve_app.config import AppConfig, LimitsConfig
 from serve_app.encoder import EncoderCore, SentenceSpec, read_sentence_spec, resolve_encoder_dir
 from serve_app.errors import GatewayError, to_gateway_error
 from serve_app.limits import check_items
-from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, ModelCard, TokenIds
+from serve_app.prompt_length import TextBudget
+from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, TokenIds
+from serve_app.responses import ModelCard
 
 Truncation = Literal["START", "END"] | None
 
@@ -60,10 +62,23 @@ class EmbeddingModel:
         for side, hf_side in (("START", "left"), ("END", "right")):
             self.truncating[side] = copy.deepcopy(self.tokenizer)
             self.truncating[side].truncation_side = hf_side
+        self.budget = TextBudget.of(self.tokenizer)
+
+    def _within_budget(self, text: str, truncation: Truncation, limit: int, param: str) -> str:
+        """Length before work: an input that cannot fit is refused (or, when truncated,
+        cut to what `limit` tokens can cover) before it is tokenized."""
+        if truncation is not None:
+            return self.budget.truncated(text, limit, truncation)
+        if self.budget.exceeds([text], limit):
+            raise GatewayError(
+                f"An input has {len(text)} characters, more than this model's {limit} "
+                "tokens can hold. Ask for truncation, or shorten it.", 400, param=param,
+                code="context_length_exceeded")
+        return text
 
     def tokenize(self, texts: Sequence[str], prompt: str, truncation: Truncation,
                  limit: int, param: str) -> list[list[int]]:
-        prompted = [prompt + t for t in texts]
+        prompted = [prompt + self._within_budget(t, truncation, limit, param) for t in texts]
         if truncation is None:
             ids = self.tokenizer(prompted).input_ids
         else:

@@ -88,10 +88,21 @@ class GatewayError(Exception):
         return b"data: " + self.to_body() + b"\n\n"
 
 
+_TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
+
+
+def _field_path(loc: tuple[int | str, ...]) -> str | None:
+    """`stop.0`, not `stop.list[constrained-str].0`: pydantic names each member of a union
+    it tried in the location; the client's field path is the rest."""
+    parts = [str(part) for part in loc
+             if isinstance(part, int) or not (part in _TYPE_TAGS or set(part) & set("[]-"))]
+    return ".".join(parts) or None
+
+
 def from_validation_error(exc: ValidationError) -> GatewayError:
     """The first pydantic error as a 400 naming the offending field (never its value)."""
     first = exc.errors(include_url=False, include_input=False)[0]
-    location = ".".join(str(part) for part in first["loc"]) or None
+    location = _field_path(first["loc"])
     message = first["msg"]
     if location:
         message = f"{location}: {message}"

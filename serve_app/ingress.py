@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
+from functools import partial
 from typing import Any, Protocol
 
 import orjson
@@ -19,7 +20,6 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
-from serve_app.auth import BearerKeyMiddleware
 from serve_app.chat_response import ChatShape
 from serve_app.chat_template import ChatTemplate, RenderedChat, load_chat_template
 from serve_app.checkpoint import (
@@ -30,31 +30,29 @@ from serve_app.checkpoint import (
     tokenize_off_loop_if_large,
 )
 from serve_app.codec import (
-    EmbedsSpec,
     EncodedPromptEmbeds,
     base64_length,
     decode_prompt_embeds,
     encode_prompt_embeds,
 )
-from serve_app.config import AppConfig, LimitsConfig
+from serve_app.config import AppConfig
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt, prompt_rows
 from serve_app.embeddings import EmbeddingsService, InProcessEncoders
 from serve_app.errors import GatewayError, to_gateway_error
-from serve_app.limits import (
-    BodyLimitMiddleware,
-    ConcurrencyLimitMiddleware,
-    check_items,
-    check_sampling,
-)
+from serve_app.limits import check_forwarding, check_items, check_sampling
+from serve_app.middleware import BearerKeyMiddleware, RequestGuardMiddleware
+from serve_app.prompt_length import TextBudget, too_long
 from serve_app.protocol import (
-    SSE_DONE,
     ChatCompletionRequest,
-    ChatCompletionResponse,
     CohereEmbedRequest,
     CompletionRequest,
-    CompletionResponse,
     EmbeddingRequest,
+)
+from serve_app.responses import (
+    SSE_DONE,
+    ChatCompletionResponse,
+    CompletionResponse,
     ErrorResponse,
     ModelCard,
     ModelList,
@@ -110,36 +108,66 @@ class InProcessBackend:
 
 class CompletionsService:
     def __init__(
-        self, served_name: str, tokenizer: Any, model: ModelSpec, embeds: EmbedsSpec,
-        backend: GatewayBackend, chat_template: str | None = None,
-        limits: LimitsConfig | None = None,
+        self, config: AppConfig, tokenizer: Any, model: ModelSpec, backend: GatewayBackend,
+        chat_template: str | None = None,
     ) -> None:
-        self.served_name = served_name
+        self.served_name = config.model.name
         self.tokenizer = tokenizer
         self.model = model
-        self.embeds_spec = embeds
+        self.embeds_spec = model.embeds_spec(config.limits.max_embeds_bytes)
         self.backend = backend
-        self.chat = ChatTemplate(tokenizer, chat_template)
-        self.limits = limits or LimitsConfig()
+        self.limits = config.limits
+        self.privacy = config.privacy
+        tokenization = config.tokenization
+        self.chat = ChatTemplate(tokenizer, chat_template,
+                                 special_tokens_as_text=tokenization.chat_special_tokens == "text")
+        self.split_special_tokens = tokenization.completion_special_tokens == "text"
+        self.completion_budget = TextBudget.of(tokenizer, not self.split_special_tokens)
+        self.chat_budget = TextBudget.of(tokenizer, not self.chat.specials)
+        self.max_prompt_tokens = self.limits.max_prompt_tokens or max(model.max_model_len,
+                                                                      65536)
 
     @classmethod
     def from_config(cls, config: AppConfig, backend: GatewayBackend) -> CompletionsService:
         model_dir = resolve_model_dir(config.model, weights=False)
         spec = read_model_spec(model_dir, config.model)
-        embeds = spec.embeds_spec(config.limits.max_embeds_bytes)
-        return cls(config.model.name, load_tokenizer(model_dir), spec, embeds, backend,
-                   load_chat_template(config.model.chat_template), config.limits)
+        return cls(config, load_tokenizer(model_dir), spec, backend,
+                   load_chat_template(config.model.chat_template))
 
-    def model_list(self) -> ModelList:
-        return ModelList(data=[ModelCard(id=self.served_name,
-                                         max_model_len=self.model.max_model_len)])
+    def model_card(self) -> ModelCard:
+        return ModelCard(id=self.served_name, max_model_len=self.model.max_model_len)
 
-    async def _token_ids(self, prompts: list[str] | list[list[int]]) -> list[list[int]]:
+    def _room(self, max_tokens: int | None) -> int:
+        """Prompt tokens that fit beside `max_tokens` in the context."""
+        return max(0, self.model.max_model_len - (max_tokens or 0))
+
+    def _check_text_length(self, budget: TextBudget, texts: Sequence[str],
+                           max_tokens: int | None, param: str) -> None:
+        """Length before work: refuse text that cannot fit before tokenizing any of it."""
+        room = self._room(max_tokens)
+        if budget.exceeds(texts, room):
+            raise too_long(sum(map(len, texts)), room, self.model.max_model_len, param)
+
+    async def _token_ids(self, prompts: list[str] | list[list[int]], add_special_tokens: bool,
+                         max_tokens: int | None) -> list[list[int]]:
         if not prompts or not isinstance(prompts[0], str):
             return prompts  # type: ignore[return-value]
-        chars = sum(len(p) for p in prompts)
-        encoded = await tokenize_off_loop_if_large(chars, self.tokenizer, prompts)
+        texts: list[str] = prompts
+        for text in texts:
+            self._check_text_length(self.completion_budget, [text], max_tokens, "prompt")
+        if self.completion_budget.exceeds(texts, self.max_prompt_tokens):
+            raise self._over_request_budget(sum(map(len, texts)), "characters")
+        encoded = await tokenize_off_loop_if_large(
+            sum(map(len, texts)), partial(self.tokenizer, add_special_tokens=add_special_tokens,
+                                          split_special_tokens=self.split_special_tokens),
+            texts)
         return list(encoded.input_ids)
+
+    def _over_request_budget(self, amount: int, unit: str) -> GatewayError:
+        return GatewayError(
+            f"The request's prompts come to {amount} {unit}; at most "
+            f"{self.max_prompt_tokens} prompt tokens are accepted in one request "
+            "(limits.max_prompt_tokens).", 400, param="prompt", code="too_many_tokens")
 
     def _check_token_ids(self, prompts: list[list[int]], max_tokens: int | None) -> None:
         vocab = self.model.vocab_size
@@ -158,6 +186,12 @@ class CompletionsService:
                 f"{rows} prompt tokens and max_tokens {max_tokens or 0}.",
                 400, param="max_tokens" if max_tokens else "prompt",
                 code="context_length_exceeded")
+
+    def _check_request_rows(self, prompts: Sequence[UpstreamPrompt]) -> None:
+        rows = sum(p.rows if isinstance(p, EncodedPromptEmbeds) else prompt_rows(p)
+                   for p in prompts)
+        if rows > self.max_prompt_tokens:
+            raise self._over_request_budget(rows, "tokens")
 
     def _reencode(self, texts: list[str], max_tokens: int | None) -> list[EncodedPromptEmbeds]:
         """Client embeddings: safe decode, then a fresh encode in the model's dtype."""
@@ -180,20 +214,26 @@ class CompletionsService:
             raise GatewayError(f"The model `{model}` does not exist.", 404,
                                param="model", code="model_not_found")
 
+    def _check_sampling(self, request: CompletionRequest | ChatCompletionRequest,
+                        max_tokens: int | None, logprobs: int | None) -> None:
+        check_sampling(request, max_tokens, logprobs, self.limits, self.model.vocab_size)
+        check_forwarding(request, self.privacy)
+
     async def _prepare(
         self, request: CompletionRequest
     ) -> tuple[UpstreamCall, list[UpstreamPrompt]]:
         self._check_model(request.model)
         prompts, client_embeds = request.text_prompts(), request.embeds_list()
         check_items(len(prompts) + len(client_embeds), self.limits, "prompt")
-        check_sampling(request.n, request.max_tokens, self.limits)
+        self._check_sampling(request, request.max_tokens, request.logprobs)
         # Every prompt goes upstream as embeddings, so vLLM's refusals apply to all of them;
         # answering here also keeps the suffix text from ever leaving the gateway.
         incompatible = request.incompatible_with_embeds()
         if incompatible:
             raise GatewayError(f"{incompatible} is not compatible with prompt embeds.", 400,
                                param=incompatible)
-        token_ids = await self._token_ids(prompts)
+        token_ids = await self._token_ids(prompts, request.add_special_tokens,
+                                          request.max_tokens)
         if not client_embeds and not token_ids:
             raise GatewayError("Either prompt or prompt_embeds must be given.", 400,
                                param="prompt")
@@ -204,6 +244,7 @@ class CompletionsService:
                                                 request.max_tokens)
         # vLLM's order: the embeddings' choices first, then the text prompts'.
         upstream += token_ids
+        self._check_request_rows(upstream)
         call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream),
                             payload_bytes=self._payload_bytes(upstream))
         return call, upstream
@@ -229,16 +270,18 @@ class CompletionsService:
         parts = sum(len(m.content) if isinstance(m.content, list) else 1
                     for m in request.messages)
         check_items(parts, self.limits, "messages")
-        check_sampling(request.n, request.completion_max_tokens, self.limits)
-        chars = sum(message.text_length() for message in request.messages)
-        rendered = await tokenize_off_loop_if_large(chars, self.chat.render, request)
         max_tokens = request.completion_max_tokens
+        self._check_sampling(request, max_tokens, request.max_logprobs)
+        texts = request.texts()
+        self._check_text_length(self.chat_budget, texts, max_tokens, "messages")
+        rendered = await tokenize_off_loop_if_large(sum(map(len, texts)), self.chat.render,
+                                                    request)
         if rendered.embeds:
             prompt = await asyncio.to_thread(self._splice, rendered, max_tokens)
         else:
             prompt = self._splice(rendered, max_tokens)
-        shape = ChatShape(top_logprobs=(request.top_logprobs or 0) if request.logprobs else None)
-        call = UpstreamCall(self.served_name, request.completion_fields(),
+        shape = ChatShape(top_logprobs=request.max_logprobs)
+        call = UpstreamCall(self.served_name, request.upstream_fields(),
                             bool(request.stream), chat=shape,
                             payload_bytes=self._payload_bytes([prompt]))
         return call, [prompt]
@@ -322,20 +365,23 @@ def create_gateway_app(service: CompletionsService,
     """The ingress app; with `api_keys`, the API routes need one of them as a Bearer key."""
     app = FastAPI(title="serve_app gateway",
                   description="OpenAI-compatible completions and chat over prompt embeddings, "
-                              "and sentence embeddings (OpenAI and Cohere APIs).")
+                              "and sentence embeddings (OpenAI and Cohere APIs).",
+                  redoc_url=None, swagger_ui_oauth2_redirect_url=None)
     embeddings = embeddings or EmbeddingsService({}, InProcessEncoders({}),
                                                  [service.served_name])
-    # The last added is outermost: the key is checked first, then the concurrency slot,
-    # then the body is read under its cap.
-    app.add_middleware(BodyLimitMiddleware, max_bytes=service.limits.max_body_bytes)
-    app.add_middleware(ConcurrencyLimitMiddleware,
-                       limit=service.limits.max_concurrent_requests)
+    # The last added is outermost: the key is checked first, then the body is read (under
+    # its cap and deadline), then the request takes a concurrency slot.
+    app.add_middleware(RequestGuardMiddleware, limits=service.limits)
     if api_keys:
         app.add_middleware(BearerKeyMiddleware, keys=api_keys)
 
     @app.exception_handler(HTTPException)
     async def _http_error(_: Request, exc: HTTPException) -> Response:
         return GatewayError(str(exc.detail), exc.status_code).to_response()
+
+    @app.exception_handler(GatewayError)
+    async def _refused(_: Request, exc: GatewayError) -> Response:
+        return exc.to_response()
 
     @app.exception_handler(Exception)
     async def _error(_: Request, exc: Exception) -> Response:
@@ -350,9 +396,21 @@ def create_gateway_app(service: CompletionsService,
         """Each upstream backend's state as the answering Dispatcher replica sees it."""
         return {"object": "list", "data": await service.backend.upstream_status()}
 
+    def model_cards() -> list[ModelCard]:
+        return [service.model_card(), *embeddings.model_cards()]
+
     @app.get("/v1/models")
     async def models() -> ModelList:
-        return ModelList(data=service.model_list().data + embeddings.model_cards())
+        return ModelList(data=model_cards())
+
+    @app.get("/v1/models/{model_id:path}", responses=_answers(ModelCard))
+    async def model(model_id: str) -> ModelCard:
+        """One model, as OpenAI's `models.retrieve` asks for it."""
+        for card in model_cards():
+            if card.id == model_id:
+                return card
+        raise GatewayError(f"The model `{model_id}` does not exist.", 404, param="model",
+                           code="model_not_found")
 
     @app.post("/v1/completions", responses=_answers(CompletionResponse))
     async def completions(request: Request) -> Response:

@@ -1,21 +1,17 @@
-"""Request limits from `LimitsConfig`, checked before any heavy work.
+"""Request limits from `LimitsConfig` and `PrivacyConfig`, checked before any heavy work.
 
-The body cap is ASGI middleware: a declared `content-length` over the cap is refused before
-a byte is read, and a body that streams past it is cut off as it arrives.
+Each refusal is an OpenAI-shaped 400 naming the field and the limit. The limits on the
+request as bytes (body size, body deadline, concurrency) are ASGI middleware, in
+`middleware`; the limits on text before it is tokenized are in `prompt_length`.
 """
 
 from __future__ import annotations
 
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-from serve_app.config import LimitsConfig
+from serve_app.config import LimitsConfig, PrivacyConfig
 from serve_app.errors import GatewayError
+from serve_app.protocol import ChatCompletionRequest, CompletionRequest
 
-
-class BodyTooLarge(GatewayError):
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"The request body is larger than {limit} bytes.", 413,
-                         code="request_too_large")
+SamplingRequest = CompletionRequest | ChatCompletionRequest
 
 
 def check_items(count: int, limits: LimitsConfig, param: str) -> None:
@@ -24,75 +20,43 @@ def check_items(count: int, limits: LimitsConfig, param: str) -> None:
                            "accepted in one request.", 400, param=param)
 
 
-def check_sampling(n: int, max_tokens: int | None, limits: LimitsConfig) -> None:
-    if n > limits.max_n:
-        raise GatewayError(f"n is {n}; at most {limits.max_n} samples per prompt are "
+def check_sampling(request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
+                   limits: LimitsConfig, vocab_size: int) -> None:
+    """`n`, `max_tokens` and `logprobs` within their caps; every token id the request names
+    (logit_bias keys, stop_token_ids, allowed_token_ids) in the vocabulary."""
+    if request.n > limits.max_n:
+        raise GatewayError(f"n is {request.n}; at most {limits.max_n} samples per prompt are "
                            "accepted.", 400, param="n")
     if max_tokens is not None and limits.max_tokens is not None and (
             max_tokens > limits.max_tokens):
         raise GatewayError(f"max_tokens is {max_tokens}; at most {limits.max_tokens} is "
                            "accepted.", 400, param="max_tokens")
+    if logprobs is not None and logprobs > limits.max_logprobs:
+        raise GatewayError(f"At most {limits.max_logprobs} logprobs per token can be asked "
+                           f"for; the request asks for {logprobs}.", 400, param="logprobs")
+    if request.min_tokens and max_tokens is not None and request.min_tokens > max_tokens:
+        raise GatewayError(f"min_tokens ({request.min_tokens}) is above max_tokens "
+                           f"({max_tokens}).", 400, param="min_tokens")
+    for field, ids in request.token_id_fields().items():
+        if any(i >= vocab_size for i in ids):
+            raise GatewayError(f"{field} names token ids outside the vocabulary "
+                               f"[0, {vocab_size}).", 400, param=field)
+    if request.top_k is not None and request.top_k > vocab_size:
+        raise GatewayError(f"top_k is above the vocabulary size ({vocab_size}).", 400,
+                           param="top_k")
 
 
-class BodyLimitMiddleware:
-    def __init__(self, app: ASGIApp, max_bytes: int) -> None:
-        self.app = app
-        self.max_bytes = max_bytes
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length", b"")
-        if declared.isdigit() and int(declared) > self.max_bytes:
-            await BodyTooLarge(self.max_bytes).to_response()(scope, receive, send)
-            return
-        seen = 0
-        started = False
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            if message["type"] == "http.request":
-                seen += len(message.get("body", b""))
-                if seen > self.max_bytes:
-                    raise BodyTooLarge(self.max_bytes)
-            return message
-
-        async def watched_send(message: Message) -> None:
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
-
-        try:
-            await self.app(scope, limited, watched_send)
-        except BodyTooLarge as exc:
-            if not started:  # bodies are read before answering, so this is the usual case
-                await exc.to_response()(scope, receive, send)
-
-
-class ConcurrencyLimitMiddleware:
-    """At most `limit` API requests in flight per replica (streams count until they end);
-    the next is answered at once with an OpenAI-shaped 429 and Retry-After, which the
-    OpenAI SDK retries. Serve's own overflow answer has a plain-text body; this keeps
-    overload inside the ingress, in the API's own shape."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app = app
-        self.limit = limit
-        self.in_flight = 0
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http" or not scope["path"].startswith(("/v1/", "/v2/")):
-            await self.app(scope, receive, send)
-            return
-        if self.in_flight >= self.limit:
-            error = GatewayError("The gateway is overloaded; retry shortly.", 429,
-                                 code="overloaded", headers={"Retry-After": "1"})
-            await error.to_response()(scope, receive, send)
-            return
-        self.in_flight += 1
-        try:
-            await self.app(scope, receive, send)
-        finally:
-            self.in_flight -= 1
+def check_forwarding(request: SamplingRequest, privacy: PrivacyConfig) -> None:
+    """Text fields that would go upstream, refused where the operator does not allow them."""
+    structured = request.structured_fields()
+    if structured and not privacy.forward_structured_outputs:
+        raise GatewayError(
+            f"{structured[0]} is not accepted: structured outputs carry their schema, regex, "
+            "choices or grammar as text to the upstream, and this gateway is configured not "
+            "to forward them (privacy.forward_structured_outputs).", 400,
+            param=structured[0], code="unsupported_parameter")
+    if request.stop_strings() and not privacy.forward_stop:
+        raise GatewayError(
+            "stop is not accepted: stop strings would carry text to the upstream, and this "
+            "gateway is configured not to forward them (privacy.forward_stop); use "
+            "stop_token_ids.", 400, param="stop", code="unsupported_parameter")

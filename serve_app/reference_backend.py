@@ -26,7 +26,7 @@ from serve_app.checkpoint import load_tokenizer, read_model_spec, resolve_model_
 from serve_app.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.config import ReferenceBackendConfig
 from serve_app.errors import GatewayError, to_gateway_error
-from serve_app.protocol import SSE_DONE, CompletionRequest, ModelCard, ModelList
+from serve_app.protocol import CompletionRequest
 from serve_app.reference_generation import (
     CompletionLogprobsBuilder,
     SamplingParams,
@@ -35,6 +35,7 @@ from serve_app.reference_generation import (
     TokenStep,
     decode_steps,
 )
+from serve_app.responses import SSE_DONE, ModelCard, ModelList
 
 Emit = Callable[[int, TextDelta | None, str | None], None]
 """`emit(choice index, new text or None, finish reason or None)`."""

@@ -60,15 +60,19 @@ async def make_gateway(
     closers: list[Any] = []
 
     def factory(transport: httpx.AsyncBaseTransport, api_keys: tuple[str, ...] = (),
-                limits: LimitsConfig | None = None) -> httpx.AsyncClient:
+                limits: LimitsConfig | None = None, root_path: str = "",
+                upstream: UpstreamConfig = UPSTREAM, **config: Any) -> httpx.AsyncClient:
         upstream_client = httpx.AsyncClient(transport=transport, base_url="http://ref")
-        dispatcher = DispatcherCore(UPSTREAM, upstream_client)
-        config = AppConfig(upstream=UPSTREAM, limits=limits or LimitsConfig())
-        service = CompletionsService.from_config(config, InProcessBackend(embedder, dispatcher))
+        dispatcher = DispatcherCore(upstream, upstream_client)
+        app_config = AppConfig(upstream=upstream, limits=limits or LimitsConfig(), **config)
+        service = CompletionsService.from_config(app_config,
+                                                 InProcessBackend(embedder, dispatcher))
         embeddings = EmbeddingsService(embeddings_service.models, embeddings_service.backend,
-                                       [service.served_name], config.limits)
+                                       [service.served_name], app_config.limits)
+        app = create_gateway_app(service, embeddings, api_keys)
         gateway = httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=create_gateway_app(service, embeddings, api_keys)),
+            # Serve keeps an app's route prefix in the path and sets root_path: so does this.
+            transport=httpx.ASGITransport(app=app, root_path=root_path),
             base_url="http://gateway",
         )
         closers.extend([dispatcher.aclose, gateway.aclose])

@@ -13,19 +13,22 @@ JAPAN = "Tell me about Japan."
 CANARY = "CANARY-7f3a9-do-not-leak"
 
 GatewayFactory = Callable[..., httpx.AsyncClient]
-"""`make_gateway(transport, api_keys=())`: a gateway client whose upstream is reached
-through `transport`, accepting only `api_keys` when given."""
+"""`make_gateway(transport, api_keys=(), limits=None, root_path="", upstream=..., **config)`:
+a gateway client whose upstream is reached through `transport`, accepting only `api_keys`
+when given, mounted under `root_path`, with other `AppConfig` sections from `config`."""
 
 
 class RecordingASGITransport(httpx.ASGITransport):
-    """ASGITransport that keeps every request body it sends to the app."""
+    """ASGITransport that keeps every request body (and headers) it sends to the app."""
 
     def __init__(self, app: Any) -> None:
         super().__init__(app=app)
         self.bodies: list[bytes] = []
+        self.headers: list[httpx.Headers] = []
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         self.bodies.append(await request.aread())
+        self.headers.append(request.headers)
         return await super().handle_async_request(request)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -70,6 +71,57 @@ async def test_each_accepted_key_passes(
 async def test_health_and_openapi_stay_open(guarded: httpx.AsyncClient) -> None:
     assert (await guarded.get("/health")).status_code == 200
     assert (await guarded.get("/openapi.json")).status_code == 200
+
+
+# --------------------------------------------------------------------------- deny by default
+
+PREFIX = "/gw"
+"""Where Serve mounts the app in these tests: it keeps the prefix in the path."""
+
+EVERY_ROUTE = [*ROUTES, ("GET", "/v1/models/serve-app-demo", None)]
+WRONG_KEYS = [
+    {}, bearer("sk-wrong"), {"authorization": "Basic " + KEYS[0]},
+    {"authorization": f"Token {KEYS[0]}"},
+    # Two headers are ambiguous, even when one of them holds the key.
+    [("authorization", f"Bearer {KEYS[0]}"), ("authorization", "Bearer sk-wrong")],
+    [("authorization", f"Bearer {KEYS[0]}"), ("authorization", f"Bearer {KEYS[0]}")],
+]
+
+
+@pytest.fixture
+def mounted(make_gateway: GatewayFactory, recorder: RecordingASGITransport) -> httpx.AsyncClient:
+    return make_gateway(recorder, api_keys=KEYS, root_path=PREFIX)
+
+
+@pytest.mark.parametrize(("method", "path", "body"), EVERY_ROUTE)
+@pytest.mark.parametrize("headers", WRONG_KEYS)
+async def test_under_a_route_prefix_every_route_needs_the_key(
+    mounted: httpx.AsyncClient, recorder: RecordingASGITransport, method: str, path: str,
+    body: dict[str, object] | None, headers: Any,
+) -> None:
+    response = await mounted.request(method, PREFIX + path, json=body, headers=headers)
+    assert error_of(response, 401)["code"] == "invalid_api_key"
+    assert recorder.bodies == []
+
+
+@pytest.mark.parametrize(("method", "path", "body"), EVERY_ROUTE)
+async def test_under_a_route_prefix_the_key_opens_every_route(
+    mounted: httpx.AsyncClient, method: str, path: str, body: dict[str, object] | None,
+) -> None:
+    response = await mounted.request(method, PREFIX + path, json=body, headers=bearer(KEYS[0]))
+    assert response.status_code == 200, response.text
+
+
+async def test_only_health_and_the_openapi_document_are_open(
+    mounted: httpx.AsyncClient,
+) -> None:
+    for path in ("/health", "/openapi.json", "/docs"):
+        assert (await mounted.get(PREFIX + path)).status_code == 200, path
+    # Anything else is denied before routing, unknown routes and near-misses included.
+    for path in ("/no/such/route", "/health/", "/health/upstreams", "/openapi.json/x",
+                 "/v3/anything", "//v1/models"):
+        error_of(await mounted.get(PREFIX + path), 401)
+    error_of(await mounted.get(PREFIX + "/no/such/route", headers=bearer(KEYS[0])), 404)
 
 
 async def test_no_keys_configured_means_open(gateway: httpx.AsyncClient) -> None:

@@ -19,6 +19,7 @@ from serve_app.dispatcher import (
     UpstreamReply,
     build_upstream_body,
 )
+from serve_app.protocol import SamplingFields
 
 SERVED = "serve-app-demo"
 UPSTREAM_URL = "http://upstream.test/v1"
@@ -166,7 +167,7 @@ def raising(exc_type: type[httpx.HTTPError]) -> Handler:
 
 
 def call(is_stream: bool = False, /, **fields: Any) -> UpstreamCall:
-    return UpstreamCall(SERVED, fields, is_stream)
+    return UpstreamCall(SERVED, SamplingFields.model_validate(fields), is_stream)
 
 
 # --------------------------------------------------------------------------- request body
@@ -224,13 +225,12 @@ async def test_sampling_fields_pass_through(make_core, dialect: str, stream: boo
         "top_p": 0.9,
         "n": 2,
         "seed": 11,
-        "stop": ["\n", "END"],
+        "stop": ["\n", "caf\u00e9 \"quoted\" \\ back"],  # needs JSON escaping
         "logprobs": 2,
-        "user": "someone",
         "stream": stream,
         "stream_options": {"include_usage": True},
-        "repetition_penalty": 1.1,  # a vLLM extension, forwarded as is
-        "text": "caf\u00e9 \"quoted\" \\ back",  # needs JSON escaping
+        "repetition_penalty": 1.1,  # a vLLM extension
+        "stop_token_ids": [3, 4],
     }
     if stream:
         await collect(core, call(True, **fields), make_embeds(2))
@@ -250,7 +250,7 @@ async def test_upstream_model_name(
     make_core, dialect: str, configured: str | None, expected: str
 ) -> None:
     core, upstream = make_core(ok_json(), dialect=dialect, model=configured)
-    await core.complete(call(model="client-sent-name"), make_embeds(1))
+    await core.complete(call(), make_embeds(1))
     assert upstream.bodies[0]["model"] == expected
 
 
@@ -600,8 +600,8 @@ def test_build_upstream_body_embeds_are_raw_base64_bytes() -> None:
 
 
 def chat_call(is_stream: bool = False, top_logprobs: int | None = None) -> UpstreamCall:
-    return UpstreamCall(SERVED, {"stream": is_stream} if is_stream else {}, is_stream,
-                        chat=ChatShape(top_logprobs))
+    return UpstreamCall(SERVED, SamplingFields(stream=True) if is_stream else SamplingFields(),
+                        is_stream, chat=ChatShape(top_logprobs))
 
 
 LOGPROBS = {

@@ -40,6 +40,21 @@ async def test_models_lists_served_name(gateway: httpx.AsyncClient) -> None:
     assert body["data"][1]["max_model_len"] == 128
 
 
+@pytest.mark.parametrize("model", [MODEL, "serve-app-demo-embed"])
+async def test_one_model_is_retrieved_as_the_sdk_asks(
+    gateway: httpx.AsyncClient, model: str,
+) -> None:
+    import openai
+
+    client = openai.AsyncOpenAI(base_url="http://gateway/v1", api_key="EMPTY",
+                                http_client=gateway, max_retries=0)
+    card = await client.models.retrieve(model)
+    assert card.id == model and card.object == "model"
+    with pytest.raises(openai.NotFoundError) as missing:
+        await client.models.retrieve("no-such-model")
+    assert missing.value.code == "model_not_found"
+
+
 async def test_health(gateway: httpx.AsyncClient) -> None:
     response = await gateway.get("/health")
     assert response.status_code == 200
@@ -215,7 +230,8 @@ async def test_malformed_json(gateway: httpx.AsyncClient, raw: bytes) -> None:
 
 
 async def test_body_not_an_object(gateway: httpx.AsyncClient) -> None:
-    error_of(await gateway.post("/v1/completions", content=b"[1, 2]"), 400)
+    error_of(await gateway.post("/v1/completions", content=b"[1, 2]",
+                                headers={"content-type": "application/json"}), 400)
 
 
 async def test_wrong_field_type(gateway: httpx.AsyncClient) -> None:
@@ -278,3 +294,23 @@ async def test_user_field_is_not_forwarded(
     assert len(recorder.bodies) == 1
     assert CANARY.encode() not in recorder.bodies[0]
     assert "user" not in orjson.loads(recorder.bodies[0])
+
+
+async def test_completions_keep_vllm_special_tokens_unless_configured(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport,
+) -> None:
+    from serve_app.config import TokenizationConfig
+
+    default = make_gateway(recorder)
+    as_text = make_gateway(recorder,
+                           tokenization=TokenizationConfig(completion_special_tokens="text"))
+    parsed = (await ok(default, prompt="a</s>b", **GREEDY))["usage"]["prompt_tokens"]
+    split = (await ok(as_text, prompt="a</s>b", **GREEDY))["usage"]["prompt_tokens"]
+    assert (parsed, split) == (1 + 3, 1 + 6)  # BOS, then a </s> b or a < / s > b
+
+
+async def test_add_special_tokens_false_leaves_out_the_bos(gateway: httpx.AsyncClient) -> None:
+    with_bos = (await ok(gateway, prompt="ab", **GREEDY))["usage"]["prompt_tokens"]
+    without = (await ok(gateway, prompt="ab", add_special_tokens=False,
+                        **GREEDY))["usage"]["prompt_tokens"]
+    assert (with_bos, without) == (3, 2)

@@ -1,0 +1,184 @@
+"""Length before work: text that cannot fit is refused before it is tokenized, and the
+tokenizer never works on much more than a context's worth of text for such a request."""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+from transformers.tokenization_utils_tokenizers import TokenizersBackend
+
+from serve_app.prompt_length import WINDOW_CHARS, WINDOWED_ABOVE, TextBudget, chars_per_token
+from tests.unit.gateway_client import (
+    GREEDY,
+    GatewayFactory,
+    RecordingASGITransport,
+    error_of,
+    post,
+)
+
+HUGE = 4_000_000
+"""Characters of an over-long prompt: tokenized whole, it costs the demo tokenizer seconds."""
+
+
+@pytest.fixture
+def tokenized(monkeypatch: pytest.MonkeyPatch) -> Iterator[list[int]]:
+    """The length of every text any tokenizer is asked to tokenize."""
+    lengths: list[int] = []
+    original = TokenizersBackend.__call__
+
+    def spy(self: Any, text: Any = None, *args: Any, **kwargs: Any) -> Any:
+        texts = [text] if isinstance(text, str) else list(text or [])
+        lengths.extend(len(t) for t in texts if isinstance(t, str))
+        return original(self, text, *args, **kwargs)
+
+    monkeypatch.setattr(TokenizersBackend, "__call__", spy)
+    yield lengths
+
+
+def words(count: int, seed: int = 0) -> str:
+    rng = random.Random(seed)
+    return " ".join(rng.choice(["the", "capital", "of", "France", "is", "Paris", "élan",
+                                "東京", "🇫🇷", "\n", "</s>", "x" * 30]) for _ in range(count))
+
+
+# --------------------------------------------------------------------------- the bound
+
+
+def test_bounds_of_the_demo_tokenizers(demo_tokenizer: Any, demo_encoder_dir: Any) -> None:
+    # Byte-level: one byte per token, but a parsed special-token string covers up to 5.
+    assert chars_per_token(demo_tokenizer, parse_special=False) == 1
+    assert chars_per_token(demo_tokenizer, parse_special=True) == len("<pad>")
+    # WordPiece drops whitespace: no bound from length alone.
+    encoder = PreTrainedTokenizerFast.from_pretrained(demo_encoder_dir)
+    assert chars_per_token(encoder, parse_special=True) is None
+
+
+def sentencepiece_like(normalizer: Any) -> PreTrainedTokenizerFast:
+    vocab = {"<unk>": 0, "▁": 1, "a": 2, "b": 3, "ab": 4, "▁ab": 5, "▁abab": 6}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[("a", "b"), ("▁", "ab"), ("▁ab", "ab")],
+                                unk_token="<unk>"))
+    core.normalizer = normalizer
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    return PreTrainedTokenizerFast(tokenizer_object=core)
+
+
+def test_bounds_follow_the_pipeline() -> None:
+    assert chars_per_token(sentencepiece_like(None), True) == len("▁abab")
+    # Composition can shrink text up to four code points to one.
+    assert chars_per_token(sentencepiece_like(normalizers.NFC()), True) == 4 * len("▁abab")
+    # Normalizers that delete characters leave no bound.
+    assert chars_per_token(sentencepiece_like(normalizers.StripAccents()), True) is None
+    assert chars_per_token(sentencepiece_like(normalizers.Strip()), True) is None
+
+
+@settings(max_examples=30, deadline=None)
+@given(count=st.integers(1, 12000), seed=st.integers(0, 1000), limit=st.integers(1, 600))
+def test_a_refusal_is_never_wrong(demo_tokenizer: Any, demo_encoder_dir: Any, count: int,
+                                  seed: int, limit: int) -> None:
+    encoder = _encoder(demo_encoder_dir)
+    text = words(count, seed)
+    for tokenizer, parse in ((demo_tokenizer, True), (demo_tokenizer, False), (encoder, True)):
+        budget = TextBudget.of(tokenizer, parse)
+        tokens = len(tokenizer(text, add_special_tokens=False,
+                               split_special_tokens=not parse).input_ids)
+        if budget.exceeds([text], limit):
+            assert tokens > limit
+
+
+_ENCODERS: dict[str, Any] = {}
+
+
+def _encoder(path: Any) -> Any:
+    if str(path) not in _ENCODERS:
+        _ENCODERS[str(path)] = PreTrainedTokenizerFast.from_pretrained(path)
+    return _ENCODERS[str(path)]
+
+
+def test_windowed_counting_stops_early(demo_encoder_dir: Any, tokenized: list[int]) -> None:
+    encoder = _encoder(demo_encoder_dir)
+    budget = TextBudget.of(encoder)
+    assert budget.chars_per_token is None
+    assert budget.exceeds([words(400_000)], 128)
+    assert sum(tokenized) <= WINDOW_CHARS  # one window held more than 128 tokens
+    tokenized.clear()
+    short = words(100)
+    assert not budget.exceeds([short], 128 * 10)
+    assert tokenized == []  # short text: no counting at all
+
+
+@pytest.mark.parametrize("side", ["END", "START"])
+def test_truncation_tokenizes_only_what_it_keeps(demo_encoder_dir: Any, side: str) -> None:
+    encoder = _encoder(demo_encoder_dir)
+    budget = TextBudget.of(encoder)
+    text = words(300_000, seed=3)
+    cut = budget.truncated(text, 100, side)  # type: ignore[arg-type]
+    assert len(cut) <= 2 * WINDOW_CHARS + 100 * WINDOWED_ABOVE
+    whole = encoder(text, add_special_tokens=False).input_ids
+    kept = encoder(cut, add_special_tokens=False).input_ids
+    if side == "END":
+        assert kept[:100] == whole[:100]
+    else:
+        assert kept[-100:] == whole[-100:]
+
+
+# --------------------------------------------------------------------------- the routes
+
+
+@pytest.mark.parametrize(
+    ("path", "body", "param"),
+    [
+        ("/v1/completions", {"prompt": "x" * HUGE}, "prompt"),
+        ("/v1/completions", {"prompt": ["ok", "x" * HUGE]}, "prompt"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * HUGE}]},
+         "messages"),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],
+                                  "chat_template_kwargs": {"note": "x" * HUGE}}, "messages"),
+        ("/v1/embeddings", {"model": "serve-app-demo-embed", "input": "x " * (HUGE // 2)},
+         "input"),
+        ("/v2/embed", {"model": "serve-app-demo-embed", "texts": ["x " * (HUGE // 2)],
+                       "truncate": "NONE"}, "texts"),
+    ],
+)
+async def test_over_long_text_is_refused_before_it_is_tokenized(
+    gateway: httpx.AsyncClient, recorder: RecordingASGITransport, tokenized: list[int],
+    path: str, body: dict[str, Any], param: str,
+) -> None:
+    body.setdefault("model", "serve-app-demo")
+    error = error_of(await post(gateway, path, **body), 400)
+    assert error["code"] == "context_length_exceeded" and error["param"] == param
+    assert sum(tokenized) <= 2 * WINDOW_CHARS  # nowhere near the whole text
+    assert recorder.bodies == []
+
+
+async def test_many_prompts_that_each_fit_are_bounded_together(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport,
+) -> None:
+    from serve_app.config import LimitsConfig
+
+    gateway = make_gateway(recorder, limits=LimitsConfig(max_prompt_tokens=1000))
+    error = error_of(await post(gateway, prompt=["x" * 400] * 3, **GREEDY), 400)
+    assert error["code"] == "too_many_tokens" and "limits.max_prompt_tokens" in error["message"]
+    assert recorder.bodies == []
+    assert (await post(gateway, prompt=["x" * 400] * 2, **GREEDY)).status_code == 200
+
+
+@pytest.mark.parametrize("truncation", [{"truncate_prompt_tokens": -1},
+                                        {"truncate_prompt_tokens": 20}])
+async def test_a_huge_input_is_truncated_without_tokenizing_it_whole(
+    gateway: httpx.AsyncClient, tokenized: list[int], truncation: dict[str, int],
+) -> None:
+    text = words(600_000, seed=5)
+    body = {"model": "serve-app-demo-embed", "input": [text, text[:20_000]], **truncation}
+    response = await post(gateway, "/v1/embeddings", **body)
+    assert response.status_code == 200, response.text
+    whole, head = (item["embedding"] for item in response.json()["data"])
+    assert whole == head  # both cut to the same first tokens
+    assert max(tokenized) <= 2 * WINDOW_CHARS + 128 * WINDOWED_ABOVE
