@@ -76,6 +76,10 @@ class ReferenceBackend:
         embeds = request.embeds_list()
         if not embeds:
             raise GatewayError("prompt_embeds is required.", 400, param="prompt_embeds")
+        structured = request.structured_fields()
+        if structured:
+            raise GatewayError(f"{structured[0]} is not supported by the reference backend.",
+                               400, param=structured[0])
         incompatible = request.incompatible_with_embeds()
         if incompatible:
             raise GatewayError(f"{incompatible} is not compatible with prompt embeds.", 400,

@@ -302,6 +302,18 @@ async def test_incompatible_options(
     assert error["param"] == field
 
 
+@pytest.mark.parametrize(("field", "value"), [
+    ("response_format", {"type": "json_object"}), ("structured_outputs", {"regex": "a+"}),
+    ("guided_choice", ["yes", "no"])])
+async def test_structured_outputs_are_refused_not_ignored(
+    client: httpx.AsyncClient, embed: Any, field: str, value: Any
+) -> None:
+    # A gateway that forwards them must not get an unconstrained answer back silently.
+    _, b64 = embed(FRANCE)
+    error = error_of(await complete(client, prompt_embeds=b64, **{field: value}), 400)
+    assert error["param"] == field and "not supported" in error["message"]
+
+
 @pytest.mark.parametrize("bad", ["!!!not base64!!!", "QUJD", "", "QUJDRA=="])
 async def test_invalid_embeds(client: httpx.AsyncClient, bad: str) -> None:
     error = error_of(await complete(client, prompt_embeds=bad), 400)
