@@ -53,7 +53,12 @@ FIELDS = ["prompt", "prompt_embeds", "prompt-embeds", "messages", "input", "text
           "max_tokens", "max_completion_tokens", "temperature", "top_p", "logprobs",
           "top_logprobs", "stop", "seed", "stream", "stream_options", "echo", "suffix",
           "logit_bias", "dimensions", "encoding_format", "embedding_types", "truncate",
-          "output_dimension", "input_type", "chat_template_kwargs", "user", "best_of"]
+          "output_dimension", "input_type", "chat_template_kwargs", "user", "best_of",
+          "top_k", "min_p", "min_tokens", "stop_token_ids", "allowed_token_ids", "cache_salt",
+          "response_format", "structured_outputs", "metadata", "add_special_tokens",
+          "truncate_prompt_tokens", "made_up_field"]
+JSON = {"content-type": "application/json"}
+"""Every request declares its JSON, or it would be refused with a 415 before parsing."""
 message = st.fixed_dictionaries(
     {"role": st.sampled_from(["system", "user", "assistant", "developer", "tool"]) | odd_text,
      "content": odd_text | st.lists(st.fixed_dictionaries(
@@ -89,18 +94,20 @@ def assert_well_formed(response: Any) -> None:
 def test_schema_shaped_requests(client: TestClient, route: str, body: dict[str, Any]) -> None:
     if isinstance(body.get("max_tokens"), int) or "max_tokens" not in body:
         body.setdefault("max_tokens", 4)  # keep generation short; the shape is what matters
-    assert_well_formed(client.post(route, content=json.dumps(body)))
+    assert_well_formed(client.post(route, content=json.dumps(body), headers=JSON))
 
 
 @pytest.mark.parametrize("route", ROUTES)
 @FUZZ
 @given(body=json_values)
 def test_any_json(client: TestClient, route: str, body: Any) -> None:
-    assert_well_formed(client.post(route, content=json.dumps(body)))
+    assert_well_formed(client.post(route, content=json.dumps(body), headers=JSON))
 
 
 @pytest.mark.parametrize("route", ROUTES)
 @FUZZ
-@given(raw=st.binary(max_size=200))
-def test_any_bytes(client: TestClient, route: str, raw: bytes) -> None:
-    assert_well_formed(client.post(route, content=raw))
+@given(raw=st.binary(max_size=200), content_type=st.sampled_from(
+    ["application/json", "text/plain", "application/json; charset=latin-1", ""]))
+def test_any_bytes(client: TestClient, route: str, raw: bytes, content_type: str) -> None:
+    assert_well_formed(client.post(route, content=raw,
+                                   headers={"content-type": content_type}))
