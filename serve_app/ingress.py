@@ -146,7 +146,8 @@ class CompletionsService:
         """Length before work: refuse text that cannot fit before tokenizing any of it."""
         room = self._room(max_tokens)
         if budget.exceeds(texts, room):
-            raise too_long(sum(map(len, texts)), room, self.model.max_model_len, param)
+            raise too_long(sum(map(len, texts)), room, self.model.max_model_len, max_tokens,
+                           param)
 
     async def _token_ids(self, prompts: list[str] | list[list[int]], add_special_tokens: bool,
                          max_tokens: int | None) -> list[list[int]]:

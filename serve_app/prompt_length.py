@@ -153,10 +153,11 @@ class TextBudget:
         return len(text)
 
 
-def too_long(chars: int, limit: int, context: int, param: str) -> GatewayError:
+def too_long(chars: int, room: int, context: int, max_tokens: int | None,
+             param: str) -> GatewayError:
     """The context-length 400, for text refused before it was tokenized."""
+    left = f"the {room} tokens max_tokens {max_tokens} leaves" if max_tokens else f"{room} tokens"
     return GatewayError(
-        f"This model's maximum context length is {context} tokens; the prompt's "
-        f"{chars} characters cannot fit in the {limit} tokens left for it.",
-        400, param=param, code="context_length_exceeded")
-
+        f"This model's maximum context length is {context} tokens; the prompt's {chars} "
+        f"characters cannot fit in {left}.", 400,
+        param="max_tokens" if max_tokens else param, code="context_length_exceeded")
