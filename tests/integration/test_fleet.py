@@ -30,6 +30,7 @@ from serve_app.config import (
 )
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore
+from serve_app.protocol import SamplingFields
 from tests.integration.upstream_servers import ServerProcess
 
 DONE = b"data: [DONE]\n\n"
@@ -61,7 +62,8 @@ def new_tag(prefix: str) -> str:
 
 
 def call(tag: str, stream: bool = False) -> UpstreamCall:
-    return UpstreamCall("serve-app-demo", {"max_tokens": 4, "tag": tag, "stream": stream},
+    return UpstreamCall("serve-app-demo",
+                        SamplingFields(max_tokens=4, cache_salt=tag, stream=stream),
                         stream=stream)
 
 
@@ -427,7 +429,7 @@ async def test_reference_backends_fail_over_to_the_same_greedy_answer(
         references, make_core, demo_model_dir: Path, demo_tokenizer: Any) -> None:
     embedder = EmbedderCore.from_checkpoint(demo_model_dir, ModelConfig())
     embeds = embedder.embed_batch([demo_tokenizer("Tell me about France")["input_ids"]])
-    greedy = UpstreamCall("serve-app-demo", {"max_tokens": 8, "temperature": 0})
+    greedy = UpstreamCall("serve-app-demo", SamplingFields(max_tokens=8, temperature=0))
     core = make_core(*references)
     expected = orjson.loads((await core.complete(greedy, embeds)).body)["choices"][0]["text"]
     assert expected
@@ -437,7 +439,8 @@ async def test_reference_backends_fail_over_to_the_same_greedy_answer(
         asyncio.gather(*(core.complete(greedy, embeds) for _ in range(6))), 120)
     assert [reply.status for reply in replies] == [200] * 6
     assert {orjson.loads(r.body)["choices"][0]["text"] for r in replies} == {expected}
-    streamed = UpstreamCall("serve-app-demo", {**greedy.fields, "stream": True}, stream=True)
+    streamed = UpstreamCall("serve-app-demo", SamplingFields(max_tokens=8, temperature=0,
+                                                            stream=True), stream=True)
     items = [item async for item in core.stream(streamed, embeds)]
     text = "".join(p["choices"][0]["text"] for p in payloads(items[1:]) if p["choices"])
     assert text == expected and items[-1] == DONE

@@ -71,13 +71,13 @@ def fleet_app(serve_graph, servers) -> Iterator[FleetApp]:  # type: ignore[no-un
 
 def body(tag: str, stream: bool = True) -> dict[str, Any]:
     return {"model": "serve-app-demo", "prompt": "Tell me about France", "max_tokens": 4,
-            "stream": stream, "tag": tag}
+            "stream": stream, "cache_salt": tag}
 
 
 def sdk_args(tag: str) -> dict[str, Any]:
-    """`body` for the OpenAI SDK: the tag (which the fakes log) as an extra field."""
+    """`body` for the OpenAI SDK: the tag (which the fakes log) as vLLM's cache salt."""
     return {"model": "serve-app-demo", "prompt": "Tell me about France", "max_tokens": 4,
-            "extra_body": {"tag": tag}}
+            "extra_body": {"cache_salt": tag}}
 
 
 async def test_client_disconnect_reaches_the_upstream_within_a_second(

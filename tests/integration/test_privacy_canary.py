@@ -1,6 +1,7 @@
-"""A canary in prompts, chat messages, error-provoking requests and `user` never appears
-upstream, in any file Ray writes for the session (Serve access logs included), in the
-metrics, or in an error returned to another request."""
+"""A canary in prompts, chat messages, template variables, dropped and refused fields,
+error-provoking requests and `user` never appears upstream, in any file Ray writes for the
+session (Serve access logs included), in the metrics, or in an error returned to another
+request."""
 
 from __future__ import annotations
 
@@ -25,6 +26,13 @@ def send_canaries(client: openai.OpenAI, base_url: str, model: str) -> list[str]
     client.chat.completions.create(model=model, max_tokens=4, user=CANARY, messages=[
         {"role": "system", "content": CANARY}, {"role": "user", "content": CANARY}])
     client.embeddings.create(model="serve-app-demo-embed", input=[CANARY], user=CANARY)
+    # Fields that carry text and are dropped on the way: never forwarded.
+    client.chat.completions.create(model=model, max_tokens=4, metadata={"note": CANARY},
+                                   extra_body={"safety_identifier": CANARY,
+                                               "prompt_cache_key": CANARY,
+                                               "chat_template_kwargs": {"note": CANARY}},
+                                   messages=[{"role": "user", "content": CANARY,
+                                              "name": "canary"}])
     errors = []
     bad_requests = [
         lambda: client.completions.create(model=model, prompt=CANARY * 100, max_tokens=500),
@@ -36,13 +44,29 @@ def send_canaries(client: openai.OpenAI, base_url: str, model: str) -> list[str]
             "content": [{"type": "prompt_embeds", "data": CANARY}]}]),
         lambda: client.embeddings.create(model="serve-app-demo-embed",
                                          input=CANARY + " x" * 300),
+        # Unknown and refused fields: a 400 that names the field, never its text.
+        lambda: client.completions.create(model=model, prompt="France", max_tokens=4,
+                                          extra_body={"messages": [CANARY],
+                                                      "made_up": CANARY}),
+        lambda: client.chat.completions.create(model=model, messages=[
+            {"role": "user", "content": "x"}], extra_body={"documents": [{"text": CANARY}]}),
+        lambda: client.chat.completions.create(model=model, messages=[
+            {"role": "user", "content": "x"}], response_format={
+                "type": "json_schema", "json_schema": {"name": "x", "schema": {
+                    "description": CANARY}}}),
+        lambda: client.completions.create(model=model, prompt="x" * 20_000 + CANARY),
     ]
     for call in bad_requests:
         with pytest.raises(openai.BadRequestError) as caught:
             call()
         errors.append(str(caught.value.body))
-    raw = httpx.post(f"{base_url}/v1/completions", content=b'{"prompt": "' + CANARY.encode())
+    broken = b'{"prompt": "' + CANARY.encode()
+    raw = httpx.post(f"{base_url}/v1/completions", content=broken,
+                     headers={"content-type": "application/json"})
     assert raw.status_code == 400
+    errors.append(raw.text)
+    raw = httpx.post(f"{base_url}/v1/completions", content=broken)  # not declared JSON
+    assert raw.status_code == 415
     errors.append(raw.text)
     return errors
 
