@@ -197,6 +197,10 @@ class UpstreamConfig(StrictModel):
         return self
 
 
+PROMPT_TOKENS_FLOOR = 65536
+"""`limits.max_prompt_tokens` for a model whose context is shorter."""
+
+
 class LimitsConfig(StrictModel):
     """Caps checked before any heavy work; each refusal names its limit."""
 
@@ -225,8 +229,8 @@ class LimitsConfig(StrictModel):
     max_prompt_tokens: int | None = Field(
         None, ge=1,
         description="Most prompt tokens (embedding rows) one request sends upstream, over "
-        "all its prompts; defaults to the larger of the context and 65536 (512 MiB of "
-        "embeddings at hidden size 4096 in bf16).",
+        f"all its prompts; defaults to the larger of the context and {PROMPT_TOKENS_FLOOR} "
+        "(512 MiB of embeddings at hidden size 4096 in bf16).",
     )
     max_logprobs: int = Field(
         20, ge=0, le=1024,
@@ -242,6 +246,10 @@ class LimitsConfig(StrictModel):
         description="Requests one ingress replica holds while their bodies arrive, beside "
         "max_concurrent_requests (Serve's max_ongoing_requests is the sum).",
     )
+
+    def prompt_tokens_cap(self, context: int) -> int:
+        """`max_prompt_tokens`, or its default for a model of this context."""
+        return self.max_prompt_tokens or max(context, PROMPT_TOKENS_FLOOR)
 
 
 class PrivacyConfig(StrictModel):

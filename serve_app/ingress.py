@@ -124,8 +124,7 @@ class CompletionsService:
         self.split_special_tokens = tokenization.completion_special_tokens == "text"
         self.completion_budget = TextBudget.of(tokenizer, not self.split_special_tokens)
         self.chat_budget = TextBudget.of(tokenizer, not self.chat.specials)
-        self.max_prompt_tokens = self.limits.max_prompt_tokens or max(model.max_model_len,
-                                                                      65536)
+        self.max_prompt_tokens = self.limits.prompt_tokens_cap(model.max_model_len)
 
     @classmethod
     def from_config(cls, config: AppConfig, backend: GatewayBackend) -> CompletionsService:

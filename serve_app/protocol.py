@@ -60,7 +60,7 @@ class RequestModel(BaseModel):
     def _declared_fields_only(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        data = {key: value for key, value in data.items() if value is not None}
+        data = cls._respelled({key: value for key, value in data.items() if value is not None})
         known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
         for key in data:
             if key in known:
@@ -72,6 +72,11 @@ class RequestModel(BaseModel):
                                    param=_shown(key), code="unsupported_parameter")
             raise GatewayError(f"Unrecognized request argument supplied: {_shown(key)}", 400,
                                param=_shown(key), code="unrecognized_argument")
+        return data
+
+    @classmethod
+    def _respelled(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """`data` with other spellings of a field under its own name (none by default)."""
         return data
 
 
@@ -264,14 +269,15 @@ class CompletionRequest(SamplingFields):
         "prompt_logprobs": "it is not compatible with prompt embeds",
     }
 
-    @model_validator(mode="before")
     @classmethod
-    def _merge_embeds_spellings(cls, data: Any) -> Any:
-        if isinstance(data, dict) and "prompt-embeds" in data:
+    def _respelled(cls, data: dict[str, Any]) -> dict[str, Any]:
+        """NIM's `prompt-embeds` as `prompt_embeds`."""
+        if "prompt-embeds" in data:
             data = dict(data)
             nim_spelling = data.pop("prompt-embeds")
-            if data.get("prompt_embeds") is not None:
-                raise ValueError("send prompt_embeds or prompt-embeds, not both")
+            if "prompt_embeds" in data:
+                raise PydanticCustomError("prompt_embeds",
+                                          "send prompt_embeds or prompt-embeds, not both")
             data["prompt_embeds"] = nim_spelling
         return data
 
