@@ -8,10 +8,10 @@ guarded except `OPEN_PATHS`. Streams pass through untouched.
 
 from __future__ import annotations
 
-import asyncio
 import hmac
 from collections.abc import Sequence
 
+import anyio
 from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -126,26 +126,31 @@ class RequestGuardMiddleware:
         declared = dict(scope.get("headers") or []).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > limit:
             raise _too_large(limit)
-        loop = asyncio.get_running_loop()
-        deadline = loop.time() + self.limits.body_timeout_s
-        chunks: list[bytes] = []
-        size = 0
-        while True:
-            try:
-                message = await asyncio.wait_for(receive(), max(0.0, deadline - loop.time()))
-            except asyncio.TimeoutError:
-                raise GatewayError(
-                    f"The request body did not arrive within limits.body_timeout_s "
-                    f"({self.limits.body_timeout_s:g} s).", 408, code="body_timeout") from None
-            if message["type"] == "http.disconnect":
-                raise to_gateway_error(ClientDisconnect())
-            chunk = message.get("body", b"")
-            size += len(chunk)
-            if size > limit:
-                raise _too_large(limit)
-            chunks.append(chunk)
-            if not message.get("more_body", False):
-                return b"".join(chunks)
+        try:
+            # One deadline for the whole body (no timer per message: a large body arrives
+            # in hundreds of them).
+            with anyio.fail_after(self.limits.body_timeout_s):
+                return await _whole_body(receive, limit)
+        except TimeoutError:
+            raise GatewayError(
+                f"The request body did not arrive within limits.body_timeout_s "
+                f"({self.limits.body_timeout_s:g} s).", 408, code="body_timeout") from None
+
+
+async def _whole_body(receive: Receive, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise to_gateway_error(ClientDisconnect())
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise _too_large(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
 
 
 def _too_large(limit: int) -> GatewayError:
