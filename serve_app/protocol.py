@@ -37,9 +37,6 @@ Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 _TEXT_UPSTREAM = "it would carry client text to the upstream"
-_STRUCTURED = ("structured outputs carry their schema, regex, choices or grammar as text "
-               "to the upstream; this gateway is configured not to forward them "
-               "(privacy.forward_structured_outputs)")
 
 
 def _shown(name: str) -> str:
@@ -169,17 +166,9 @@ class VllmSampling(RequestModel):
         "length_penalty": "beam search is not served by this gateway",
         "truncate_prompt_tokens": "truncation of prompts is not served here; shorten the "
                                   "prompt on the client",
-        "guided_decoding_backend": _STRUCTURED,
-        "guided_whitespace_pattern": _STRUCTURED,
+        "guided_decoding_backend": "the upstream chooses its own decoding backend",
+        "guided_whitespace_pattern": "it is not served by this gateway",
     }
-
-    def token_id_fields(self) -> dict[str, list[int]]:
-        """Every token id this request names, by field, for the check against the vocab."""
-        fields = {"stop_token_ids": self.stop_token_ids or [],
-                  "allowed_token_ids": self.allowed_token_ids or []}
-        if isinstance(self, OpenAISampling) and self.logit_bias:
-            fields["logit_bias"] = [int(key) for key in self.logit_bias]
-        return fields
 
 
 STRUCTURED_OUTPUT_FIELDS = ("response_format", "structured_outputs", "guided_json",
