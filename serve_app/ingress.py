@@ -215,8 +215,10 @@ class CompletionsService:
                                param="model", code="model_not_found")
 
     def _check_sampling(self, request: CompletionRequest | ChatCompletionRequest,
-                        max_tokens: int | None, logprobs: int | None) -> None:
-        check_sampling(request, max_tokens, logprobs, self.limits, self.model.vocab_size)
+                        max_tokens: int | None, logprobs: int | None,
+                        logprobs_param: str = "logprobs") -> None:
+        check_sampling(request, max_tokens, logprobs, self.limits, self.model.vocab_size,
+                       logprobs_param)
         check_forwarding(request, self.privacy)
 
     async def _prepare(
@@ -271,7 +273,7 @@ class CompletionsService:
                     for m in request.messages)
         check_items(parts, self.limits, "messages")
         max_tokens = request.completion_max_tokens
-        self._check_sampling(request, max_tokens, request.max_logprobs)
+        self._check_sampling(request, max_tokens, request.max_logprobs, "top_logprobs")
         texts = request.texts()
         self._check_text_length(self.chat_budget, texts, max_tokens, "messages")
         rendered = await tokenize_off_loop_if_large(sum(map(len, texts)), self.chat.render,

@@ -21,7 +21,8 @@ def check_items(count: int, limits: LimitsConfig, param: str) -> None:
 
 
 def check_sampling(request: SamplingRequest, max_tokens: int | None, logprobs: int | None,
-                   limits: LimitsConfig, vocab_size: int) -> None:
+                   limits: LimitsConfig, vocab_size: int,
+                   logprobs_param: str = "logprobs") -> None:
     """`n`, `max_tokens` and `logprobs` within their caps; every token id the request names
     (logit_bias keys, stop_token_ids, allowed_token_ids) in the vocabulary."""
     if request.n > limits.max_n:
@@ -33,7 +34,7 @@ def check_sampling(request: SamplingRequest, max_tokens: int | None, logprobs: i
                            "accepted.", 400, param="max_tokens")
     if logprobs is not None and logprobs > limits.max_logprobs:
         raise GatewayError(f"At most {limits.max_logprobs} logprobs per token can be asked "
-                           f"for; the request asks for {logprobs}.", 400, param="logprobs")
+                           f"for; the request asks for {logprobs}.", 400, param=logprobs_param)
     if request.min_tokens and max_tokens is not None and request.min_tokens > max_tokens:
         raise GatewayError(f"min_tokens ({request.min_tokens}) is above max_tokens "
                            f"({max_tokens}).", 400, param="min_tokens")

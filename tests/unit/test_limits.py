@@ -206,7 +206,7 @@ async def test_clients_still_sending_hold_no_slot(
     ("path", "change", "param"),
     [
         ("/v1/completions", {"logprobs": 21}, "logprobs"),
-        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "logprobs"),
+        ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("/v1/completions", {"logit_bias": {"abc": 1}}, "logit_bias"),
         ("/v1/completions", {"logit_bias": {"-1": 1}}, "logit_bias"),
         ("/v1/completions", {"logit_bias": {"259": 1}}, "logit_bias"),
