@@ -24,7 +24,7 @@ from starlette.responses import Response
 from serve_app.checkpoint import load_tokenizer, tokenize_off_loop_if_large
 from serve_app.config import AppConfig, LimitsConfig
 from serve_app.encoder import EncoderCore, SentenceSpec, read_sentence_spec, resolve_encoder_dir
-from serve_app.errors import GatewayError, to_gateway_error
+from serve_app.errors import GatewayError, model_not_found, to_gateway_error
 from serve_app.limits import check_items
 from serve_app.prompt_length import TextBudget
 from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, TokenIds
@@ -133,8 +133,7 @@ class EmbeddingsService:
         if name in self.other_models:
             raise GatewayError(f"The model `{name}` does not serve embeddings.", 400,
                                param="model")
-        raise GatewayError(f"The model `{name}` does not exist.", 404, param="model",
-                           code="model_not_found")
+        raise model_not_found(name)
 
     async def _vectors(self, model: EmbeddingModel, ids: list[list[int]]) -> torch.Tensor:
         """Pack inputs in order into chunks of at most the model's limit; encode concurrently."""

@@ -88,6 +88,12 @@ class GatewayError(Exception):
         return b"data: " + self.to_body() + b"\n\n"
 
 
+def model_not_found(name: str) -> GatewayError:
+    """The 404 for a model this server does not serve, as OpenAI answers it."""
+    return GatewayError(f"The model `{name}` does not exist.", 404, param="model",
+                        code="model_not_found")
+
+
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 

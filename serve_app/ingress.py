@@ -39,7 +39,7 @@ from serve_app.config import AppConfig
 from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt, prompt_rows
 from serve_app.embeddings import EmbeddingsService, InProcessEncoders
-from serve_app.errors import GatewayError, to_gateway_error
+from serve_app.errors import GatewayError, model_not_found, to_gateway_error
 from serve_app.limits import check_forwarding, check_items, check_sampling
 from serve_app.middleware import BearerKeyMiddleware, RequestGuardMiddleware
 from serve_app.prompt_length import TextBudget, too_long
@@ -211,8 +211,7 @@ class CompletionsService:
 
     def _check_model(self, model: str) -> None:
         if model != self.served_name:
-            raise GatewayError(f"The model `{model}` does not exist.", 404,
-                               param="model", code="model_not_found")
+            raise model_not_found(model)
 
     def _check_sampling(self, request: CompletionRequest | ChatCompletionRequest,
                         max_tokens: int | None, logprobs: int | None,
@@ -411,8 +410,7 @@ def create_gateway_app(service: CompletionsService,
         for card in model_cards():
             if card.id == model_id:
                 return card
-        raise GatewayError(f"The model `{model_id}` does not exist.", 404, param="model",
-                           code="model_not_found")
+        raise model_not_found(model_id)
 
     @app.post("/v1/completions", responses=_answers(CompletionResponse))
     async def completions(request: Request) -> Response:

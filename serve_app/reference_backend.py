@@ -25,7 +25,7 @@ from starlette.responses import Response, StreamingResponse
 from serve_app.checkpoint import load_tokenizer, read_model_spec, resolve_model_dir, select_device
 from serve_app.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.config import ReferenceBackendConfig
-from serve_app.errors import GatewayError, to_gateway_error
+from serve_app.errors import GatewayError, model_not_found, to_gateway_error
 from serve_app.protocol import CompletionRequest
 from serve_app.reference_generation import (
     CompletionLogprobsBuilder,
@@ -68,8 +68,7 @@ class ReferenceBackend:
 
     def _validate(self, request: CompletionRequest) -> list[torch.Tensor]:
         if request.model != self.served_name:
-            raise GatewayError(f"The model `{request.model}` does not exist.", 404,
-                               param="model", code="model_not_found")
+            raise model_not_found(request.model)
         if request.text_prompts():
             raise GatewayError("This server accepts only prompt_embeds, not text prompts.",
                                400, param="prompt")
