@@ -15,6 +15,7 @@ Any other field is refused as OpenAI's API refuses it; a null value counts as un
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
@@ -58,12 +59,11 @@ class RequestModel(BaseModel):
         if not isinstance(data, dict):
             return data
         data = cls._respelled({key: value for key, value in data.items() if value is not None})
-        known = set(cls.model_fields) | {f.alias for f in cls.model_fields.values() if f.alias}
+        known = _declared(cls)
         for key in data:
             if key in known:
                 continue
-            reason = next((refused[key] for k in cls.__mro__
-                           if key in (refused := getattr(k, "refused", {}))), None)
+            reason = _refusals(cls).get(key)
             if reason:
                 raise GatewayError(f"{_shown(key)} is not accepted: {reason}.", 400,
                                    param=_shown(key), code="unsupported_parameter")
@@ -75,6 +75,21 @@ class RequestModel(BaseModel):
     def _respelled(cls, data: dict[str, Any]) -> dict[str, Any]:
         """`data` with other spellings of a field under its own name (none by default)."""
         return data
+
+
+@functools.cache
+def _declared(model: type[RequestModel]) -> frozenset[str]:
+    """A request model's field names and aliases (worked out once per model, not per
+    request: every message and content part of a chat is validated by one)."""
+    fields = model.model_fields.values()
+    return frozenset(model.model_fields) | {f.alias for f in fields if f.alias}
+
+
+@functools.cache
+def _refusals(model: type[RequestModel]) -> dict[str, str]:
+    """`refused` of a model and its bases, the nearest class's reason first."""
+    return {key: reason for klass in reversed(model.__mro__)
+            for key, reason in getattr(klass, "refused", {}).items()}
 
 
 def _token_id_shape(value: Any, what: str) -> Any:
