@@ -29,10 +29,11 @@ WINDOW_SLACK = 4
 subtracted per window, so a windowed count never exceeds the true one."""
 
 # Pieces of a tokenizer.json pipeline that keep every character of the text.
-_KEEPING_NORMALIZERS = {"NFD", "NFKD", "Lowercase", "Prepend", "Sequence"}
+# (`Sequence`s are walked into their members.)
+_KEEPING_NORMALIZERS = {"NFD", "NFKD", "Lowercase", "Prepend"}
 _COMPOSING_NORMALIZERS = {"NFC", "NFKC"}
 _KEEPING_PRE_TOKENIZERS = {"ByteLevel", "Metaspace", "Digits", "Punctuation",
-                           "UnicodeScripts", "Sequence", "Split"}
+                           "UnicodeScripts", "Split"}
 _MAX_COMPOSITION = 4
 """NFC composes at most this many code points into one (the longest canonical
 decomposition), so a composing normalizer shrinks text by no more than this."""
@@ -46,13 +47,19 @@ def _steps(component: dict[str, Any] | None, key: str) -> list[dict[str, Any]]:
     return [component]
 
 
+def _lengthens(replace: dict[str, Any]) -> bool:
+    """A `Replace` of a plain string by one at least as long (a regex may match any length)."""
+    pattern = (replace.get("pattern") or {}).get("String")
+    return isinstance(pattern, str) and 0 < len(pattern) <= len(replace.get("content") or "")
+
+
 def _shrink_factor(pipeline: dict[str, Any]) -> int | None:
     """How many characters of input text one character of tokenized text may stand for;
     None when the pipeline may drop characters outright."""
     factor = 1
     for step in _steps(pipeline.get("normalizer"), "normalizers"):
         kind = step.get("type")
-        if kind == "Replace" and step.get("content"):
+        if kind == "Replace" and _lengthens(step):
             continue  # SentencePiece's space -> "▁": one for one
         if kind in _COMPOSING_NORMALIZERS:
             factor = _MAX_COMPOSITION

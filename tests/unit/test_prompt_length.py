@@ -11,7 +11,7 @@ import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
@@ -77,6 +77,12 @@ def test_bounds_follow_the_pipeline() -> None:
     # Normalizers that delete characters leave no bound.
     assert chars_per_token(sentencepiece_like(normalizers.StripAccents()), True) is None
     assert chars_per_token(sentencepiece_like(normalizers.Strip()), True) is None
+    # SentencePiece's space -> "▁" keeps every character; a replacement that shortens, or a
+    # regex that may, does not.
+    assert chars_per_token(sentencepiece_like(normalizers.Replace(" ", "▁")), True) == 5
+    assert chars_per_token(sentencepiece_like(normalizers.Replace("  ", " ")), True) is None
+    assert chars_per_token(sentencepiece_like(
+        normalizers.Replace(Regex(" +"), " ")), True) is None
 
 
 @settings(max_examples=30, deadline=None)
