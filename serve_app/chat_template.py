@@ -64,9 +64,10 @@ class ChatTemplate:
         self.tokenizer = tokenizer
         self.template = template
         self.available = template is not None or bool(getattr(tokenizer, "chat_template", None))
-        specials_map = getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ())
+        special_names = getattr(tokenizer, "SPECIAL_TOKENS_ATTRIBUTES", ())
         self.reserved = (set(inspect.signature(tokenizer.apply_chat_template).parameters)
-                         | _TEMPLATE_NAMES | set(specials_map) | set(tokenizer.special_tokens_map))
+                         | _TEMPLATE_NAMES | set(special_names)
+                         | set(tokenizer.special_tokens_map))
         specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values()
                            if t.special}, key=len, reverse=True)
         self.specials = specials if special_tokens_as_text else []

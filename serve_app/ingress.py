@@ -118,12 +118,11 @@ class CompletionsService:
         self.backend = backend
         self.limits = config.limits
         self.privacy = config.privacy
-        tokenization = config.tokenization
-        self.chat = ChatTemplate(tokenizer, chat_template,
-                                 special_tokens_as_text=tokenization.chat_special_tokens == "text")
-        self.split_special_tokens = tokenization.completion_special_tokens == "text"
+        chat_parses = config.tokenization.chat_special_tokens == "parse"
+        self.chat = ChatTemplate(tokenizer, chat_template, special_tokens_as_text=not chat_parses)
+        self.split_special_tokens = config.tokenization.completion_special_tokens == "text"
         self.completion_budget = TextBudget.of(tokenizer, not self.split_special_tokens)
-        self.chat_budget = TextBudget.of(tokenizer, not self.chat.specials)
+        self.chat_budget = TextBudget.of(tokenizer, chat_parses)
         self.max_prompt_tokens = self.limits.prompt_tokens_cap(model.max_model_len)
 
     @classmethod
