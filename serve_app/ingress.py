@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Sequence
-from functools import partial
 from typing import Any, Protocol
 
 import orjson
@@ -152,14 +151,19 @@ class CompletionsService:
         if not prompts or not isinstance(prompts[0], str):
             return prompts  # type: ignore[return-value]
         texts: list[str] = prompts
+        # Long text is counted and tokenized off the event loop, its checks included.
+        return await tokenize_off_loop_if_large(sum(map(len, texts)), self._tokenize,
+                                                texts, add_special_tokens, max_tokens)
+
+    def _tokenize(self, texts: list[str], add_special_tokens: bool,
+                  max_tokens: int | None) -> list[list[int]]:
+        """Text prompts to token ids, refused first if they cannot fit."""
         for text in texts:
             self._check_text_length(self.completion_budget, [text], max_tokens, "prompt")
         if self.completion_budget.exceeds(texts, self.max_prompt_tokens):
             raise self._over_request_budget(sum(map(len, texts)), "characters")
-        encoded = await tokenize_off_loop_if_large(
-            sum(map(len, texts)), partial(self.tokenizer, add_special_tokens=add_special_tokens,
-                                          split_special_tokens=self.split_special_tokens),
-            texts)
+        encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens,
+                                 split_special_tokens=self.split_special_tokens)
         return list(encoded.input_ids)
 
     def _over_request_budget(self, amount: int, unit: str) -> GatewayError:
@@ -263,6 +267,12 @@ class CompletionsService:
         return SplicedPrompt(tuple(p if isinstance(p, list) else tensors[p]
                                    for p in rendered.pieces))
 
+    def _render(self, request: ChatCompletionRequest, texts: list[str],
+                max_tokens: int | None) -> RenderedChat:
+        """The templated, tokenized chat, refused first if its text cannot fit."""
+        self._check_text_length(self.chat_budget, texts, max_tokens, "messages")
+        return self.chat.render(request)
+
     async def _prepare_chat(
         self, request: ChatCompletionRequest
     ) -> tuple[UpstreamCall, list[UpstreamPrompt]]:
@@ -273,9 +283,8 @@ class CompletionsService:
         max_tokens = request.completion_max_tokens
         self._check_sampling(request, max_tokens, request.max_logprobs, "top_logprobs")
         texts = request.texts()
-        self._check_text_length(self.chat_budget, texts, max_tokens, "messages")
-        rendered = await tokenize_off_loop_if_large(sum(map(len, texts)), self.chat.render,
-                                                    request)
+        rendered = await tokenize_off_loop_if_large(sum(map(len, texts)), self._render,
+                                                    request, texts, max_tokens)
         if rendered.embeds:
             prompt = await asyncio.to_thread(self._splice, rendered, max_tokens)
         else:
