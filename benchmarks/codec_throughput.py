@@ -34,8 +34,8 @@ import pybase64
 import torch
 
 from serve_app.allocator import keep_payload_memory
-from serve_app.codec import EmbedsSpec, decode_prompt_embeds, encode_prompt_embeds
-from serve_app.dispatcher import build_upstream_body
+from serve_app.prompts.codec import EmbedsSpec, decode_prompt_embeds, encode_prompt_embeds
+from serve_app.upstream.dispatcher import build_upstream_body
 
 FIELDS = {"model": "llama-3.1-8b-instruct", "max_tokens": 1}
 

@@ -51,7 +51,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from serve_app import envs
-    from serve_app.demo_model import ensure_demo_model
+    from serve_app.demo.model import ensure_demo_model
 
     model_dir = ensure_demo_model(envs.cache_dir())
     tokenizer = AutoTokenizer.from_pretrained(model_dir)

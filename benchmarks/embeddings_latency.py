@@ -25,7 +25,7 @@ from pathlib import Path
 from openai import OpenAI
 
 from serve_app import envs
-from serve_app.demo_encoder import ensure_demo_encoder
+from serve_app.demo.encoder import ensure_demo_encoder
 
 MODEL = "serve-app-demo-embed"
 WORDS = "france is a country in western europe its capital is paris".split()

@@ -22,8 +22,8 @@ import pybase64
 import torch
 
 from serve_app.allocator import keep_payload_memory
-from serve_app.codec import encode_prompt_embeds
-from serve_app.embedder import EmbedderCore
+from serve_app.prompts.codec import encode_prompt_embeds
+from serve_app.prompts.embedder import EmbedderCore
 
 VOCAB, HIDDEN, PROMPT = 128256, 4096, 512
 

@@ -68,12 +68,12 @@ def cpu() -> float:
 route, spec = sys.argv[1], json.loads(sys.argv[2])
 REPEATS = spec["repeats"]
 from serve_app.config import AppConfig, BackendConfig, EmbeddingModelConfig, UpstreamConfig
-from serve_app.dispatcher import DispatcherCore
-from serve_app.embedder import EmbedderCore
-from serve_app.embeddings import EmbeddingsService, InProcessEncoders
-from serve_app.encoder import EncoderCore, resolve_encoder_dir
-from serve_app.checkpoint import resolve_model_dir
-from serve_app.ingress import CompletionsService, InProcessBackend, create_gateway_app
+from serve_app.upstream.dispatcher import DispatcherCore
+from serve_app.prompts.embedder import EmbedderCore
+from serve_app.sentence.service import EmbeddingsService, InProcessEncoders
+from serve_app.sentence.encoder import EncoderCore, resolve_encoder_dir
+from serve_app.prompts.checkpoint import resolve_model_dir
+from serve_app.api.completions import CompletionsService, InProcessBackend, create_gateway_app
 
 ANSWER = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
           "choices": [{"index": 0, "text": "ok", "logprobs": None, "finish_reason": "stop"}],

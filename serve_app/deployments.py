@@ -21,8 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import envs
 from serve_app.allocator import PAYLOAD_ENV_VARS, keep_payload_memory
-from serve_app.checkpoint import resolve_model_dir
-from serve_app.codec import EncodedPromptEmbeds
+from serve_app.api.completions import CompletionsService, UpstreamPrompt, create_gateway_app
 from serve_app.config import (
     AppConfig,
     BatchingConfig,
@@ -31,12 +30,13 @@ from serve_app.config import (
     ReferenceBackendConfig,
     UpstreamConfig,
 )
-from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
-from serve_app.embedder import EmbedderCore, PromptInput
-from serve_app.embeddings import EmbeddingsService
-from serve_app.encoder import EncoderCore, resolve_encoder_dir
-from serve_app.ingress import CompletionsService, UpstreamPrompt, create_gateway_app
-from serve_app.reference_backend import ReferenceBackend, create_reference_app
+from serve_app.prompts.checkpoint import resolve_model_dir
+from serve_app.prompts.codec import EncodedPromptEmbeds
+from serve_app.prompts.embedder import EmbedderCore, PromptInput
+from serve_app.reference.server import ReferenceBackend, create_reference_app
+from serve_app.sentence.encoder import EncoderCore, resolve_encoder_dir
+from serve_app.sentence.service import EmbeddingsService
+from serve_app.upstream.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 
 logger = logging.getLogger(__name__)
 

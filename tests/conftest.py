@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from serve_app import envs
-from serve_app.demo_model import ensure_demo_model
+from serve_app.demo.model import ensure_demo_model
 
 
 @pytest.fixture(scope="session")
@@ -40,7 +40,7 @@ def demo_causal_lm(demo_model_dir: Path):  # type: ignore[no-untyped-def]
 
 @pytest.fixture(scope="session")
 def demo_encoder_dir(cache_dir: Path) -> Path:
-    from serve_app.demo_encoder import ensure_demo_encoder
+    from serve_app.demo.encoder import ensure_demo_encoder
 
     return ensure_demo_encoder(cache_dir)
 

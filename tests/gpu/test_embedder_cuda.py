@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from serve_app.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.config import ModelConfig
-from serve_app.embedder import EmbedderCore
+from serve_app.prompts.codec import EmbedsSpec, decode_prompt_embeds
+from serve_app.prompts.embedder import EmbedderCore
 
 pytestmark = [
     pytest.mark.gpu,

@@ -10,9 +10,9 @@ import pytest
 import torch
 
 from serve_app.config import EmbeddingModelConfig, ModelConfig, ReferenceBackendConfig
-from serve_app.encoder import EncoderCore
 from serve_app.protocol import CompletionRequest
-from serve_app.reference_backend import ReferenceBackend
+from serve_app.reference.server import ReferenceBackend
+from serve_app.sentence.encoder import EncoderCore
 
 pytestmark = [
     pytest.mark.gpu,

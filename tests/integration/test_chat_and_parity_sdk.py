@@ -8,7 +8,7 @@ import openai
 import orjson
 import pytest
 
-from serve_app.responses import ChatCompletionChunk, ChatCompletionResponse
+from serve_app.protocol import ChatCompletionChunk, ChatCompletionResponse
 from tests.integration.conftest import client_side_embeds
 
 pytestmark = pytest.mark.integration

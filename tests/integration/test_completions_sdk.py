@@ -7,7 +7,7 @@ import asyncio
 import openai
 import pytest
 
-from serve_app.responses import CompletionResponse, ModelList
+from serve_app.protocol import CompletionResponse, ModelList
 from tests.integration.conftest import client_side_embeds
 
 pytestmark = pytest.mark.integration

@@ -19,7 +19,6 @@ import orjson
 import pytest
 import torch
 
-from serve_app.codec import encode_prompt_embeds
 from serve_app.config import (
     BackendConfig,
     HealthConfig,
@@ -28,9 +27,10 @@ from serve_app.config import (
     UpstreamConfig,
     UpstreamTimeouts,
 )
-from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
-from serve_app.embedder import EmbedderCore
+from serve_app.prompts.codec import encode_prompt_embeds
+from serve_app.prompts.embedder import EmbedderCore
 from serve_app.protocol import SamplingFields
+from serve_app.upstream.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 from tests.integration.upstream_servers import ServerProcess
 
 DONE = b"data: [DONE]\n\n"

@@ -12,7 +12,7 @@ import pybase64
 import pytest
 import torch
 
-from serve_app.codec import base64_length
+from serve_app.prompts.codec import base64_length
 from tests.integration.conftest import BY_VALUE_MAX_BYTES
 
 pytestmark = pytest.mark.integration

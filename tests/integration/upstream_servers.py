@@ -125,7 +125,7 @@ def create_fake_app(name: str, log: Path) -> Starlette:
 
 def create_reference() -> Any:
     from serve_app.config import ReferenceBackendConfig
-    from serve_app.reference_backend import ReferenceBackend, create_reference_app
+    from serve_app.reference.server import ReferenceBackend, create_reference_app
 
     return create_reference_app(ReferenceBackend.from_config(ReferenceBackendConfig()))
 

@@ -13,6 +13,7 @@ import pybase64
 import pytest
 import torch
 
+from serve_app.api.completions import CompletionsService, InProcessBackend, create_gateway_app
 from serve_app.config import (
     AppConfig,
     BackendConfig,
@@ -22,12 +23,11 @@ from serve_app.config import (
     ReferenceBackendConfig,
     UpstreamConfig,
 )
-from serve_app.dispatcher import DispatcherCore
-from serve_app.embedder import EmbedderCore
-from serve_app.embeddings import EmbeddingsService, InProcessEncoders
-from serve_app.encoder import EncoderCore
-from serve_app.ingress import CompletionsService, InProcessBackend, create_gateway_app
-from serve_app.reference_backend import ReferenceBackend, create_reference_app
+from serve_app.prompts.embedder import EmbedderCore
+from serve_app.reference.server import ReferenceBackend, create_reference_app
+from serve_app.sentence.encoder import EncoderCore
+from serve_app.sentence.service import EmbeddingsService, InProcessEncoders
+from serve_app.upstream.dispatcher import DispatcherCore
 from tests.unit.gateway_client import GatewayFactory, RecordingASGITransport
 
 UPSTREAM = UpstreamConfig(backends=[BackendConfig(url="http://ref/v1")])

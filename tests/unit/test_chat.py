@@ -13,8 +13,8 @@ import pybase64
 import pytest
 import torch
 
-from serve_app.chat_template import ChatTemplate, load_chat_template
 from serve_app.errors import GatewayError
+from serve_app.prompts.chat_template import ChatTemplate, load_chat_template
 from serve_app.protocol import ChatCompletionRequest
 from tests.unit.gateway_client import (
     CANARY,

@@ -26,9 +26,10 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app import cluster_config, deployments
-from serve_app.cluster_config import render_gpu_config, validate_serve_config
+from serve_app import deployments
 from serve_app.config import AppConfig, ReferenceBackendConfig
+from serve_app.deploy import cluster_config
+from serve_app.deploy.cluster_config import render_gpu_config, validate_serve_config
 
 REPO = Path(__file__).resolve().parents[2]
 CLUSTER = REPO / "cluster"
@@ -353,7 +354,7 @@ def test_generated_files_match_their_sources(
 
 def test_cli_check_passes_on_the_repository() -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "serve_app.cluster_config", "--check"],
+        [sys.executable, "-m", "serve_app.deploy.cluster_config", "--check"],
         cwd=REPO, capture_output=True, text=True, timeout=120, check=False,
     )
     assert result.returncode == 0, result.stderr

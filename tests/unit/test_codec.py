@@ -1,4 +1,4 @@
-"""serve_app.codec: the prompt-embeds wire format and the safe decoder of untrusted input."""
+"""serve_app.prompts.codec: the prompt-embeds wire format and the safe decode of client input."""
 
 from __future__ import annotations
 
@@ -12,14 +12,14 @@ import pybase64
 import pytest
 import torch
 
-from serve_app import codec
-from serve_app.codec import (
+from serve_app.errors import GatewayError
+from serve_app.prompts import codec
+from serve_app.prompts.codec import (
     EmbedsSpec,
     _has_internal_overlap,
     decode_prompt_embeds,
     encode_prompt_embeds,
 )
-from serve_app.errors import GatewayError
 
 HIDDEN = 8
 MAX_ROWS = 16

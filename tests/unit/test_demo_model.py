@@ -10,8 +10,8 @@ from typing import Any
 import pytest
 import torch
 
-from serve_app import demo_model
-from serve_app.demo_model import build_demo_model, ensure_demo_model
+from serve_app.demo import model as demo_model
+from serve_app.demo.model import build_demo_model, ensure_demo_model
 
 PROMPT = "Tell me about France"
 
@@ -93,7 +93,7 @@ def test_ensure_demo_model_reuses_the_cache(
 
 
 def test_demo_encoder_builds_identically(tmp_path: Path, demo_encoder_dir: Path) -> None:
-    from serve_app.demo_encoder import build_demo_encoder
+    from serve_app.demo.encoder import build_demo_encoder
 
     again = build_demo_encoder(tmp_path / "again")
     for name in ("model.safetensors", "modules.json", "1_Pooling/config.json", "vocab.txt"):

@@ -10,16 +10,16 @@ import orjson
 import pytest
 import torch
 
-from serve_app.chat_response import ChatShape
-from serve_app.codec import EncodedPromptEmbeds, encode_prompt_embeds
 from serve_app.config import BackendConfig, UpstreamConfig
-from serve_app.dispatcher import (
+from serve_app.prompts.codec import EncodedPromptEmbeds, encode_prompt_embeds
+from serve_app.protocol import SamplingFields
+from serve_app.upstream.answers import ChatShape
+from serve_app.upstream.dispatcher import (
     DispatcherCore,
     UpstreamCall,
     UpstreamReply,
     build_upstream_body,
 )
-from serve_app.protocol import SamplingFields
 
 SERVED = "serve-app-demo"
 UPSTREAM_URL = "http://upstream.test/v1"

@@ -11,10 +11,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
-from serve_app.checkpoint import ModelSpec, load_input_embeddings, read_model_spec
-from serve_app.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.config import ModelConfig
-from serve_app.embedder import EmbedderCore, SplicedPrompt
+from serve_app.prompts.checkpoint import ModelSpec, load_input_embeddings, read_model_spec
+from serve_app.prompts.codec import EmbedsSpec, decode_prompt_embeds
+from serve_app.prompts.embedder import EmbedderCore, SplicedPrompt
 
 # Different lengths in one batch, including a single token and the whole vocabulary.
 BATCH = [[0, 54, 71, 78], [7], list(range(259)), [258, 0, 258, 3, 3, 3, 100, 1, 2]]
@@ -160,7 +160,7 @@ def test_hub_download_skips_weights_only_where_they_are_not_read(
         monkeypatch: pytest.MonkeyPatch, tmp_path: Path, weights: bool) -> None:
     import huggingface_hub
 
-    from serve_app.checkpoint import resolve_model_dir
+    from serve_app.prompts.checkpoint import resolve_model_dir
 
     asked: dict[str, Any] = {}
 

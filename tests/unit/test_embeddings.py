@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from serve_app.config import EmbeddingModelConfig, EncoderBatchingConfig
-from serve_app.embeddings import EmbeddingsService, InProcessEncoders
-from serve_app.encoder import EncoderCore, read_sentence_spec
+from serve_app.sentence.encoder import EncoderCore, read_sentence_spec
+from serve_app.sentence.service import EmbeddingsService, InProcessEncoders
 from tests.unit.gateway_client import CANARY, RecordingASGITransport, error_of
 
 EMBED = "serve-app-demo-embed"
@@ -263,7 +263,7 @@ def _tiny_checkpoint(path: Path, pooling: str, normalize: bool) -> Path:
     from sentence_transformers import SentenceTransformer, models
     from transformers import BertConfig, BertModel
 
-    from serve_app.demo_encoder import build_demo_encoder
+    from serve_app.demo.encoder import build_demo_encoder
 
     base = build_demo_encoder(path / "base")
     torch.manual_seed(0)
@@ -313,7 +313,7 @@ def test_without_sentence_transformers_files_the_config_decides(
 
 
 def core_tokenizer(path: Path) -> Any:
-    from serve_app.checkpoint import load_tokenizer
+    from serve_app.prompts.checkpoint import load_tokenizer
 
     return load_tokenizer(path)
 

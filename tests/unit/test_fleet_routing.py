@@ -15,9 +15,9 @@ import orjson
 import pytest
 import torch
 
-from serve_app.codec import encode_prompt_embeds
 from serve_app.config import BackendConfig, UpstreamConfig
-from serve_app.dispatcher import DispatcherCore, UpstreamCall, retry_after_seconds
+from serve_app.prompts.codec import encode_prompt_embeds
+from serve_app.upstream.dispatcher import DispatcherCore, UpstreamCall, retry_after_seconds
 
 EMBEDS = [encode_prompt_embeds(torch.randn(2, 4))]
 

@@ -14,11 +14,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
+from serve_app.api.completions import CompletionsService, InProcessBackend, create_gateway_app
 from serve_app.config import AppConfig, BackendConfig, UpstreamConfig
-from serve_app.dispatcher import DispatcherCore
-from serve_app.embedder import EmbedderCore
-from serve_app.embeddings import EmbeddingsService
-from serve_app.ingress import CompletionsService, InProcessBackend, create_gateway_app
+from serve_app.prompts.embedder import EmbedderCore
+from serve_app.sentence.service import EmbeddingsService
+from serve_app.upstream.dispatcher import DispatcherCore
 
 ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v2/embed"]
 MODELS = ["serve-app-demo", "serve-app-demo-embed", "", "x" * 300]

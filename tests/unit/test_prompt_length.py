@@ -15,7 +15,7 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from serve_app.prompt_length import WINDOW_CHARS, WINDOWED_ABOVE, TextBudget, chars_per_token
+from serve_app.prompts.text_budget import WINDOW_CHARS, WINDOWED_ABOVE, TextBudget, chars_per_token
 from tests.unit.gateway_client import (
     GREEDY,
     GatewayFactory,

@@ -15,7 +15,7 @@ import torch
 
 from serve_app.config import ReferenceBackendConfig
 from serve_app.protocol import CompletionRequest
-from serve_app.reference_backend import ReferenceBackend, create_reference_app
+from serve_app.reference.server import ReferenceBackend, create_reference_app
 
 MODEL = "serve-app-demo"
 FRANCE = "What is the capital of France?"
@@ -461,7 +461,7 @@ async def test_penalties_change_greedy_text(client: httpx.AsyncClient, embed: An
 
 
 def test_penalties_follow_openai_formula() -> None:
-    from serve_app.reference_generation import SamplingParams, _adjust
+    from serve_app.reference.generation import SamplingParams, _adjust
 
     params = SamplingParams(max_tokens=1, presence_penalty=0.5, frequency_penalty=0.25,
                             logit_bias={2: 3.0})

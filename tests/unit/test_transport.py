@@ -12,12 +12,12 @@ import pybase64
 import pytest
 import torch
 
-from serve_app.codec import EncodedPromptEmbeds, base64_length, encode_prompt_embeds
+from serve_app.api.completions import CompletionsService, UpstreamPrompt
 from serve_app.config import GRPC_PAYLOAD_LIMIT, AppConfig, BackendConfig, UpstreamConfig
 from serve_app.deployments import ServeBackend
-from serve_app.dispatcher import UpstreamCall, UpstreamReply
-from serve_app.embedder import SplicedPrompt, prompt_rows
-from serve_app.ingress import CompletionsService, UpstreamPrompt
+from serve_app.prompts.codec import EncodedPromptEmbeds, base64_length, encode_prompt_embeds
+from serve_app.prompts.embedder import SplicedPrompt, prompt_rows
+from serve_app.upstream.dispatcher import UpstreamCall, UpstreamReply
 
 LIMIT = 10_000
 

@@ -21,13 +21,12 @@ from typing import Any, TypeVar, cast
 import httpx
 import orjson
 
-from serve_app.chat_response import ChatShape, ChatStreamConverter, chat_completion
-from serve_app.codec import EncodedPromptEmbeds, Piece
 from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
-from serve_app.fleet import Backend, Fleet
-from serve_app.protocol import SamplingFields
-from serve_app.responses import SSE_DONE
+from serve_app.prompts.codec import EncodedPromptEmbeds, Piece
+from serve_app.protocol import SSE_DONE, SamplingFields
+from serve_app.upstream.answers import ChatShape, ChatStreamConverter, chat_completion
+from serve_app.upstream.fleet import Backend, Fleet
 
 _WRITE_TIMEOUT_S = 60.0
 _KEEPALIVE_CONNECTIONS = 256

@@ -22,12 +22,17 @@ import torch
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
-from serve_app.checkpoint import load_tokenizer, read_model_spec, resolve_model_dir, select_device
-from serve_app.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.config import ReferenceBackendConfig
 from serve_app.errors import GatewayError, model_not_found, to_gateway_error
-from serve_app.protocol import CompletionRequest
-from serve_app.reference_generation import (
+from serve_app.prompts.checkpoint import (
+    load_tokenizer,
+    read_model_spec,
+    resolve_model_dir,
+    select_device,
+)
+from serve_app.prompts.codec import EmbedsSpec, decode_prompt_embeds
+from serve_app.protocol import SSE_DONE, CompletionRequest, ModelCard, ModelList
+from serve_app.reference.generation import (
     CompletionLogprobsBuilder,
     SamplingParams,
     TextAssembler,
@@ -35,7 +40,6 @@ from serve_app.reference_generation import (
     TokenStep,
     decode_steps,
 )
-from serve_app.responses import SSE_DONE, ModelCard, ModelList
 
 Emit = Callable[[int, TextDelta | None, str | None], None]
 """`emit(choice index, new text or None, finish reason or None)`."""

@@ -19,43 +19,41 @@ from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import Response, StreamingResponse
 
-from serve_app.chat_response import ChatShape
-from serve_app.chat_template import ChatTemplate, RenderedChat, load_chat_template
-from serve_app.checkpoint import (
+from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware
+from serve_app.config import AppConfig
+from serve_app.errors import GatewayError, model_not_found, to_gateway_error
+from serve_app.limits import check_forwarding, check_items, check_sampling
+from serve_app.prompts.chat_template import ChatTemplate, RenderedChat, load_chat_template
+from serve_app.prompts.checkpoint import (
     ModelSpec,
     load_tokenizer,
     read_model_spec,
     resolve_model_dir,
     tokenize_off_loop_if_large,
 )
-from serve_app.codec import (
+from serve_app.prompts.codec import (
     EncodedPromptEmbeds,
     base64_length,
     decode_prompt_embeds,
     encode_prompt_embeds,
 )
-from serve_app.config import AppConfig
-from serve_app.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
-from serve_app.embedder import EmbedderCore, PromptInput, SplicedPrompt, prompt_rows
-from serve_app.embeddings import EmbeddingsService, InProcessEncoders
-from serve_app.errors import GatewayError, model_not_found, to_gateway_error
-from serve_app.limits import check_forwarding, check_items, check_sampling
-from serve_app.middleware import BearerKeyMiddleware, RequestGuardMiddleware
-from serve_app.prompt_length import TextBudget, too_long
+from serve_app.prompts.embedder import EmbedderCore, PromptInput, SplicedPrompt, prompt_rows
+from serve_app.prompts.text_budget import TextBudget, too_long
 from serve_app.protocol import (
+    SSE_DONE,
     ChatCompletionRequest,
+    ChatCompletionResponse,
     CohereEmbedRequest,
     CompletionRequest,
-    EmbeddingRequest,
-)
-from serve_app.responses import (
-    SSE_DONE,
-    ChatCompletionResponse,
     CompletionResponse,
+    EmbeddingRequest,
     ErrorResponse,
     ModelCard,
     ModelList,
 )
+from serve_app.sentence.service import EmbeddingsService, InProcessEncoders
+from serve_app.upstream.answers import ChatShape
+from serve_app.upstream.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
 
 UpstreamPrompt = PromptInput | EncodedPromptEmbeds
 """One prompt of an upstream call, in vLLM's order: to be embedded, or a client's

@@ -4,7 +4,7 @@ Built locally with no network in about a second, identical on every build (seede
 initialisation, no training), so the embeddings endpoints work out of the box and tests can
 compare the gateway's vectors with sentence-transformers on the very same files:
 
-    python -m serve_app.demo_encoder DIR
+    python -m serve_app.demo.encoder DIR
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from serve_app.demo_model import build_once
-from serve_app.demo_text import DEMO_TEXT
+from serve_app.demo.model import build_once
+from serve_app.demo.text import DEMO_TEXT
 
 BUILD_VERSION = "v1"
 """Bump when the recipe changes, so caches of older builds are not reused."""

@@ -17,8 +17,8 @@ from typing import Any, TypeVar
 import torch
 
 from serve_app import envs
-from serve_app.codec import EmbedsSpec
 from serve_app.config import DEMO_MODEL, ModelConfig
+from serve_app.prompts.codec import EmbedsSpec
 
 logger = logging.getLogger(__name__)
 
@@ -58,7 +58,7 @@ def resolve_model_dir(config: ModelConfig, weights: bool = True) -> Path:
     a hub download then skips the weight files (16 GB for an 8B model).
     """
     if config.source == DEMO_MODEL:
-        from serve_app.demo_model import ensure_demo_model
+        from serve_app.demo.model import ensure_demo_model
 
         path = ensure_demo_model(envs.cache_dir())
         logger.warning("demo model at %s", path)

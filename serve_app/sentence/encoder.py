@@ -17,8 +17,8 @@ from typing import Any, Literal
 import torch
 
 from serve_app import envs
-from serve_app.checkpoint import local_or_hub, select_device
 from serve_app.config import DEMO_ENCODER, EmbeddingModelConfig
+from serve_app.prompts.checkpoint import local_or_hub, select_device
 
 Pooling = Literal["mean", "cls", "last"]
 
@@ -34,7 +34,7 @@ _UNREASONABLE_MAX_LENGTH = 1_000_000  # tokenizers without a limit report ~1e30
 
 def resolve_encoder_dir(config: EmbeddingModelConfig) -> Path:
     if config.source == DEMO_ENCODER:
-        from serve_app.demo_encoder import ensure_demo_encoder
+        from serve_app.demo.encoder import ensure_demo_encoder
 
         return ensure_demo_encoder(envs.cache_dir())
     return local_or_hub(config.source, config.revision)
@@ -142,7 +142,7 @@ class EncoderCore:
     def from_checkpoint(cls, model_dir: Path, config: EmbeddingModelConfig) -> EncoderCore:
         from transformers import AutoModel
 
-        from serve_app.checkpoint import load_tokenizer
+        from serve_app.prompts.checkpoint import load_tokenizer
 
         tokenizer = load_tokenizer(model_dir)
         spec = read_sentence_spec(model_dir, config, tokenizer)

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import torch
 
-from serve_app.checkpoint import load_input_embeddings, read_model_spec, select_device
-from serve_app.codec import EncodedPromptEmbeds, encode_prompt_embeds
 from serve_app.config import ModelConfig
+from serve_app.prompts.checkpoint import load_input_embeddings, read_model_spec, select_device
+from serve_app.prompts.codec import EncodedPromptEmbeds, encode_prompt_embeds
 
 
 @dataclass(frozen=True)

@@ -4,7 +4,7 @@ Built locally with no network in a few seconds, identical on every build (seeded
 single-threaded training on `DEMO_TEXT`), so the default config runs anywhere and a client
 can rebuild the very same model to compute its own prompt embeddings:
 
-    python -m serve_app.demo_model DIR
+    python -m serve_app.demo.model DIR
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from serve_app.demo_text import DEMO_TEXT
+from serve_app.demo.text import DEMO_TEXT
 
 logger = logging.getLogger(__name__)
 

@@ -21,14 +21,18 @@ import pybase64
 import torch
 from starlette.responses import Response
 
-from serve_app.checkpoint import load_tokenizer, tokenize_off_loop_if_large
 from serve_app.config import AppConfig, LimitsConfig
-from serve_app.encoder import EncoderCore, SentenceSpec, read_sentence_spec, resolve_encoder_dir
 from serve_app.errors import GatewayError, model_not_found, to_gateway_error
 from serve_app.limits import check_items
-from serve_app.prompt_length import TextBudget
-from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, TokenIds
-from serve_app.responses import ModelCard
+from serve_app.prompts.checkpoint import load_tokenizer, tokenize_off_loop_if_large
+from serve_app.prompts.text_budget import TextBudget
+from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, ModelCard, TokenIds
+from serve_app.sentence.encoder import (
+    EncoderCore,
+    SentenceSpec,
+    read_sentence_spec,
+    resolve_encoder_dir,
+)
 
 Truncation = Literal["START", "END"] | None
 

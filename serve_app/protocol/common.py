@@ -1,0 +1,47 @@
+"""What every API answers alike: errors, model cards, usage, and the end of a stream."""
+
+from __future__ import annotations
+
+import time
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+SSE_DONE = b"data: [DONE]\n\n"
+"""The last event of every completion stream."""
+
+
+class ResponseModel(BaseModel):
+    """An answer the gateway builds: its own fields only, so a typo cannot add one."""
+
+    model_config = ConfigDict(extra="forbid")
+
+
+class ErrorInfo(ResponseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int | str | None = None
+
+
+class ErrorResponse(ResponseModel):
+    error: ErrorInfo
+
+
+class ModelCard(ResponseModel):
+    id: str
+    object: Literal["model"] = "model"
+    created: int = Field(default_factory=lambda: int(time.time()))
+    owned_by: str = "serve_app"
+    max_model_len: int | None = None
+
+
+class ModelList(ResponseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class UsageInfo(ResponseModel):
+    prompt_tokens: int = 0
+    completion_tokens: int | None = 0
+    total_tokens: int = 0
