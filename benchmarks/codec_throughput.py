@@ -4,7 +4,7 @@
 
 For a `(rows, hidden)` bf16 tensor (Llama-3.1-8B's hidden size by default) it times:
 - memcpy: a copy of the tensor's bytes (numpy `copyto`), the machine's floor;
-- payload path: tensor -> upstream-ready body pieces (`encode_prompt_embeds` +
+- payload path: tensor -> upstream-ready body buffers (`encode_prompt_embeds` +
   `build_upstream_body`: the bytes the Dispatcher hands to the socket);
 - seed pattern: what the NIM and vLLM docs show: `torch.save` to a buffer, stdlib
   `base64.b64encode`, `json.dumps` of the body, `.encode()`;
@@ -34,8 +34,9 @@ import pybase64
 import torch
 
 from serve_app.allocator import keep_payload_memory
-from serve_app.prompts.codec import EmbedsSpec, decode_prompt_embeds, encode_prompt_embeds
-from serve_app.upstream.dispatcher import build_upstream_body
+from serve_app.prompts.codec import encode_prompt_embeds
+from serve_app.prompts.untrusted import EmbedsSpec, decode_prompt_embeds
+from serve_app.upstream.wire import build_upstream_body
 
 FIELDS = {"model": "llama-3.1-8b-instruct", "max_tokens": 1}
 

@@ -1,13 +1,13 @@
 """End-to-end latency of one short completion through the gateway, with its baseline.
 
-Run against `serve run serve_config.yaml` (gateway at /, reference backend at /reference):
+Run against `serve run serve_config.yaml` (gateway at /, reference upstream at /reference):
 
     python benchmarks/completion_latency.py --requests 50
 
-Gateway: text prompt -> gateway (tokenize, batched embed, dispatch) -> reference backend.
+Gateway: text prompt -> gateway (tokenize, batched embed, dispatch) -> reference upstream.
 Baseline: the seed pattern measured in the same run, i.e. the client computes the prompt
 embeddings itself (tokenizer -> get_input_embeddings -> torch.save -> base64) and posts
-them straight to the reference backend. Both generate the same tokens from the same
+them straight to the reference upstream. Both generate the same tokens from the same
 embeddings, so the difference is what the gateway adds. Prints medians and p90s.
 """
 

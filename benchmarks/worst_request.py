@@ -70,10 +70,12 @@ REPEATS = spec["repeats"]
 from serve_app.config import AppConfig, BackendConfig, EmbeddingModelConfig, UpstreamConfig
 from serve_app.upstream.dispatcher import DispatcherCore
 from serve_app.prompts.embedder import EmbedderCore
-from serve_app.sentence.service import EmbeddingsService, InProcessEncoders
+from serve_app.sentence.service import SentenceService, InProcessEncoderClient
 from serve_app.sentence.encoder import EncoderCore, resolve_encoder_dir
 from serve_app.prompts.checkpoint import resolve_model_dir
-from serve_app.api.completions import CompletionsService, InProcessBackend, create_gateway_app
+from serve_app.api.app import create_gateway_app
+from serve_app.api.completions import CompletionsService
+from serve_app.api.pipeline import InProcessPipeline
 
 ANSWER = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
           "choices": [{"index": 0, "text": "ok", "logprobs": None, "finish_reason": "stop"}],
@@ -82,11 +84,11 @@ upstream = UpstreamConfig(backends=[BackendConfig(url="http://stub/v1")])
 config = AppConfig(upstream=upstream, embedding_models=[EmbeddingModelConfig()])
 stub = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, json=ANSWER)))
 embedder = EmbedderCore.from_checkpoint(resolve_model_dir(config.model), config.model)
-backend = InProcessBackend(embedder, DispatcherCore(upstream, stub))
+backend = InProcessPipeline(embedder, DispatcherCore(upstream, stub))
 service = CompletionsService.from_config(config, backend)
 [model] = config.embedding_models
 encoder = EncoderCore.from_checkpoint(resolve_encoder_dir(model), model)
-embeddings = EmbeddingsService.from_config(config, InProcessEncoders({model.name: encoder}))
+embeddings = SentenceService.from_config(config, InProcessEncoderClient({model.name: encoder}))
 app = create_gateway_app(service, embeddings)
 
 def body(chars: int) -> bytes:

@@ -1,3 +1,14 @@
-"""serve_app: an OpenAI-compatible gateway that sends only prompt embeddings upstream."""
+"""serve_app: an OpenAI-compatible gateway that sends only prompt embeddings upstream.
+
+Layers, each importing only from those below it (docs/architecture.md):
+- edge: `deployments` (Serve shells, app builders, deployment options), `handles` (the
+  pipeline over deployment handles), `allocator`;
+- `api`: the FastAPI app, guards, routes, and the completions service;
+- `upstream` (Dispatcher and fleet), `sentence` (sentence embeddings) and `reference` (the
+  embedded upstream), side by side;
+- `prompts`: tokenizer, chat template, wire format, embedding lookup;
+- ground: `protocol`, `errors`, `endpoint`, `limits`, `config`, `envs`.
+`demo` and `deploy` stand apart from the request path.
+"""
 
 __version__ = "0.1.0"

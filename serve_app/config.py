@@ -1,7 +1,9 @@
-"""The one typed configuration of the gateway (`AppConfig`) and of the reference backend.
+"""The one typed configuration of the gateway (`AppConfig`) and of the reference upstream.
 
 Serve validates `serve_config.yaml`'s `args` against these models at deploy time, so a
-mistake is reported with the name of the field before any replica starts.
+mistake is reported with the name of the field before any replica starts. One module on
+purpose, longer than most: it reads top to bottom as `docs/configuration.md`, which is
+generated from it.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ class StrictModel(BaseModel):
 
 
 class ModelConfig(StrictModel):
+    """The LLM the upstream serves: the gateway tokenizes with it and reads only its
+    input-embedding matrix."""
+
     source: str = Field(
         DEMO_MODEL,
         description=(
@@ -76,13 +81,32 @@ class ModelConfig(StrictModel):
 class BatchingConfig(StrictModel):
     """Embedder batching; also the embedder's `user_config`, so it changes without a restart."""
 
-    max_batch_size: int = Field(16, ge=1, le=1024)
+    max_batch_size: int = Field(
+        16, ge=1, le=1024, description="Most prompts one Embedder batch looks up at once."
+    )
     batch_wait_timeout_s: float = Field(
         0.0, ge=0.0, le=10.0,
         description="How long a batch waits for more prompts after its first. With 0 a "
         "batch takes the prompts that queued while the last one ran: no wait when idle, "
-        "full batches under load (README Performance).",
+        "full batches under load (docs/performance.md).",
     )
+
+
+class AutoscalingConfig(StrictModel):
+    """Serve's `autoscaling_config` for a batched deployment: replicas are added while the
+    requests per replica stay above the target."""
+
+    min_replicas: int = Field(1, ge=0, le=1024, description="Fewest replicas kept running.")
+    max_replicas: int = Field(2, ge=1, le=1024, description="Most replicas Serve starts.")
+    target_ongoing_requests: float = Field(
+        8.0, gt=0, description="Requests per replica Serve scales towards: about half a "
+        "batch, so a replica is added before batches wait for one another.")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> AutoscalingConfig:
+        if self.min_replicas > self.max_replicas:
+            raise ValueError("min_replicas must not exceed max_replicas")
+        return self
 
 
 class BackendConfig(StrictModel):
@@ -158,7 +182,9 @@ class HealthConfig(StrictModel):
     """Active probes and passive ejection; an ejected backend is probed before readmission."""
 
     probe_interval_s: float = Field(5.0, gt=0, description="Time between active probes.")
-    probe_timeout_s: float = Field(2.0, gt=0)
+    probe_timeout_s: float = Field(
+        2.0, gt=0, description="Time a probe may take before it counts as failed."
+    )
     failure_threshold: int = Field(
         3, ge=1,
         description="Consecutive failures (connect errors, 5xx, timeouts, failed probes) "
@@ -300,7 +326,10 @@ class EncoderBatchingConfig(StrictModel):
         8192, ge=1, le=1 << 22,
         description="Padded tokens per forward pass; at least the model's max sequence length.",
     )
-    batch_wait_timeout_s: float = Field(0.005, ge=0.0, le=10.0)
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0.0, le=10.0,
+        description="How long a batch waits for more inputs after its first.",
+    )
 
 
 class EmbeddingModelConfig(StrictModel):
@@ -311,9 +340,13 @@ class EmbeddingModelConfig(StrictModel):
         description="`demo-encoder` (built locally), a local directory, or a hub id.",
     )
     served_name: str | None = Field(None, description="Model id clients send.")
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    device: Literal["auto", "cpu", "cuda"] = "auto"
+    revision: str | None = Field(None, description="Hub revision, for hub ids only.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="Weights' dtype; `auto` keeps the checkpoint's."
+    )
+    device: Literal["auto", "cpu", "cuda"] = Field(
+        "auto", description="`auto` uses CUDA when present, else the CPU."
+    )
     pooling: Literal["auto", "mean", "cls", "last"] = Field(
         "auto",
         description="`auto` follows the checkpoint's sentence-transformers files, else mean.",
@@ -329,6 +362,8 @@ class EmbeddingModelConfig(StrictModel):
         False, description="Cut over-long inputs (at the end) instead of refusing them."
     )
     batching: EncoderBatchingConfig = EncoderBatchingConfig()
+    autoscaling: AutoscalingConfig = Field(
+        AutoscalingConfig(), description="This model's Encoder replicas.")
 
     @property
     def name(self) -> str:
@@ -353,7 +388,7 @@ class TransportConfig(StrictModel):
         "value over Serve's gRPC channel between replicas, through the ingress; larger ones "
         "by reference through Ray's object store, which the ingress never reads. 0: always "
         "by reference. The default (about 140 rows at hidden 4096 in bf16) lies where the "
-        "object store's fixed cost stops outweighing the extra copies (README Performance).",
+        "object store's fixed cost stops outweighing the extra copies (docs/performance.md).",
     )
 
 
@@ -365,6 +400,8 @@ class AppConfig(StrictModel):
         default_factory=list, description="Sentence-embedding models served beside `model`."
     )
     batching: BatchingConfig = BatchingConfig()
+    autoscaling: AutoscalingConfig = Field(
+        AutoscalingConfig(), description="The Embedder replicas (prompt embeddings).")
     upstream: UpstreamConfig = UpstreamConfig()
     limits: LimitsConfig = LimitsConfig()
     auth: AuthConfig = AuthConfig()
@@ -381,8 +418,11 @@ class AppConfig(StrictModel):
         return self
 
 
-class ReferenceBackendConfig(StrictModel):
+class ReferenceConfig(StrictModel):
     """The embedded vLLM-compatible upstream that generates from prompt embeddings."""
 
-    model: ModelConfig = ModelConfig()
+    model: ModelConfig = Field(
+        ModelConfig(), description="The checkpoint it generates with: the gateway's `model`, "
+        "so the embeddings it receives come from its own embedding table."
+    )
     max_tokens_default: int = Field(16, ge=1, description="max_tokens when a request omits it.")

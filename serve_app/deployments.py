@@ -1,7 +1,7 @@
 """Ray Serve shells over the plain cores, and the application builders.
 
 `build_app(AppConfig)` is the gateway's entry point in `serve_config.yaml`;
-`build_reference_app(ReferenceBackendConfig)` is the embedded default upstream's. Serve
+`build_reference_app(ReferenceConfig)` is the embedded default upstream's. Serve
 validates each YAML `args` block against the builder's annotated pydantic type.
 """
 
@@ -10,8 +10,7 @@ validates each YAML `args` block against the builder's annotated pydantic type.
 import asyncio
 import logging
 import re
-from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import Any
 
 import torch
@@ -21,26 +20,30 @@ from ray.serve.handle import DeploymentHandle
 
 from serve_app import envs
 from serve_app.allocator import PAYLOAD_ENV_VARS, keep_payload_memory
-from serve_app.api.completions import CompletionsService, UpstreamPrompt, create_gateway_app
+from serve_app.api.app import create_gateway_app
+from serve_app.api.completions import CompletionsService
 from serve_app.config import (
     AppConfig,
     BatchingConfig,
     EmbeddingModelConfig,
     EncoderBatchingConfig,
-    ReferenceBackendConfig,
+    ReferenceConfig,
     UpstreamConfig,
 )
+from serve_app.handles import ServeEncoderClient, ServePipeline
 from serve_app.prompts.checkpoint import resolve_model_dir
 from serve_app.prompts.codec import EncodedPromptEmbeds
 from serve_app.prompts.embedder import EmbedderCore, PromptInput
-from serve_app.reference.server import ReferenceBackend, create_reference_app
+from serve_app.reference.app import create_reference_app
+from serve_app.reference.server import ReferenceServer
 from serve_app.sentence.encoder import EncoderCore, resolve_encoder_dir
-from serve_app.sentence.service import EmbeddingsService
-from serve_app.upstream.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
+from serve_app.sentence.service import SentenceService
+from serve_app.upstream.call import StreamItem, UpstreamCall, UpstreamReply
+from serve_app.upstream.dispatcher import DispatcherCore
 
 logger = logging.getLogger(__name__)
 
-# Fractional CPUs so the whole graph (and the reference backend) fits on a 2-core machine;
+# Fractional CPUs so the whole graph (and the reference upstream) fits on a 2-core machine;
 # serve_config.yaml may override any of these per deployment.
 _SMALL: dict[str, Any] = {"num_cpus": 0.25}
 # Replicas that handle payloads also get one malloc arena (allocator.py says why). A config
@@ -55,15 +58,19 @@ _INNER_QUEUE = 1024
 _INGRESS_BACKPRESSURE = {"status_code": 429, "retry_after_s": 1}
 # Replicas replaced by a redeploy finish their streams first, up to this long.
 _STREAM_DRAIN_S = 300.0
-_EMBEDDER_AUTOSCALING = {
-    "min_replicas": 1,
-    "max_replicas": 2,
-    "target_ongoing_requests": 8,
-}
+# Requests a batched replica holds: this many batches' worth, so the next batch is queued
+# while one runs. Encoders batch by tokens; their requests are counted, not their tokens.
+_QUEUED_BATCHES = 4
+_ENCODER_ONGOING = 64
+# Dispatcher requests per upstream slot: those in flight, and those waiting up to
+# `upstream.max_queue_wait_s` for a slot to free.
+_DISPATCH_PER_SLOT = 4
+
+# Each deployment's batching, autoscaling and ongoing-request caps come from the config in
+# `deployment_options`; a `deployments:` entry in the Serve config overrides them.
 
 
-@serve.deployment(ray_actor_options=_PAYLOAD, max_ongoing_requests=64,
-                  max_queued_requests=_INNER_QUEUE, autoscaling_config=_EMBEDDER_AUTOSCALING)
+@serve.deployment(ray_actor_options=_PAYLOAD, max_queued_requests=_INNER_QUEUE)
 class Embedder:
     def __init__(self, config: dict[str, Any]) -> None:
         keep_payload_memory()
@@ -87,8 +94,7 @@ def _batch_tokens(requests: list[list[list[int]]]) -> int:
     return sum(len(ids) for request in requests for ids in request)
 
 
-@serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=64,
-                  max_queued_requests=_INNER_QUEUE, autoscaling_config=_EMBEDDER_AUTOSCALING)
+@serve.deployment(ray_actor_options=_SMALL, max_queued_requests=_INNER_QUEUE)
 class Encoder:
     """One sentence-embedding model; bound once per `embedding_models` entry."""
 
@@ -111,31 +117,12 @@ class Encoder:
         return await asyncio.to_thread(self.core.encode, batch)
 
 
-def via_object_store(handle: DeploymentHandle) -> DeploymentHandle:
-    """Calls whose arguments and results travel through Ray's object store, whatever the
-    cluster's default transport (`RAY_SERVE_THROUGHPUT_OPTIMIZED` makes it gRPC)."""
-    return handle.options(_by_reference=True)
-
-
-class ServeEncoders:
-    """Encoder deployments by served model name (by reference: a chunk's vectors can pass
-    gRPC's 4 MiB default message limit)."""
-
-    def __init__(self, handles: dict[str, DeploymentHandle]) -> None:
-        self.handles = {model: via_object_store(handle) for model, handle in handles.items()}
-
-    async def encode(self, model: str, chunk: list[list[int]]) -> torch.Tensor:
-        vectors: torch.Tensor = await self.handles[model].encode.remote(chunk)
-        return vectors
-
-
 def encoder_deployment_name(served_name: str) -> str:
     """`Encoder_<served name>`: the name to use for per-deployment overrides in the YAML."""
     return "Encoder_" + re.sub(r"[^A-Za-z0-9_-]", "_", served_name)
 
 
-@serve.deployment(ray_actor_options=_PAYLOAD, max_ongoing_requests=256,
-                  max_queued_requests=_INNER_QUEUE,
+@serve.deployment(ray_actor_options=_PAYLOAD, max_queued_requests=_INNER_QUEUE,
                   graceful_shutdown_timeout_s=_STREAM_DRAIN_S)
 class Dispatcher:
     """The upstream fleet; its `user_config` is `AppConfig.upstream`."""
@@ -161,7 +148,8 @@ class Dispatcher:
 
     async def stream(
         self, call: UpstreamCall, *embeds: EncodedPromptEmbeds
-    ) -> AsyncIterator[UpstreamReply | bytes]:
+    ) -> AsyncIterator[StreamItem]:
+        """The stream's head, then its events: one generator, as Serve streams it."""
         async for item in self._ready().stream(call, embeds):
             yield item
 
@@ -169,79 +157,6 @@ class Dispatcher:
         return self._ready().status()
 
 
-@dataclass(frozen=True)
-class _Route:
-    """The embedder and dispatcher handles of one transport."""
-
-    embedder: DeploymentHandle
-    dispatcher: DeploymentHandle
-    streaming_dispatcher: DeploymentHandle
-
-    @classmethod
-    def of(cls, embedder: DeploymentHandle, dispatcher: DeploymentHandle,
-           by_reference: bool) -> "_Route":
-        embedder = embedder.options(_by_reference=by_reference)
-        dispatcher = dispatcher.options(_by_reference=by_reference)
-        return cls(embedder, dispatcher, dispatcher.options(stream=True))
-
-    def embeds(self, prompts: Sequence[UpstreamPrompt]) -> list[Any]:
-        """The dispatcher call's arguments: embedder responses, unawaited, and the client
-        embeddings already encoded here."""
-        return [prompt if isinstance(prompt, EncodedPromptEmbeds)
-                else self.embedder.embed.remote(prompt) for prompt in prompts]
-
-
-class ServeBackend:
-    """Embedder and dispatcher reached through Serve handles, by one of two transports.
-
-    The embedder's DeploymentResponses go into the dispatcher call as top-level arguments.
-    - By reference (Ray's object store), Serve hands the embeddings from replica to replica
-      without this process reading them. Large requests go this way.
-    - By value (Serve's gRPC channel), they pass through this process, but each call skips
-      the object store's per-object bookkeeping, which costs more than copying a megabyte
-      or so twice. Requests up to `TransportConfig.by_value_max_bytes` go this way.
-    Both are pinned here, so `RAY_SERVE_THROUGHPUT_OPTIMIZED` (gRPC for every call by
-    default) cannot send a large payload through gRPC, whose 4 MiB message limit would
-    refuse it.
-    """
-
-    def __init__(self, embedder: DeploymentHandle, dispatcher: DeploymentHandle,
-                 by_value_max_bytes: int) -> None:
-        self.by_value = _Route.of(embedder, dispatcher, by_reference=False)
-        self.by_reference = _Route.of(embedder, dispatcher, by_reference=True)
-        self.by_value_max_bytes = by_value_max_bytes
-
-    def route(self, call: UpstreamCall) -> _Route:
-        small = call.payload_bytes <= self.by_value_max_bytes
-        return self.by_value if small else self.by_reference
-
-    async def complete(
-        self, call: UpstreamCall, prompts: Sequence[UpstreamPrompt]
-    ) -> UpstreamReply:
-        route = self.route(call)
-        reply: UpstreamReply = await route.dispatcher.complete.remote(call,
-                                                                      *route.embeds(prompts))
-        return reply
-
-    async def stream(
-        self, call: UpstreamCall, prompts: Sequence[UpstreamPrompt]
-    ) -> AsyncIterator[UpstreamReply | bytes]:
-        route = self.route(call)
-        events = route.streaming_dispatcher.stream.remote(call, *route.embeds(prompts))
-        try:
-            async for item in events:
-                yield item
-        finally:
-            events.cancel()
-
-    async def upstream_status(self) -> list[dict[str, Any]]:
-        status: list[dict[str, Any]] = await self.by_reference.dispatcher.upstream_status.remote()
-        return status
-
-
-# max_ongoing_requests is set from the limits in `build_app`: requests still sending
-# their bodies beside the ones being served, so overload is answered by the ingress itself
-# in the OpenAI shape before Serve's queue fills.
 @serve.deployment(ray_actor_options=_PAYLOAD, max_queued_requests=512,
                   backpressure_config=_INGRESS_BACKPRESSURE,
                   graceful_shutdown_timeout_s=_STREAM_DRAIN_S)
@@ -249,48 +164,74 @@ class ServeBackend:
 class Gateway:
     def __init__(self, config: dict[str, Any], embedder: DeploymentHandle,
                  dispatcher: DeploymentHandle, encoders: dict[str, DeploymentHandle]) -> None:
-        keep_payload_memory()  # client embeddings are decoded and re-encoded here
+        keep_payload_memory()  # client embeddings are decoded here
         app_config = AppConfig.model_validate(config)
-        backend = ServeBackend(embedder, dispatcher, app_config.transport.by_value_max_bytes)
-        self.service = CompletionsService.from_config(app_config, backend)
-        self.embeddings = EmbeddingsService.from_config(app_config, ServeEncoders(encoders))
+        pipeline = ServePipeline(embedder, dispatcher, app_config.transport.by_value_max_bytes)
+        self.service = CompletionsService.from_config(app_config, pipeline)
+        self.sentence = SentenceService.from_config(app_config, ServeEncoderClient(encoders))
         self.api_keys = envs.api_keys(app_config.auth.api_keys_env,
                                       app_config.auth.api_keys_file)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_gateway_app(self.service, self.embeddings, self.api_keys)
+        return create_gateway_app(self.service, self.sentence, self.api_keys)
 
 
 @serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=32)
 @serve.ingress()
 class Reference:
     def __init__(self, config: dict[str, Any]) -> None:
-        self.backend = ReferenceBackend.from_config(ReferenceBackendConfig.model_validate(config))
+        self.server = ReferenceServer.from_config(ReferenceConfig.model_validate(config))
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_reference_app(self.backend)
+        return create_reference_app(self.server)
+
+
+def deployment_options(config: AppConfig) -> dict[str, dict[str, Any]]:
+    """Each deployment's Serve options, by deployment name, derived from the config:
+    - Gateway: its ongoing-request cap holds the requests being served and those still
+      sending their bodies (`limits`), so overload is answered by the ingress itself, in the
+      OpenAI shape, before Serve's queue fills;
+    - Embedder and each Encoder: batching as `user_config` (changes without a restart),
+      autoscaling, and room for a few batches;
+    - Dispatcher: the fleet as `user_config` (changes in place), and room for every
+      upstream slot and the requests waiting for one.
+    """
+    limits = config.limits
+    slots = sum(backend.max_in_flight for backend in config.upstream.backends)
+    options: dict[str, dict[str, Any]] = {
+        "Gateway": {"max_ongoing_requests":
+                    limits.max_concurrent_requests + limits.max_receiving_requests},
+        "Embedder": {"user_config": config.batching.model_dump(mode="json"),
+                     "autoscaling_config": config.autoscaling.model_dump(mode="json"),
+                     "max_ongoing_requests": _QUEUED_BATCHES * config.batching.max_batch_size},
+        "Dispatcher": {"user_config": config.upstream.model_dump(mode="json"),
+                       "max_ongoing_requests": _DISPATCH_PER_SLOT * slots},
+    }
+    for model in config.embedding_models:
+        options[encoder_deployment_name(model.name)] = {
+            "user_config": model.batching.model_dump(mode="json"),
+            "autoscaling_config": model.autoscaling.model_dump(mode="json"),
+            "max_ongoing_requests": _ENCODER_ONGOING,
+        }
+    return options
 
 
 def build_app(config: AppConfig) -> serve.Application:
     """The gateway graph: Gateway (ingress) -> Embedder (batched) -> Dispatcher -> upstream,
     and one Encoder per embedding model."""
+    options = deployment_options(config)
     # Deployments receive the validated config as plain data and re-validate it on start.
     plain = config.model_dump(mode="json")
-    embedder = Embedder.options(user_config=plain["batching"]).bind(plain)
-    # The fleet is the Dispatcher's user_config: a `deployments:` override of it in the
-    # Serve config changes backends in place, without restarting a replica.
-    dispatcher = Dispatcher.options(user_config=plain["upstream"]).bind()
+    embedder = Embedder.options(**options["Embedder"]).bind(plain)
+    dispatcher = Dispatcher.options(**options["Dispatcher"]).bind()
     encoders = {
-        model.name: Encoder.options(name=encoder_deployment_name(model.name),
-                                    user_config=model.batching.model_dump(mode="json"))
+        model.name: Encoder.options(name=name, **options[name])
         .bind(model.model_dump(mode="json"))
         for model in config.embedding_models
+        for name in [encoder_deployment_name(model.name)]
     }
-    limits = config.limits
-    gateway = Gateway.options(
-        max_ongoing_requests=limits.max_concurrent_requests + limits.max_receiving_requests)
-    return gateway.bind(plain, embedder, dispatcher, encoders)
+    return Gateway.options(**options["Gateway"]).bind(plain, embedder, dispatcher, encoders)
 
 
-def build_reference_app(config: ReferenceBackendConfig) -> serve.Application:
+def build_reference_app(config: ReferenceConfig) -> serve.Application:
     return Reference.bind(config.model_dump(mode="json"))

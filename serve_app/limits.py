@@ -8,10 +8,34 @@ request as bytes (body size, body deadline, concurrency) are ASGI middleware, in
 from __future__ import annotations
 
 from serve_app.config import LimitsConfig, PrivacyConfig
-from serve_app.errors import GatewayError
+from serve_app.errors import GatewayError, model_not_found
 from serve_app.protocol import ChatCompletionRequest, CompletionRequest
 
 SamplingRequest = CompletionRequest | ChatCompletionRequest
+
+
+def check_model(model: str, served_name: str) -> None:
+    if model != served_name:
+        raise model_not_found(model)
+
+
+def check_context(rows: int, max_tokens: int | None, context: int) -> None:
+    """A prompt of `rows` tokens and `max_tokens` to generate fit in the model's context."""
+    if rows + (max_tokens or 0) > context:
+        raise GatewayError(
+            f"This model's maximum context length is {context} tokens; the request has "
+            f"{rows} prompt tokens and max_tokens {max_tokens or 0}.",
+            400, param="max_tokens" if max_tokens else "prompt",
+            code="context_length_exceeded")
+
+
+def check_embeds_compatible(request: CompletionRequest) -> None:
+    """vLLM's refusals beside prompt embeddings (`echo`, `suffix`, a `best_of` other than
+    `n`)."""
+    incompatible = request.incompatible_with_embeds()
+    if incompatible:
+        raise GatewayError(f"{incompatible} is not compatible with prompt embeds.", 400,
+                           param=incompatible)
 
 
 def check_items(count: int, limits: LimitsConfig, param: str) -> None:

@@ -18,7 +18,6 @@ Overlay rules:
 
 from __future__ import annotations
 
-import argparse
 import copy
 import re
 import sys
@@ -31,7 +30,8 @@ import yaml
 from pydantic import BaseModel
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app.config import AppConfig, ReferenceBackendConfig
+from serve_app.config import AppConfig, ReferenceConfig
+from serve_app.deploy.generated import generator_main
 
 DELETE = "_delete"
 NAMED_LISTS = frozenset({"applications", "deployments"})
@@ -60,7 +60,7 @@ _GENERATED_BLOCK = re.compile(
 
 APP_ARGS: dict[str, type[BaseModel]] = {
     "serve_app.deployments:build_app": AppConfig,
-    "serve_app.deployments:build_reference_app": ReferenceBackendConfig,
+    "serve_app.deployments:build_reference_app": ReferenceConfig,
 }
 """The typed `args` of each application builder this project ships."""
 
@@ -175,43 +175,9 @@ def render_files(root: Path) -> dict[Path, str]:
     }
 
 
-def stale_files(root: Path, rendered: Mapping[Path, str]) -> list[Path]:
-    stale = []
-    for path, text in rendered.items():
-        target = root / path
-        if not target.is_file() or target.read_text() != text:
-            stale.append(path)
-    return stale
-
-
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(
-        prog=REGENERATE, description=__doc__.splitlines()[0] if __doc__ else None
-    )
-    parser.add_argument("--check", action="store_true",
-                        help="write nothing; exit 1 if a generated file is stale")
-    parser.add_argument("--root", type=Path, default=Path.cwd(),
-                        help="repository root (default: the current directory)")
-    args = parser.parse_args(argv)
-    root: Path = args.root
-    if not (root / ROOT_CONFIG).is_file():
-        parser.error(f"{root / ROOT_CONFIG} not found: run from the repository root or pass --root")
-    try:
-        rendered = render_files(root)
-    except (OSError, ValueError, yaml.YAMLError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    stale = stale_files(root, rendered)
-    if args.check:
-        for path in stale:
-            print(f"{path} is stale: regenerate it with `{REGENERATE}`", file=sys.stderr)
-        return 1 if stale else 0
-    for path in stale:
-        (root / path).write_text(rendered[path])
-        print(f"wrote {path}")
-    if not stale:
-        print("generated files are up to date")
-    return 0
+    return generator_main(argv, REGENERATE, __doc__.splitlines()[0] if __doc__ else None,
+                          ROOT_CONFIG, render_files, (OSError, ValueError, yaml.YAMLError))
 
 
 if __name__ == "__main__":

@@ -44,12 +44,12 @@ def load_chat_template(value: str | None) -> str | None:
 class RenderedChat:
     """Token-id runs, and in between the index of the `prompt_embeds` part that goes there."""
 
-    pieces: list[list[int] | int]
+    segments: list[list[int] | int]
     embeds: list[str]
 
     @property
     def token_count(self) -> int:
-        return sum(len(piece) for piece in self.pieces if isinstance(piece, list))
+        return sum(len(segment) for segment in self.segments if isinstance(segment, list))
 
 
 # Template variables the tokenizer or Jinja environment sets: a client may not replace them.
@@ -100,29 +100,29 @@ class ChatTemplate:
             # A template tripping over the client's variables; its message may quote them.
             raise GatewayError(f"The chat template could not render this request "
                                f"({type(exc).__name__}).", 400, param="messages") from None
-        pieces = self._split(str(rendered), markers)
+        segments = self._split(str(rendered), markers)
         if request.add_special_tokens:  # vLLM's option: the tokenizer's BOS on top
-            pieces.insert(0, list(self.tokenizer("", add_special_tokens=True).input_ids))
-        return RenderedChat(pieces, markers.embeds)
+            segments.insert(0, list(self.tokenizer("", add_special_tokens=True).input_ids))
+        return RenderedChat(segments, markers.embeds)
 
     def _split(self, rendered: str, markers: _Markers) -> list[list[int] | int]:
         """Token-id runs and embeds-part indices, in the rendered text's order."""
-        pieces: list[list[int] | int] = []
-        segments = re.split(markers.pattern, rendered)
-        for position in range(0, len(segments), 3):
-            if segments[position]:
-                pieces.append(self._ids(segments[position]))
-            if position + 1 < len(segments):
-                kind, index = segments[position + 1], int(segments[position + 2])
+        segments: list[list[int] | int] = []
+        texts = re.split(markers.pattern, rendered)
+        for position in range(0, len(texts), 3):
+            if texts[position]:
+                segments.append(self._ids(texts[position]))
+            if position + 1 < len(texts):
+                kind, index = texts[position + 1], int(texts[position + 2])
                 if kind == "embeds":
-                    pieces.append(index)
+                    segments.append(index)
                 else:
-                    pieces.append(self._ids(self.specials[index], as_text=True))
-        placed = sorted(piece for piece in pieces if isinstance(piece, int))
+                    segments.append(self._ids(self.specials[index], as_text=True))
+        placed = sorted(segment for segment in segments if isinstance(segment, int))
         if placed != list(range(len(markers.embeds))):
             raise GatewayError("The chat template dropped or repeated a prompt_embeds part.",
                                400, param="messages")
-        return pieces
+        return segments
 
     def _ids(self, text: str, as_text: bool = False) -> list[int]:
         return list(self.tokenizer(text, add_special_tokens=False,

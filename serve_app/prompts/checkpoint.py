@@ -18,7 +18,7 @@ import torch
 
 from serve_app import envs
 from serve_app.config import DEMO_MODEL, ModelConfig
-from serve_app.prompts.codec import EmbedsSpec
+from serve_app.prompts.untrusted import EmbedsSpec
 
 logger = logging.getLogger(__name__)
 

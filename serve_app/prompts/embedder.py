@@ -1,6 +1,9 @@
-"""EmbedderCore: token ids -> input-embedding lookup -> encoded prompt embeds.
+"""EmbedderCore: prompts -> input-embedding lookup -> encoded prompt embeddings.
 
-Plain Python (no Ray): the Serve deployment in `deployments.py` batches calls into it.
+A prompt is token ids, or segments of token ids and client tensors (`SplicedPrompt`, for
+chat parts and client embeddings): ids are looked up, tensors joined in place, and every
+prompt is encoded for the upstream here. Plain Python (no Ray): the Serve deployment in
+`deployments.py` batches calls into it.
 """
 
 from __future__ import annotations
@@ -22,13 +25,14 @@ class SplicedPrompt:
 
     Chat messages carrying `prompt_embeds` parts become this: the template's text around
     each part is tokenized, and the (already validated) tensors sit where the parts were.
+    A completions request's client embeddings are each one of one segment.
     """
 
-    pieces: tuple[list[int] | torch.Tensor, ...]
+    segments: tuple[list[int] | torch.Tensor, ...]
 
     @property
     def rows(self) -> int:
-        return sum(len(p) if isinstance(p, list) else int(p.shape[0]) for p in self.pieces)
+        return sum(len(p) if isinstance(p, list) else int(p.shape[0]) for p in self.segments)
 
 
 PromptInput = Sequence[int] | SplicedPrompt
@@ -42,7 +46,7 @@ def prompt_rows(prompt: PromptInput) -> int:
 
 def _token_runs(prompt: PromptInput) -> list[Sequence[int]]:
     if isinstance(prompt, SplicedPrompt):
-        return [p for p in prompt.pieces if isinstance(p, list)]
+        return [p for p in prompt.segments if isinstance(p, list)]
     return [prompt]
 
 
@@ -82,21 +86,26 @@ class EmbedderCore:
         with their tensors, cast to the model's dtype.
         """
         runs = [run for prompt in batch for run in _token_runs(prompt)]
-        lengths = [len(ids) for ids in runs]
-        flat = torch.tensor([i for ids in runs for i in ids], dtype=torch.long)
-        with torch.inference_mode():
-            rows = torch.nn.functional.embedding(flat.to(self.weight.device), self.weight)
-        looked_up = iter(_to_host(rows).split(lengths))
+        looked_up = iter(self._rows(runs))
         out = []
         for prompt in batch:
             if not isinstance(prompt, SplicedPrompt):
                 out.append(next(looked_up))
                 continue
             out.append(torch.cat([
-                next(looked_up) if isinstance(piece, list) else piece.to(self.dtype)
-                for piece in prompt.pieces
+                next(looked_up) if isinstance(segment, list) else segment.to(self.dtype)
+                for segment in prompt.segments
             ]))
         return out
+
+    def _rows(self, runs: list[Sequence[int]]) -> list[torch.Tensor]:
+        """One embedding lookup for every run of token ids; a CPU view per run."""
+        if not runs:  # a batch of client tensors alone
+            return []
+        flat = torch.tensor([i for ids in runs for i in ids], dtype=torch.long)
+        with torch.inference_mode():
+            rows = torch.nn.functional.embedding(flat.to(self.weight.device), self.weight)
+        return list(_to_host(rows).split([len(ids) for ids in runs]))
 
     def embed_batch(self, batch: Sequence[PromptInput]) -> list[EncodedPromptEmbeds]:
         return [encode_prompt_embeds(rows) for rows in self.lookup(batch)]

@@ -2,9 +2,19 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Literal
+from collections.abc import Callable
+from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator
+import numpy as np
+import numpy.typing as npt
+from pydantic import (
+    ConfigDict,
+    Field,
+    PlainSerializer,
+    PlainValidator,
+    WithJsonSchema,
+    field_validator,
+)
 
 from serve_app.protocol.base import RequestModel, TokenIds, token_id_shape
 from serve_app.protocol.common import ResponseModel
@@ -58,11 +68,57 @@ class CohereEmbedRequest(RequestModel):
     }
 
 
+def _array(dtype: str, ndim: int) -> Callable[[Any], npt.NDArray[Any]]:
+    """A validator that takes a numpy array of `dtype` and rank `ndim` as it is (no copy, no
+    per-element work), and nested lists as such an array."""
+    expected = np.dtype(dtype)
+
+    def validate(value: Any) -> npt.NDArray[Any]:
+        array = np.asarray(value, dtype=expected) if isinstance(value, list) else value
+        if not isinstance(array, np.ndarray):
+            raise ValueError(f"expected a {ndim}-d array of {expected}")
+        if array.dtype != expected or array.ndim != ndim:
+            raise ValueError(f"expected a {ndim}-d array of {expected}, got a {array.ndim}-d "
+                             f"array of {array.dtype}")
+        return array
+
+    return validate
+
+
+def _array_schema(ndim: int, item: str) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": item}
+    for _ in range(ndim):
+        schema = {"type": "array", "items": schema}
+    return schema
+
+
+# Vectors stay numpy arrays in the answer models: validating or dumping millions of floats
+# one by one costs several times the encoding itself. `model_dump()` hands the arrays on
+# as they are, for orjson's OPT_SERIALIZE_NUMPY (float32 at its shortest repr);
+# `model_dump_json()` writes them as lists.
+Float32Vector = Annotated[
+    npt.NDArray[np.float32], PlainValidator(_array("<f4", 1)),
+    PlainSerializer(lambda array: array.tolist(), when_used="json"),
+    WithJsonSchema(_array_schema(1, "number"))]
+Float32Rows = Annotated[
+    npt.NDArray[np.float32], PlainValidator(_array("<f4", 2)),
+    PlainSerializer(lambda array: array.tolist(), when_used="json"),
+    WithJsonSchema(_array_schema(2, "number"))]
+Int8Rows = Annotated[
+    npt.NDArray[np.int8], PlainValidator(_array("i1", 2)),
+    PlainSerializer(lambda array: array.tolist(), when_used="json"),
+    WithJsonSchema(_array_schema(2, "integer"))]
+UInt8Rows = Annotated[
+    npt.NDArray[np.uint8], PlainValidator(_array("u1", 2)),
+    PlainSerializer(lambda array: array.tolist(), when_used="json"),
+    WithJsonSchema(_array_schema(2, "integer"))]
+
+
 class Embedding(ResponseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str
-    """Floats, or base64 of little-endian float32 (`encoding_format: base64`)."""
+    embedding: str | Float32Vector
+    """Base64 of little-endian float32 (`encoding_format: base64`), or the floats."""
 
 
 class EmbeddingUsage(ResponseModel):
@@ -78,11 +134,15 @@ class EmbeddingResponse(ResponseModel):
 
 
 class CohereEmbeddings(ResponseModel):
-    """One list per asked type; int8 / uint8 are refused before any vector is made."""
+    """One array per asked type, a row per text; int8 / uint8 are refused before any vector
+    is made. Types not asked for are left out of the answer, as Cohere leaves them."""
 
-    float_: list[list[float]] | None = Field(None, alias="float")
-    binary: list[list[int]] | None = None
-    ubinary: list[list[int]] | None = None
+    # `float` is a builtin's name: the field is `float_`, sent as `float`.
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
+
+    float_: Float32Rows | None = Field(None, alias="float")
+    binary: Int8Rows | None = None
+    ubinary: UInt8Rows | None = None
     base64: list[str] | None = None
 
 
@@ -100,6 +160,7 @@ class CohereMeta(ResponseModel):
 
 
 class CohereEmbedResponse(ResponseModel):
+    # Ordered as in https://docs.cohere.com/reference/embed (v2, `embeddings_by_type`)
     id: str
     embeddings: CohereEmbeddings
     texts: list[str]

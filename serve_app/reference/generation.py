@@ -1,4 +1,4 @@
-"""The reference backend's decode loop: sampling, penalties, logprobs, stop strings.
+"""The reference upstream's decode loop: sampling, penalties, logprobs, stop strings.
 
 A plain KV-cached loop over a transformers causal LM rather than `generate()`, so each
 step's raw logits are at hand: logprobs are computed from them before any sampling

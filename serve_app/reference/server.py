@@ -1,10 +1,10 @@
-"""The reference backend: a small vLLM-compatible `/v1/completions` server for embeddings.
+"""The reference backend's core: vLLM-compatible completions generated from prompt embeddings.
 
 It is the embedded default upstream: it accepts only `prompt_embeds` (a text prompt gets
 400, like a server that must never see text), decodes them with the gateway's safe codec,
-and generates from them with a transformers causal LM (`reference_generation`). Greedy at
+and generates from them with a transformers causal LM (`generation`). Greedy at
 temperature 0; sampling with temperature / top_p / seed; penalties, logit bias, logprobs,
-stop strings, n, streaming, usage.
+stop strings, n, streaming, usage. Plain Python: its HTTP app is in `app`.
 """
 
 from __future__ import annotations
@@ -17,21 +17,25 @@ from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
-import orjson
 import torch
-from fastapi import FastAPI, Request
-from starlette.responses import Response, StreamingResponse
 
-from serve_app.config import ReferenceBackendConfig
-from serve_app.errors import GatewayError, model_not_found, to_gateway_error
+from serve_app.config import ReferenceConfig
+from serve_app.errors import GatewayError, to_gateway_error
+from serve_app.limits import check_context, check_embeds_compatible, check_model
 from serve_app.prompts.checkpoint import (
     load_tokenizer,
     read_model_spec,
     resolve_model_dir,
     select_device,
 )
-from serve_app.prompts.codec import EmbedsSpec, decode_prompt_embeds
-from serve_app.protocol import SSE_DONE, CompletionRequest, ModelCard, ModelList
+from serve_app.prompts.untrusted import EmbedsSpec, decode_prompt_embeds
+from serve_app.protocol import SSE_DONE, CompletionRequest, UsageInfo
+from serve_app.protocol.completions import (
+    CompletionChoice,
+    CompletionLogprobs,
+    CompletionResponse,
+    CompletionStreamResponse,
+)
 from serve_app.reference.generation import (
     CompletionLogprobsBuilder,
     SamplingParams,
@@ -45,7 +49,7 @@ Emit = Callable[[int, TextDelta | None, str | None], None]
 """`emit(choice index, new text or None, finish reason or None)`."""
 
 
-class ReferenceBackend:
+class ReferenceServer:
     """Generation from prompt embeddings with a transformers causal LM (plain Python)."""
 
     def __init__(self, model: Any, tokenizer: Any, served_name: str, spec: EmbedsSpec,
@@ -60,7 +64,7 @@ class ReferenceBackend:
         self._lock = threading.Lock()
 
     @classmethod
-    def from_config(cls, config: ReferenceBackendConfig) -> ReferenceBackend:
+    def from_config(cls, config: ReferenceConfig) -> ReferenceServer:
         from transformers import AutoModelForCausalLM
 
         model_dir: Path = resolve_model_dir(config.model)
@@ -71,8 +75,9 @@ class ReferenceBackend:
                    spec.max_model_len, config.max_tokens_default)
 
     def _validate(self, request: CompletionRequest) -> list[torch.Tensor]:
-        if request.model != self.served_name:
-            raise model_not_found(request.model)
+        """The request's prompt tensors, or the refusal vLLM would give; this server also
+        refuses what it cannot honour (text prompts, structured outputs)."""
+        check_model(request.model, self.served_name)
         if request.text_prompts():
             raise GatewayError("This server accepts only prompt_embeds, not text prompts.",
                                400, param="prompt")
@@ -81,20 +86,13 @@ class ReferenceBackend:
             raise GatewayError("prompt_embeds is required.", 400, param="prompt_embeds")
         structured = request.structured_fields()
         if structured:
+            # Ignoring them would hand an unconstrained answer back as if constrained.
             raise GatewayError(f"{structured[0]} is not supported by the reference backend.",
                                400, param=structured[0])
-        incompatible = request.incompatible_with_embeds()
-        if incompatible:
-            raise GatewayError(f"{incompatible} is not compatible with prompt embeds.", 400,
-                               param=incompatible)
+        check_embeds_compatible(request)
         tensors = [decode_prompt_embeds(text, self.spec) for text in embeds]
-        max_tokens = self._max_tokens(request)
         for tensor in tensors:
-            if tensor.shape[0] + max_tokens > self.max_model_len:
-                raise GatewayError(
-                    f"This model's maximum context length is {self.max_model_len} tokens; the "
-                    f"request has {tensor.shape[0]} prompt tokens and max_tokens {max_tokens}.",
-                    400, param="max_tokens")
+            check_context(int(tensor.shape[0]), self._max_tokens(request), self.max_model_len)
         return tensors
 
     def _max_tokens(self, request: CompletionRequest) -> int:
@@ -149,12 +147,12 @@ class ReferenceBackend:
                     completion_tokens += tokens
         return completion_tokens
 
-    def usage(self, tensors: list[torch.Tensor], completion_tokens: int) -> dict[str, int]:
+    def usage(self, tensors: list[torch.Tensor], completion_tokens: int) -> UsageInfo:
         prompt_tokens = sum(int(t.shape[0]) for t in tensors)
-        return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-                "total_tokens": prompt_tokens + completion_tokens}
+        return UsageInfo(prompt_tokens=prompt_tokens, completion_tokens=completion_tokens,
+                         total_tokens=prompt_tokens + completion_tokens)
 
-    async def complete(self, request: CompletionRequest) -> dict[str, Any]:
+    async def complete(self, request: CompletionRequest) -> CompletionResponse:
         tensors = await asyncio.to_thread(self._validate, request)
         texts: dict[int, list[str]] = {}
         steps: dict[int, list[TokenStep]] = {}
@@ -169,20 +167,15 @@ class ReferenceBackend:
 
         completion_tokens = await asyncio.to_thread(self.run, tensors, request, emit)
         choices = [
-            {"index": i, "text": "".join(texts.get(i, [])),
-             "logprobs": self._logprobs(request, steps.get(i, [])),
-             "finish_reason": finishes[i], "stop_reason": None}
+            CompletionChoice(index=i, text="".join(texts.get(i, [])),
+                             logprobs=_logprobs(request, steps.get(i, []),
+                                                CompletionLogprobsBuilder(self.tokenizer)),
+                             finish_reason=finishes[i])
             for i in sorted(finishes)
         ]
-        return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": self.served_name, "choices": choices,
-                "usage": self.usage(tensors, completion_tokens)}
-
-    def _logprobs(self, request: CompletionRequest, steps: list[TokenStep],
-                  builder: CompletionLogprobsBuilder | None = None) -> dict[str, Any] | None:
-        if request.logprobs is None:
-            return None
-        return (builder or CompletionLogprobsBuilder(self.tokenizer)).build(steps)
+        return CompletionResponse(id=_completion_id(), created=int(time.time()),
+                                  model=self.served_name, choices=choices,
+                                  usage=self.usage(tensors, completion_tokens))
 
     async def stream(self, request: CompletionRequest) -> AsyncIterator[bytes]:
         """Validate first (errors become HTTP errors), then yield SSE events to `[DONE]`."""
@@ -192,68 +185,77 @@ class ReferenceBackend:
     async def _events(self, tensors: list[torch.Tensor],
                       request: CompletionRequest) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[dict[str, Any] | None] = asyncio.Queue()
-        head = {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion",
-                "created": int(time.time()), "model": self.served_name}
-        builders: dict[int, CompletionLogprobsBuilder] = {}
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        chunks = _StreamChunks(request, self.served_name, self.tokenizer)
+        cancelled = threading.Event()
+
+        def send(event: bytes | None) -> None:
+            loop.call_soon_threadsafe(queue.put_nowait, event)
 
         def emit(index: int, delta: TextDelta | None, finish: str | None) -> None:
-            builder = builders.setdefault(index, CompletionLogprobsBuilder(self.tokenizer))
-            logprobs = self._logprobs(request, delta.steps if delta else [], builder)
-            choice = {"index": index, "text": delta.text if delta else "",
-                      "logprobs": logprobs, "finish_reason": finish, "stop_reason": None}
-            loop.call_soon_threadsafe(queue.put_nowait, {**head, "choices": [choice]})
-
-        cancelled = threading.Event()
+            send(chunks.choice(index, delta, finish))
 
         def produce() -> None:
             try:
                 tokens = self.run(tensors, request, emit, cancelled)
                 if request.include_usage:
-                    final = {**head, "choices": [], "usage": self.usage(tensors, tokens)}
-                    loop.call_soon_threadsafe(queue.put_nowait, final)
+                    send(chunks.usage(self.usage(tensors, tokens)))
             except Exception as exc:
-                error = to_gateway_error(exc).to_dict()
-                loop.call_soon_threadsafe(queue.put_nowait, error)
+                send(to_gateway_error(exc).to_sse_event())
             finally:
-                loop.call_soon_threadsafe(queue.put_nowait, None)
+                send(None)
 
         producer = loop.run_in_executor(None, produce)
         try:
             while (event := await queue.get()) is not None:
-                yield b"data: " + orjson.dumps(event) + b"\n\n"
+                yield event
             yield SSE_DONE
         finally:
             cancelled.set()  # a client that left stops the generation, not just the relay
             await producer
 
 
-def create_reference_app(backend: ReferenceBackend) -> FastAPI:
-    app = FastAPI(title="serve_app reference backend", docs_url=None, redoc_url=None)
+class _StreamChunks:
+    """One stream's events as vLLM writes them: every chunk with all its fields (`usage`,
+    `logprobs` and `stop_reason` null until set), the usage chunk without its nulls."""
 
-    @app.exception_handler(Exception)
-    async def _error(_: Request, exc: Exception) -> Response:
-        return to_gateway_error(exc).to_response()
+    def __init__(self, request: CompletionRequest, served_name: str, tokenizer: Any) -> None:
+        self.request = request
+        self.served_name = served_name
+        self.tokenizer = tokenizer
+        self.id = _completion_id()
+        self.created = int(time.time())
+        self.builders: dict[int, CompletionLogprobsBuilder] = {}
 
-    @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    def _chunk(self, choices: list[CompletionChoice],
+               usage: UsageInfo | None = None) -> CompletionStreamResponse:
+        return CompletionStreamResponse(id=self.id, created=self.created,
+                                        model=self.served_name, choices=choices,
+                                        usage=usage)
 
-    @app.get("/v1/models")
-    async def models() -> ModelList:
-        return ModelList(data=[ModelCard(id=backend.served_name,
-                                         max_model_len=backend.max_model_len)])
+    def choice(self, index: int, delta: TextDelta | None, finish: str | None) -> bytes:
+        builder = self.builders.setdefault(index, CompletionLogprobsBuilder(self.tokenizer))
+        logprobs = _logprobs(self.request, delta.steps if delta else [], builder)
+        choice = CompletionChoice(index=index, text=delta.text if delta else "",
+                                  logprobs=logprobs, finish_reason=finish)
+        return _sse(self._chunk([choice]).model_dump_json(exclude_none=True).encode())
 
-    @app.post("/v1/completions")
-    async def completions(raw: Request) -> Response:
-        try:
-            request = CompletionRequest.model_validate(orjson.loads(await raw.body()))
-            if request.stream:
-                events = await backend.stream(request)
-                return StreamingResponse(events, media_type="text/event-stream")
-            body = orjson.dumps(await backend.complete(request))
-            return Response(body, media_type="application/json")
-        except Exception as exc:
-            return to_gateway_error(exc).to_response()
+    def usage(self, usage: UsageInfo) -> bytes:
+        return _sse(self._chunk([], usage).model_dump_json(exclude_none=True).encode())
 
-    return app
+
+def _logprobs(request: CompletionRequest, steps: list[TokenStep],
+              builder: CompletionLogprobsBuilder) -> CompletionLogprobs | None:
+    """The choice's `logprobs` for these steps (offsets running on in `builder`), or None
+    when the request does not ask for them."""
+    if request.logprobs is None:
+        return None
+    return CompletionLogprobs.model_validate(builder.build(steps))
+
+
+def _completion_id() -> str:
+    return f"cmpl-{uuid.uuid4().hex}"
+
+
+def _sse(data: bytes) -> bytes:
+    return b"data: " + data + b"\n\n"

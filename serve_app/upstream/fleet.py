@@ -6,6 +6,9 @@ in-flight requests). Requests go to the less loaded of two healthy backends draw
 (power of two choices on in-flight / weight). All state is per Dispatcher replica: with R
 replicas a backend may see up to R x `max_in_flight` requests.
 
+One module for the fleet's one state machine: routing, slots, outcomes and probes all
+read and write the same backend states.
+
 Everything here runs on the replica's event loop; only `acquire` and the probes await.
 """
 

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from serve_app.config import ModelConfig
-from serve_app.prompts.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.prompts.embedder import EmbedderCore
+from serve_app.prompts.untrusted import EmbedsSpec, decode_prompt_embeds
 
 pytestmark = [
     pytest.mark.gpu,

@@ -1,4 +1,4 @@
-"""CUDA paths of the sentence encoder and of the reference backend's decode loop."""
+"""CUDA paths of the sentence encoder and of the reference upstream's decode loop."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import torch
 
-from serve_app.config import EmbeddingModelConfig, ModelConfig, ReferenceBackendConfig
+from serve_app.config import EmbeddingModelConfig, ModelConfig, ReferenceConfig
 from serve_app.protocol import CompletionRequest
-from serve_app.reference.server import ReferenceBackend
+from serve_app.reference.server import ReferenceServer
 from serve_app.sentence.encoder import EncoderCore
 
 pytestmark = [
@@ -39,8 +39,8 @@ def test_cuda_greedy_generation_equals_cpu(cache_dir: Path, demo_tokenizer: Any,
                                 temperature=0, logprobs=2)
     texts = []
     for device in ("cuda", "cpu"):
-        backend = ReferenceBackend.from_config(
-            ReferenceBackendConfig(model=ModelConfig(device=device)))
+        backend = ReferenceServer.from_config(
+            ReferenceConfig(model=ModelConfig(device=device)))
         pieces: list[str] = []
 
         def emit(index: int, delta: Any, finish: str | None, pieces: list[str] = pieces) -> None:

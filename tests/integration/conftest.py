@@ -1,7 +1,7 @@
 """One local Ray + Serve for the whole integration session, deployed from serve_config.yaml.
 
 The gateway's upstream is pointed at a recording proxy in this process that forwards to
-the reference backend, so tests can inspect every byte the upstream received.
+the reference upstream, so tests can inspect every byte the upstream received.
 """
 
 from __future__ import annotations
@@ -99,7 +99,7 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path) -> Iterator[ServeGraph]:
     from serve_app import envs
 
     port = free_port()
-    # Logical CPUs above the real two: replicas ask for fractions, the reference backend more.
+    # Logical CPUs above the real two: replicas ask for fractions, the reference upstream more.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {envs.CACHE_DIR_ENV: str(cache_dir)}})
     serve.start(http_options={"host": "127.0.0.1", "port": port})

@@ -30,7 +30,8 @@ from serve_app.config import (
 from serve_app.prompts.codec import encode_prompt_embeds
 from serve_app.prompts.embedder import EmbedderCore
 from serve_app.protocol import SamplingFields
-from serve_app.upstream.dispatcher import DispatcherCore, UpstreamCall, UpstreamReply
+from serve_app.upstream.call import UpstreamCall, UpstreamReply
+from serve_app.upstream.dispatcher import DispatcherCore
 from tests.integration.upstream_servers import ServerProcess
 
 DONE = b"data: [DONE]\n\n"
@@ -411,7 +412,7 @@ async def test_reconfigure_in_place_keeps_streams_in_flight(fakes, make_core) ->
 @pytest.fixture(scope="module")
 def references(tmp_path_factory: pytest.TempPathFactory,
                demo_model_dir: Path) -> Iterator[list[ServerProcess]]:
-    """Two reference backends (the demo model, real generation) in their own processes."""
+    """Two reference upstreams (the demo model, real generation) in their own processes."""
     logs = tmp_path_factory.mktemp("reference-logs")
     pair = [ServerProcess("reference", f"ref{i}", logs / f"ref{i}.jsonl") for i in range(2)]
     for server in pair:

@@ -4,7 +4,7 @@
 payload is there and decodes as base64, and can be made slow, failing, stalled or killed
 (mid-stream too) through `POST /admin/mode`. Every request, finished answer and client
 disconnect is appended to a JSON-lines log, which outlives a killed process.
-`reference`: the project's reference backend on the demo model.
+`reference`: the project's reference upstream on the demo model.
 
     python -m tests.integration.upstream_servers fake --port 9001 --name a --log a.jsonl
 """
@@ -124,10 +124,11 @@ def create_fake_app(name: str, log: Path) -> Starlette:
 
 
 def create_reference() -> Any:
-    from serve_app.config import ReferenceBackendConfig
-    from serve_app.reference.server import ReferenceBackend, create_reference_app
+    from serve_app.config import ReferenceConfig
+    from serve_app.reference.app import create_reference_app
+    from serve_app.reference.server import ReferenceServer
 
-    return create_reference_app(ReferenceBackend.from_config(ReferenceBackendConfig()))
+    return create_reference_app(ReferenceServer.from_config(ReferenceConfig()))
 
 
 def free_port() -> int:

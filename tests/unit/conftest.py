@@ -1,5 +1,5 @@
 """Fixtures for the whole gateway in one process, no Ray: ingress -> embedder core ->
-dispatcher core -> reference backend app, every hop through httpx.ASGITransport."""
+dispatcher core -> reference upstream app, every hop through httpx.ASGITransport."""
 
 from __future__ import annotations
 
@@ -13,20 +13,23 @@ import pybase64
 import pytest
 import torch
 
-from serve_app.api.completions import CompletionsService, InProcessBackend, create_gateway_app
+from serve_app.api.app import create_gateway_app
+from serve_app.api.completions import CompletionsService
+from serve_app.api.pipeline import InProcessPipeline
 from serve_app.config import (
     AppConfig,
     BackendConfig,
     EmbeddingModelConfig,
     LimitsConfig,
     ModelConfig,
-    ReferenceBackendConfig,
+    ReferenceConfig,
     UpstreamConfig,
 )
 from serve_app.prompts.embedder import EmbedderCore
-from serve_app.reference.server import ReferenceBackend, create_reference_app
+from serve_app.reference.app import create_reference_app
+from serve_app.reference.server import ReferenceServer
 from serve_app.sentence.encoder import EncoderCore
-from serve_app.sentence.service import EmbeddingsService, InProcessEncoders
+from serve_app.sentence.service import InProcessEncoderClient, SentenceService
 from serve_app.upstream.dispatcher import DispatcherCore
 from tests.unit.gateway_client import GatewayFactory, RecordingASGITransport
 
@@ -35,7 +38,7 @@ UPSTREAM = UpstreamConfig(backends=[BackendConfig(url="http://ref/v1")])
 
 @pytest.fixture(scope="module")
 def reference_app(cache_dir: Path) -> Any:
-    return create_reference_app(ReferenceBackend.from_config(ReferenceBackendConfig()))
+    return create_reference_app(ReferenceServer.from_config(ReferenceConfig()))
 
 
 @pytest.fixture(scope="module")
@@ -44,17 +47,17 @@ def embedder(demo_model_dir: Path) -> EmbedderCore:
 
 
 @pytest.fixture(scope="module")
-def embeddings_service(demo_encoder_dir: Path) -> EmbeddingsService:
+def embeddings_service(demo_encoder_dir: Path) -> SentenceService:
     """The demo encoder behind /v1/embeddings and /v2/embed, its core called in-process."""
     config = AppConfig(upstream=UPSTREAM, embedding_models=[EmbeddingModelConfig()])
     [model] = config.embedding_models
     core = EncoderCore.from_checkpoint(demo_encoder_dir, model)
-    return EmbeddingsService.from_config(config, InProcessEncoders({model.name: core}))
+    return SentenceService.from_config(config, InProcessEncoderClient({model.name: core}))
 
 
 @pytest.fixture
 async def make_gateway(
-    embedder: EmbedderCore, embeddings_service: EmbeddingsService, cache_dir: Path
+    embedder: EmbedderCore, embeddings_service: SentenceService, cache_dir: Path
 ) -> AsyncIterator[GatewayFactory]:
     """A gateway client whose dispatcher reaches the upstream through `transport`."""
     closers: list[Any] = []
@@ -66,8 +69,8 @@ async def make_gateway(
         dispatcher = DispatcherCore(upstream, upstream_client)
         app_config = AppConfig(upstream=upstream, limits=limits or LimitsConfig(), **config)
         service = CompletionsService.from_config(app_config,
-                                                 InProcessBackend(embedder, dispatcher))
-        embeddings = EmbeddingsService(embeddings_service.models, embeddings_service.backend,
+                                                 InProcessPipeline(embedder, dispatcher))
+        embeddings = SentenceService(embeddings_service.models, embeddings_service.encoders,
                                        [service.served_name], app_config.limits)
         app = create_gateway_app(service, embeddings, api_keys)
         gateway = httpx.AsyncClient(

@@ -1,4 +1,4 @@
-"""Requests to the in-process gateway (or reference backend) and checks of their answers."""
+"""Requests to the in-process gateway (or reference upstream) and checks of their answers."""
 
 from __future__ import annotations
 

@@ -186,7 +186,8 @@ async def test_upstream_key_is_sent_but_never_logged(
 
     from serve_app.config import BackendConfig, UpstreamConfig
     from serve_app.prompts.codec import encode_prompt_embeds
-    from serve_app.upstream.dispatcher import DispatcherCore, UpstreamCall
+    from serve_app.upstream.call import UpstreamCall
+    from serve_app.upstream.dispatcher import DispatcherCore
 
     secret = "sk-upstream-secret-5c1e"
     monkeypatch.setenv("UPSTREAM_KEY", secret)

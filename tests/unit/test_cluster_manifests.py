@@ -27,7 +27,7 @@ from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve.schema import ServeDeploySchema
 
 from serve_app import deployments
-from serve_app.config import AppConfig, ReferenceBackendConfig
+from serve_app.config import AppConfig, ReferenceConfig
 from serve_app.deploy import cluster_config
 from serve_app.deploy.cluster_config import render_gpu_config, validate_serve_config
 
@@ -166,7 +166,7 @@ def test_serve_config_passes_serve_schema_and_typed_args(serve_config: dict[str,
 
 def test_args_models_are_the_builders_own() -> None:
     """The typed args each application is checked against are its builder's annotation."""
-    assert set(cluster_config.APP_ARGS.values()) == {AppConfig, ReferenceBackendConfig}
+    assert set(cluster_config.APP_ARGS.values()) == {AppConfig, ReferenceConfig}
     for import_path, model in cluster_config.APP_ARGS.items():
         module, attribute = import_path.split(":")
         assert module == deployments.__name__
@@ -189,7 +189,7 @@ def _autoscaling_with_fixed_count(config: dict[str, Any]) -> None:
 
 
 def _misspelt_gateway_arg(config: dict[str, Any]) -> None:
-    _app(config, "gateway")["args"]["batching"]["max_batch"] = 8
+    _app(config, "gateway")["args"]["batching"] = {"max_batch": 8}
 
 
 def _unknown_builder(config: dict[str, Any]) -> None:

@@ -20,10 +20,10 @@ from serve_app.config import (
     AppConfig,
     BackendConfig,
     ModelConfig,
-    ReferenceBackendConfig,
+    ReferenceConfig,
     UpstreamConfig,
 )
-from serve_app.deployments import encoder_deployment_name
+from serve_app.deployments import build_app, deployment_options, encoder_deployment_name
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 
@@ -66,7 +66,7 @@ def test_every_application_builds(raw_config: dict[str, Any]) -> None:
         # would be rejected at deploy time), and the code defaults are fractional CPUs too.
         built = build_serve_app(application, name=app["name"])
         names = {deployment.name for deployment in built.deployments}
-        assert {d["name"] for d in app["deployments"]} <= names
+        assert {d["name"] for d in app.get("deployments", [])} <= names
         for deployment in built.deployments:
             assert 0 < deployment.ray_actor_options["num_cpus"] < 1, deployment.name
 
@@ -81,43 +81,72 @@ def test_gateway_graph_shape(raw_config: dict[str, Any]) -> None:
     assert names == ["Dispatcher", "Embedder", "Encoder_serve-app-demo-embed", "Gateway"]
     assert built.ingress_deployment_name == "Gateway"
     # Every per-deployment override in the YAML names a deployment the graph has.
-    assert {d["name"] for d in app["deployments"]} <= set(names)
-
-
-def test_embedder_autoscales_with_headroom(raw_config: dict[str, Any]) -> None:
-    embedder = _deployment(_app(raw_config, "gateway"), "Embedder")
-    autoscaling = embedder["autoscaling_config"]
-    assert autoscaling["min_replicas"] <= autoscaling["max_replicas"]
-    assert embedder["max_ongoing_requests"] > autoscaling["target_ongoing_requests"]
-    assert "num_replicas" not in embedder  # autoscaling and a fixed count exclude each other
+    assert {d["name"] for d in app.get("deployments", [])} <= set(names)
 
 
 def test_every_yaml_deployment_uses_fractional_cpus(raw_config: dict[str, Any]) -> None:
-    deployments = [d for app in raw_config["applications"] for d in app["deployments"]]
-    assert len(deployments) == 5
+    deployments = [d for app in raw_config["applications"] for d in app.get("deployments", [])]
     for deployment in deployments:
         num_cpus = deployment["ray_actor_options"]["num_cpus"]
         assert 0 < num_cpus < 1, deployment["name"]
 
 
-def test_encoder_user_config_is_its_models_batching(raw_config: dict[str, Any]) -> None:
-    app = _app(raw_config, "gateway")
-    [model] = AppConfig.model_validate(app["args"]).embedding_models
-    user_config = _deployment(app, encoder_deployment_name(model.name))["user_config"]
-    assert model.batching.model_dump() == user_config
-    assert user_config["max_batch_tokens"] >= 128  # the demo encoder's longest input
+DERIVED = {"user_config", "autoscaling_config", "max_ongoing_requests"}
+
+
+def test_yaml_repeats_no_option_the_config_derives(raw_config: dict[str, Any]) -> None:
+    """Batching, autoscaling and request caps come from `args`: the YAML holds no copy to
+    keep equal (an entry there would override them)."""
+    for deployment in _app(raw_config, "gateway").get("deployments", []):
+        assert not DERIVED & set(deployment), deployment["name"]
+
+
+def _built(config: AppConfig) -> dict[str, Any]:
+    built = build_serve_app(build_app(config), name="gateway")
+    return {deployment.name: deployment for deployment in built.deployments}
+
+
+def test_options_follow_the_config() -> None:
+    config = AppConfig.model_validate({
+        "limits": {"max_concurrent_requests": 10, "max_receiving_requests": 5},
+        "batching": {"max_batch_size": 32},
+        "autoscaling": {"min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 16},
+        "upstream": {"backends": [{"url": "http://a/v1", "max_in_flight": 8},
+                                  {"url": "http://b/v1", "max_in_flight": 4}]},
+        "embedding_models": [{"served_name": "e.1", "autoscaling": {"max_replicas": 3}}],
+    })
+    options = deployment_options(config)
+    assert options["Gateway"] == {"max_ongoing_requests": 15}
+    assert options["Embedder"]["user_config"] == {"max_batch_size": 32,
+                                                  "batch_wait_timeout_s": 0.0}
+    assert options["Embedder"]["autoscaling_config"] == {
+        "min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 16.0}
+    assert options["Embedder"]["max_ongoing_requests"] > 16  # room beyond the target
+    assert options["Dispatcher"]["user_config"] == config.upstream.model_dump(mode="json")
+    assert options["Dispatcher"]["max_ongoing_requests"] >= 12  # every upstream slot
+    encoder = options[encoder_deployment_name("e.1")]
+    assert encoder["autoscaling_config"]["max_replicas"] == 3
+    assert encoder["user_config"] == config.embedding_models[0].batching.model_dump()
+
+    built = _built(config)
+    assert set(built) == {"Gateway", "Embedder", "Dispatcher", "Encoder_e_1"}
+    for name, deployment in built.items():
+        wanted = options[encoder_deployment_name("e.1") if name == "Encoder_e_1" else name]
+        assert deployment.max_ongoing_requests == wanted["max_ongoing_requests"], name
+        if "user_config" in wanted:
+            assert deployment.user_config == wanted["user_config"], name
+    scaling = built["Embedder"]._deployment_config.autoscaling_config
+    assert (scaling.min_replicas, scaling.max_replicas) == (2, 6)
+
+
+def test_autoscaling_bounds_are_ordered() -> None:
+    with pytest.raises(ValidationError, match="min_replicas"):
+        AppConfig.model_validate({"autoscaling": {"min_replicas": 3, "max_replicas": 2}})
 
 
 def test_duplicate_served_names_are_refused() -> None:
     with pytest.raises(ValidationError, match="unique"):
         AppConfig.model_validate({"embedding_models": [{}, {"source": "demo-encoder"}]})
-
-
-def test_embedder_user_config_is_valid_batching(raw_config: dict[str, Any]) -> None:
-    app = _app(raw_config, "gateway")
-    user_config = _deployment(app, "Embedder")["user_config"]
-    validated = AppConfig.model_validate(app["args"])
-    assert validated.batching.model_dump() == user_config
 
 
 @pytest.mark.parametrize(
@@ -136,7 +165,7 @@ def test_bad_gateway_args_name_the_field(
 ) -> None:
     app = _app(raw_config, "gateway")
     args = copy.deepcopy(app["args"])
-    args[path[0]][path[1]] = value
+    args.setdefault(path[0], {})[path[1]] = value
     with pytest.raises(ValidationError) as info:
         call_user_app_builder_with_args_if_necessary(_builder(app["import_path"]), args)
     assert field in str(info.value)
@@ -158,7 +187,7 @@ def test_app_config_defaults() -> None:
     assert backend.dialect == "vllm"
     assert backend.url.startswith("http://")
     assert backend.probe_url == backend.url + "/models"
-    assert ReferenceBackendConfig().model.name == "serve-app-demo"
+    assert ReferenceConfig().model.name == "serve-app-demo"
 
 
 def test_model_name_resolution() -> None:

@@ -13,13 +13,9 @@ import torch
 from serve_app.config import BackendConfig, UpstreamConfig
 from serve_app.prompts.codec import EncodedPromptEmbeds, encode_prompt_embeds
 from serve_app.protocol import SamplingFields
-from serve_app.upstream.answers import ChatShape
-from serve_app.upstream.dispatcher import (
-    DispatcherCore,
-    UpstreamCall,
-    UpstreamReply,
-    build_upstream_body,
-)
+from serve_app.upstream.call import ChatShape, UpstreamCall, UpstreamReply
+from serve_app.upstream.dispatcher import DispatcherCore
+from serve_app.upstream.wire import build_upstream_body
 
 SERVED = "serve-app-demo"
 UPSTREAM_URL = "http://upstream.test/v1"
@@ -653,3 +649,38 @@ async def test_chat_stream_role_first_then_content(make_core) -> None:
     assert payloads[-1]["choices"] == []
     assert payloads[-1]["usage"] == {"prompt_tokens": 4, "completion_tokens": 3,
                                      "total_tokens": 7}
+
+
+def usage_of(completion_tokens: int, prompt_tokens: int = 0) -> dict[str, int]:
+    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+            "total_tokens": prompt_tokens + completion_tokens}
+
+
+@pytest.mark.parametrize("reported_prompt_tokens", [0, 999])  # NIM's 0, a wrong count
+async def test_chat_stream_continuous_usage_in_every_chunk(
+    make_core, reported_prompt_tokens: int
+) -> None:
+    """vLLM's `continuous_usage_stats`: every upstream chunk carries the usage so far, and
+    so does every chat chunk made from it, with the gateway's own prompt length."""
+    options = {"include_usage": True, "continuous_usage_stats": True}
+    upstream_events = [
+        {**chunk_event("Hel"), "usage": usage_of(1, reported_prompt_tokens)},
+        {**chunk_event("lo"), "usage": usage_of(2, reported_prompt_tokens)},
+        {**chunk_event("", finish="stop"), "usage": usage_of(2, reported_prompt_tokens)},
+        {**chunk_event(""), "choices": [], "usage": usage_of(2, reported_prompt_tokens)},
+    ]
+    core, upstream = make_core(stream_reply(sse(*upstream_events)))
+    fields = SamplingFields.model_validate({"stream": True, "stream_options": options})
+    head, events = await collect(core, UpstreamCall(SERVED, fields, True, chat=ChatShape()),
+                                 make_embeds(4))
+    assert upstream.bodies[0]["stream_options"] == options
+    assert head == UpstreamReply(200) and events[-1] == DONE
+    payloads = [event_payload(event) for event in events[:-1]]
+    *chunks, final = payloads
+    assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks] == [
+        ({"role": "assistant", "content": ""}, None), ({"content": "Hel"}, None),
+        ({"content": "lo"}, None), ({}, "stop")]
+    # The role chunk and the first text come from the first upstream chunk: both carry it.
+    assert [c.get("usage") for c in chunks] == [
+        usage_of(1, 4), usage_of(1, 4), usage_of(2, 4), usage_of(2, 4)]
+    assert final["choices"] == [] and final["usage"] == usage_of(2, 4)

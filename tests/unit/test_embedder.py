@@ -13,8 +13,8 @@ from safetensors.torch import load_file, save_file
 
 from serve_app.config import ModelConfig
 from serve_app.prompts.checkpoint import ModelSpec, load_input_embeddings, read_model_spec
-from serve_app.prompts.codec import EmbedsSpec, decode_prompt_embeds
 from serve_app.prompts.embedder import EmbedderCore, SplicedPrompt
+from serve_app.prompts.untrusted import EmbedsSpec, decode_prompt_embeds
 
 # Different lengths in one batch, including a single token and the whole vocabulary.
 BATCH = [[0, 54, 71, 78], [7], list(range(259)), [258, 0, 258, 3, 3, 3, 100, 1, 2]]

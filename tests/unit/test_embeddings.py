@@ -15,7 +15,7 @@ import torch
 
 from serve_app.config import EmbeddingModelConfig, EncoderBatchingConfig
 from serve_app.sentence.encoder import EncoderCore, read_sentence_spec
-from serve_app.sentence.service import EmbeddingsService, InProcessEncoders
+from serve_app.sentence.service import InProcessEncoderClient, SentenceService
 from tests.unit.gateway_client import CANARY, RecordingASGITransport, error_of
 
 EMBED = "serve-app-demo-embed"
@@ -112,12 +112,12 @@ async def test_dimensions_outside_the_declared_ones(gateway: httpx.AsyncClient) 
 
 
 async def test_dimensions_on_a_model_without_matryoshka(
-    embeddings_service: EmbeddingsService,
+    embeddings_service: SentenceService,
 ) -> None:
     model = embeddings_service.models[EMBED]
     plain = dataclasses.replace(model, spec=dataclasses.replace(
         model.spec, matryoshka_dimensions=None))
-    service = EmbeddingsService({EMBED: plain}, embeddings_service.backend)
+    service = SentenceService({EMBED: plain}, embeddings_service.encoders)
     response = await service.openai(json.dumps(
         {"model": EMBED, "input": "x", "dimensions": 16}).encode())
     assert response.status_code == 400
@@ -335,7 +335,7 @@ def test_in_process_encoders_are_the_core(
     import asyncio
 
     core = EncoderCore.from_checkpoint(demo_encoder_dir, EmbeddingModelConfig())
-    encoders = InProcessEncoders({EMBED: core})
+    encoders = InProcessEncoderClient({EMBED: core})
     ids = [sentence_transformer.tokenizer("paris").input_ids]
     got = asyncio.run(encoders.encode(EMBED, ids))
     assert_same_directions(got.numpy(), sentence_transformer.encode(["paris"]))

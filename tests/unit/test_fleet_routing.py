@@ -17,7 +17,9 @@ import torch
 
 from serve_app.config import BackendConfig, UpstreamConfig
 from serve_app.prompts.codec import encode_prompt_embeds
-from serve_app.upstream.dispatcher import DispatcherCore, UpstreamCall, retry_after_seconds
+from serve_app.upstream.call import UpstreamCall
+from serve_app.upstream.dispatcher import DispatcherCore
+from serve_app.upstream.failures import retry_after_seconds
 
 EMBEDS = [encode_prompt_embeds(torch.randn(2, 4))]
 

@@ -14,10 +14,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
-from serve_app.api.completions import CompletionsService, InProcessBackend, create_gateway_app
+from serve_app.api.app import create_gateway_app
+from serve_app.api.completions import CompletionsService
+from serve_app.api.pipeline import InProcessPipeline
 from serve_app.config import AppConfig, BackendConfig, UpstreamConfig
 from serve_app.prompts.embedder import EmbedderCore
-from serve_app.sentence.service import EmbeddingsService
+from serve_app.sentence.service import SentenceService
 from serve_app.upstream.dispatcher import DispatcherCore
 
 ROUTES = ["/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v2/embed"]
@@ -29,13 +31,13 @@ FUZZ = settings(max_examples=40, deadline=None,
 
 @pytest.fixture(scope="module")
 def client(reference_app: Any, embedder: EmbedderCore,
-           embeddings_service: EmbeddingsService, cache_dir: Path) -> Iterator[TestClient]:
+           embeddings_service: SentenceService, cache_dir: Path) -> Iterator[TestClient]:
     upstream = UpstreamConfig(backends=[BackendConfig(url="http://ref/v1")])
     transport = httpx.ASGITransport(app=reference_app)
     dispatcher = DispatcherCore(upstream, httpx.AsyncClient(transport=transport,
                                                             base_url="http://ref"))
     service = CompletionsService.from_config(AppConfig(upstream=upstream),
-                                             InProcessBackend(embedder, dispatcher))
+                                             InProcessPipeline(embedder, dispatcher))
     with TestClient(create_gateway_app(service, embeddings_service),
                     raise_server_exceptions=False) as test_client:
         yield test_client

@@ -250,7 +250,7 @@ async def test_both_embeds_spellings(
 
 
 async def test_upstream_rejection_is_relayed(gateway: httpx.AsyncClient) -> None:
-    # The gateway forwards `echo`; the reference backend refuses it with embeddings.
+    # The gateway forwards `echo`; the reference upstream refuses it with embeddings.
     error = error_of(await post(gateway, prompt=FRANCE, echo=True), 400)
     assert "not compatible" in error["message"]
     response = await post(gateway, prompt=FRANCE, echo=True, stream=True)

@@ -89,7 +89,7 @@ async def test_at_the_limits_requests_pass(limited: httpx.AsyncClient) -> None:
 
 
 class SlowTransport(httpx.AsyncBaseTransport):
-    """The reference backend, answering only once `release` is set."""
+    """The reference upstream, answering only once `release` is set."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self.inner = inner

@@ -95,8 +95,13 @@ def test_a_refusal_is_never_wrong(demo_tokenizer: Any, demo_encoder_dir: Any, co
         budget = TextBudget.of(tokenizer, parse)
         tokens = len(tokenizer(text, add_special_tokens=False,
                                split_special_tokens=not parse).input_ids)
-        if budget.exceeds([text], limit):
+        refused = budget.exceeds([text], limit)
+        if refused:
             assert tokens > limit
+        # And it refuses what its bound rules out: a budget that never refused would pass
+        # the check above whatever it was given.
+        if budget.chars_per_token is not None and len(text) > limit * budget.chars_per_token:
+            assert refused
 
 
 _ENCODERS: dict[str, Any] = {}

@@ -13,9 +13,10 @@ import pybase64
 import pytest
 import torch
 
-from serve_app.config import ReferenceBackendConfig
+from serve_app.config import ReferenceConfig
 from serve_app.protocol import CompletionRequest
-from serve_app.reference.server import ReferenceBackend, create_reference_app
+from serve_app.reference.app import create_reference_app
+from serve_app.reference.server import ReferenceServer
 
 MODEL = "serve-app-demo"
 FRANCE = "What is the capital of France?"
@@ -23,12 +24,12 @@ JAPAN = "Tell me about Japan."
 
 
 @pytest.fixture(scope="module")
-def backend(cache_dir: Path) -> ReferenceBackend:
-    return ReferenceBackend.from_config(ReferenceBackendConfig())
+def backend(cache_dir: Path) -> ReferenceServer:
+    return ReferenceServer.from_config(ReferenceConfig())
 
 
 @pytest.fixture(scope="module")
-def reference_app(backend: ReferenceBackend) -> Any:
+def reference_app(backend: ReferenceServer) -> Any:
     return create_reference_app(backend)
 
 
@@ -156,7 +157,7 @@ async def test_max_tokens_gives_length(client: httpx.AsyncClient, embed: Any) ->
 async def test_default_max_tokens(client: httpx.AsyncClient, embed: Any) -> None:
     _, b64 = embed(FRANCE)
     body = await ok(client, prompt_embeds=b64, temperature=0)
-    assert body["usage"]["completion_tokens"] == ReferenceBackendConfig().max_tokens_default
+    assert body["usage"]["completion_tokens"] == ReferenceConfig().max_tokens_default
 
 
 async def test_stop_string_truncates(client: httpx.AsyncClient, embed: Any) -> None:
@@ -361,7 +362,7 @@ async def test_models_and_health(client: httpx.AsyncClient) -> None:
 
 
 def test_cancelled_generation_stops_at_the_next_token(
-    backend: ReferenceBackend, demo_tokenizer: Any, demo_causal_lm: Any
+    backend: ReferenceServer, demo_tokenizer: Any, demo_causal_lm: Any
 ) -> None:
     ids = torch.tensor(demo_tokenizer(FRANCE).input_ids)
     with torch.no_grad():

@@ -1,5 +1,5 @@
 """The transport between replicas: the ingress sizes each request's embeddings before any
-lookup, and `ServeBackend` sends small requests by value and large ones by reference."""
+lookup, and `ServePipeline` sends small requests by value and large ones by reference."""
 
 from __future__ import annotations
 
@@ -12,12 +12,12 @@ import pybase64
 import pytest
 import torch
 
-from serve_app.api.completions import CompletionsService, UpstreamPrompt
+from serve_app.api.completions import CompletionsService
 from serve_app.config import GRPC_PAYLOAD_LIMIT, AppConfig, BackendConfig, UpstreamConfig
-from serve_app.deployments import ServeBackend
-from serve_app.prompts.codec import EncodedPromptEmbeds, base64_length, encode_prompt_embeds
-from serve_app.prompts.embedder import SplicedPrompt, prompt_rows
-from serve_app.upstream.dispatcher import UpstreamCall, UpstreamReply
+from serve_app.handles import ServePipeline
+from serve_app.prompts.codec import base64_length, encode_prompt_embeds
+from serve_app.prompts.embedder import PromptInput, SplicedPrompt, prompt_rows
+from serve_app.upstream.call import UpstreamCall, UpstreamReply
 
 LIMIT = 10_000
 
@@ -45,9 +45,12 @@ class FakeHandle:
     def __init__(self, name: str, calls: list[tuple[str, dict[str, Any], tuple[Any, ...]]],
                  options: dict[str, Any] | None = None) -> None:
         self.name, self.calls, self.opts = name, calls, options or {}
+        self.streams: list[FakeEvents] = []
 
     def options(self, **options: Any) -> FakeHandle:
-        return FakeHandle(self.name, self.calls, {**self.opts, **options})
+        handle = FakeHandle(self.name, self.calls, {**self.opts, **options})
+        handle.streams = self.streams
+        return handle
 
     def __getattr__(self, method: str) -> Any:
         handle = self
@@ -58,7 +61,8 @@ class FakeHandle:
                 if method == "embed":
                     return ("response", args[0], handle.opts["_by_reference"])
                 if handle.opts.get("stream"):
-                    return FakeEvents([UpstreamReply(200), b"data: [DONE]\n\n"])
+                    handle.streams.append(FakeEvents([UpstreamReply(200), b"data: [DONE]\n\n"]))
+                    return handle.streams[-1]
 
                 async def reply() -> UpstreamReply:
                     return UpstreamReply(200, b"{}")
@@ -74,17 +78,24 @@ def calls() -> list[tuple[str, dict[str, Any], tuple[Any, ...]]]:
 
 
 @pytest.fixture
-def backend(calls: list[tuple[str, dict[str, Any], tuple[Any, ...]]]) -> ServeBackend:
-    return ServeBackend(FakeHandle("embedder", calls), FakeHandle("dispatcher", calls), LIMIT)
+def dispatcher() -> FakeHandle:
+    return FakeHandle("dispatcher", [])
 
 
-CLIENT = EncodedPromptEmbeds((b"AAAA",), 1)
+@pytest.fixture
+def backend(calls: list[tuple[str, dict[str, Any], tuple[Any, ...]]],
+            dispatcher: FakeHandle) -> ServePipeline:
+    dispatcher.calls = calls
+    return ServePipeline(FakeHandle("embedder", calls), dispatcher, LIMIT)
+
+
+CLIENT = SplicedPrompt((torch.ones(1, 4),))
 
 
 @pytest.mark.parametrize(("payload", "by_reference"),
                          [(1, False), (LIMIT, False), (LIMIT + 1, True), (10**9, True)])
 async def test_complete_picks_the_transport_by_payload_size(
-    backend: ServeBackend, calls: list[Any], payload: int, by_reference: bool
+    backend: ServePipeline, calls: list[Any], payload: int, by_reference: bool
 ) -> None:
     call = UpstreamCall("m", payload_bytes=payload)
     reply = await backend.complete(call, [CLIENT, [1, 2, 3], [4]])
@@ -92,30 +103,46 @@ async def test_complete_picks_the_transport_by_payload_size(
     assert reply.status == 200
     assert [(name, opts["_by_reference"]) for name, opts, _ in calls] == [
         ("embedder.embed", by_reference), ("embedder.embed", by_reference),
-        ("dispatcher.complete", by_reference)]
-    # The dispatcher gets the client's embeddings as they are and the embedder's responses
-    # unawaited, as top-level arguments in the request's order.
-    assert calls[-1][2] == (call, CLIENT, ("response", [1, 2, 3], by_reference),
+        ("embedder.embed", by_reference), ("dispatcher.complete", by_reference)]
+    # Every prompt, client tensors included, goes through the embedder; the dispatcher gets
+    # the embedder's responses unawaited, as top-level arguments in the request's order.
+    assert calls[-1][2] == (call, ("response", CLIENT, by_reference),
+                            ("response", [1, 2, 3], by_reference),
                             ("response", [4], by_reference))
 
 
 @pytest.mark.parametrize(("payload", "by_reference"), [(LIMIT, False), (LIMIT + 1, True)])
 async def test_stream_picks_the_transport_and_cancels_at_the_end(
-    backend: ServeBackend, calls: list[Any], payload: int, by_reference: bool
+    backend: ServePipeline, dispatcher: FakeHandle, calls: list[Any], payload: int,
+    by_reference: bool
 ) -> None:
     call = UpstreamCall("m", stream=True, payload_bytes=payload)
-    events = backend.stream(call, [[7, 8]])
-    items = [item async for item in events]
+    head, events = await backend.open_stream(call, [[7, 8]])
+    [stream] = dispatcher.streams
+    assert head == UpstreamReply(200) and not stream.cancelled
+    assert [event async for event in events] == [b"data: [DONE]\n\n"]
 
-    assert items == [UpstreamReply(200), b"data: [DONE]\n\n"]
+    assert stream.cancelled
     name, opts, args = calls[-1]
     assert (name, opts) == ("dispatcher.stream", {"_by_reference": by_reference, "stream": True})
     assert args == (call, ("response", [7, 8], by_reference))
 
 
+async def test_a_stream_left_after_its_head_is_cancelled(
+    backend: ServePipeline, dispatcher: FakeHandle
+) -> None:
+    """A client that goes away before the first event: closing the events cancels the
+    Dispatcher's stream, which closes the upstream request."""
+    _, events = await backend.open_stream(UpstreamCall("m", stream=True), [[7, 8]])
+    [stream] = dispatcher.streams
+    assert not stream.cancelled
+    await events.aclose()  # type: ignore[attr-defined]
+    assert stream.cancelled
+
+
 def test_zero_limit_sends_everything_by_reference(calls: list[Any]) -> None:
-    backend = ServeBackend(FakeHandle("e", calls), FakeHandle("d", calls), 0)
-    assert backend.route(UpstreamCall("m", payload_bytes=1)) is backend.by_reference
+    backend = ServePipeline(FakeHandle("e", calls), FakeHandle("d", calls), 0)
+    assert backend.transport(UpstreamCall("m", payload_bytes=1)) is backend.by_reference
 
 
 def test_the_limit_cannot_pass_grpcs_message_limit() -> None:
@@ -133,15 +160,15 @@ class CapturingBackend:
     """Records what the service asks of the backend; answers like an upstream would."""
 
     def __init__(self) -> None:
-        self.seen: list[tuple[UpstreamCall, list[UpstreamPrompt]]] = []
+        self.seen: list[tuple[UpstreamCall, list[PromptInput]]] = []
 
     async def complete(self, call: UpstreamCall,
-                       prompts: Sequence[UpstreamPrompt]) -> UpstreamReply:
+                       prompts: Sequence[PromptInput]) -> UpstreamReply:
         self.seen.append((call, list(prompts)))
         return UpstreamReply(200, b'{"choices": []}')
 
-    def stream(self, call: UpstreamCall,
-               prompts: Sequence[UpstreamPrompt]) -> AsyncIterator[UpstreamReply | bytes]:
+    async def open_stream(self, call: UpstreamCall, prompts: Sequence[PromptInput]
+                          ) -> tuple[UpstreamReply, AsyncIterator[bytes]]:
         raise AssertionError("not used here")
 
     async def upstream_status(self) -> list[dict[str, Any]]:
@@ -155,11 +182,9 @@ def capture(cache_dir: Path) -> tuple[CompletionsService, CapturingBackend]:
     return CompletionsService.from_config(config, backend), backend
 
 
-def _wire_bytes(service: CompletionsService, prompt: UpstreamPrompt) -> int:
+def _wire_bytes(service: CompletionsService, prompt: PromptInput) -> int:
     """What the embedder will actually send for a prompt (the archive around the data
     included)."""
-    if isinstance(prompt, EncodedPromptEmbeds):
-        return prompt.nbytes
     rows = prompt_rows(prompt)
     return encode_prompt_embeds(torch.zeros(rows, service.model.hidden_size,
                                             dtype=service.model.dtype)).nbytes
@@ -175,11 +200,11 @@ async def test_payload_size_of_text_and_client_embeddings(
     assert response.status_code == 200
 
     [(call, prompts)] = backend.seen
-    assert isinstance(prompts[0], EncodedPromptEmbeds)  # vLLM's order: embeddings first
+    assert isinstance(prompts[0], SplicedPrompt)  # vLLM's order: embeddings first
     assert [type(p) for p in prompts[1:]] == [list, list]
     row_bytes = service.model.hidden_size * service.model.dtype.itemsize
-    assert call.payload_bytes == prompts[0].nbytes + sum(
-        base64_length(len(ids) * row_bytes) for ids in prompts[1:])
+    assert call.payload_bytes == sum(
+        base64_length(prompt_rows(prompt) * row_bytes) for prompt in prompts)
     # The estimate leaves out only the archive around each tensor's data (about 1.5 KiB).
     actual = sum(_wire_bytes(service, prompt) for prompt in prompts)
     assert 0 <= actual - call.payload_bytes <= 2 * 4096

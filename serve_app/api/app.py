@@ -1,0 +1,94 @@
+"""The gateway's FastAPI app: guards, error handlers and routes, each a line or two over
+the completions and sentence-embeddings services."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response
+
+from serve_app.api.completions import CompletionsService
+from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware
+from serve_app.api.openapi import document_request_bodies, route_answers
+from serve_app.endpoint import add_error_handlers
+from serve_app.errors import model_not_found
+from serve_app.protocol import (
+    ChatCompletionRequest,
+    ChatCompletionResponse,
+    CohereEmbedRequest,
+    CohereEmbedResponse,
+    CompletionRequest,
+    CompletionResponse,
+    EmbeddingRequest,
+    EmbeddingResponse,
+    ModelCard,
+    ModelList,
+)
+from serve_app.sentence.service import InProcessEncoderClient, SentenceService
+
+
+def create_gateway_app(service: CompletionsService,
+                       sentence: SentenceService | None = None,
+                       api_keys: Sequence[str] = ()) -> FastAPI:
+    """The ingress app; with `api_keys`, the API routes need one of them as a Bearer key."""
+    app = FastAPI(title="serve_app gateway",
+                  description="OpenAI-compatible completions and chat over prompt embeddings, "
+                              "and sentence embeddings (OpenAI and Cohere APIs).",
+                  redoc_url=None, swagger_ui_oauth2_redirect_url=None)
+    sentence = sentence or SentenceService({}, InProcessEncoderClient({}),
+                                           [service.served_name])
+    # The last added is outermost: the key is checked first, then the body is read (under
+    # its cap and deadline), then the request takes a concurrency slot.
+    app.add_middleware(RequestGuardMiddleware, limits=service.limits)
+    if api_keys:
+        app.add_middleware(BearerKeyMiddleware, keys=api_keys)
+
+    add_error_handlers(app)
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/health/upstreams")
+    async def upstreams() -> dict[str, Any]:
+        """Each upstream backend's state as the answering Dispatcher replica sees it."""
+        return {"object": "list", "data": await service.pipeline.upstream_status()}
+
+    def model_cards() -> list[ModelCard]:
+        return [service.model_card(), *sentence.model_cards()]
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=model_cards())
+
+    @app.get("/v1/models/{model_id:path}", responses=route_answers(ModelCard))
+    async def model(model_id: str) -> ModelCard:
+        """One model, as OpenAI's `models.retrieve` asks for it."""
+        for card in model_cards():
+            if card.id == model_id:
+                return card
+        raise model_not_found(model_id)
+
+    @app.post("/v1/completions", responses=route_answers(CompletionResponse))
+    async def completions(request: Request) -> Response:
+        return await service.completions(await request.body())
+
+    @app.post("/v1/chat/completions", responses=route_answers(ChatCompletionResponse))
+    async def chat_completions(request: Request) -> Response:
+        return await service.chat_completions(await request.body())
+
+    @app.post("/v1/embeddings", responses=route_answers(EmbeddingResponse))
+    async def openai_embeddings(request: Request) -> Response:
+        return await sentence.openai(await request.body())
+
+    @app.post("/v2/embed", responses=route_answers(CohereEmbedResponse))
+    async def cohere_embed(request: Request) -> Response:
+        return await sentence.cohere(await request.body())
+
+    document_request_bodies(app, {
+        "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,
+        "/v1/embeddings": EmbeddingRequest, "/v2/embed": CohereEmbedRequest,
+    })
+    return app

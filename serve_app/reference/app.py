@@ -1,0 +1,41 @@
+"""The reference backend's HTTP app: vLLM's `/v1/completions`, `/v1/models` and `/health`
+over a `ReferenceServer`."""
+
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from starlette.responses import Response, StreamingResponse
+
+from serve_app.endpoint import answer, json_response
+from serve_app.errors import to_gateway_error
+from serve_app.protocol import CompletionRequest, ModelCard, ModelList
+from serve_app.reference.server import ReferenceServer
+
+
+def create_reference_app(server: ReferenceServer) -> FastAPI:
+    app = FastAPI(title="serve_app reference backend", docs_url=None, redoc_url=None)
+
+    @app.exception_handler(Exception)
+    async def _error(_: Request, exc: Exception) -> Response:
+        return to_gateway_error(exc).to_response()
+
+    @app.get("/health")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models() -> ModelList:
+        return ModelList(data=[ModelCard(id=server.served_name,
+                                         max_model_len=server.max_model_len)])
+
+    async def respond(request: CompletionRequest) -> Response:
+        if request.stream:
+            return StreamingResponse(await server.stream(request),
+                                     media_type="text/event-stream")
+        return json_response(await server.complete(request))
+
+    @app.post("/v1/completions")
+    async def completions(raw: Request) -> Response:
+        return await answer(await raw.body(), CompletionRequest, respond)
+
+    return app
