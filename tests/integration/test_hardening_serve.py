@@ -167,6 +167,15 @@ async def _until_served(client: httpx.AsyncClient, url: str) -> None:
         await asyncio.sleep(0.2)
 
 
+async def _response(reader: asyncio.StreamReader) -> bytes:
+    """One whole HTTP/1.1 response: its head, then as many body bytes as it declares (the
+    two can arrive in separate reads)."""
+    head = await reader.readuntil(b"\r\n\r\n")
+    length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                   if line.lower().startswith(b"content-length:")), 0)
+    return head + await reader.readexactly(length)
+
+
 async def _trickle(host: str, port: int, path: str, stop: asyncio.Event) -> bytes:
     """A client that sends its headers, then one byte of its body every second."""
     reader, writer = await asyncio.open_connection(host, port)
@@ -174,14 +183,14 @@ async def _trickle(host: str, port: int, path: str, stop: asyncio.Event) -> byte
         writer.write(f"POST {path} HTTP/1.1\r\nHost: {host}\r\nAuthorization: Bearer {KEY}\r\n"
                      "Content-Type: application/json\r\nContent-Length: 4096\r\n\r\n{".encode())
         await writer.drain()
-        answer = asyncio.ensure_future(reader.read(1024))
+        answer = asyncio.ensure_future(_response(reader))
         while not stop.is_set() and not answer.done():
             await asyncio.wait([answer], timeout=1.0)
             if not answer.done():
                 writer.write(b" ")
                 await writer.drain()
         return await asyncio.wait_for(answer, 30) if not stop.is_set() else b""
-    except (ConnectionError, OSError):
+    except (ConnectionError, OSError, asyncio.IncompleteReadError):
         return b"connection closed"
     finally:
         writer.close()
