@@ -194,6 +194,7 @@ class ChatChoiceLogprobs(ResponseModel):
 class ChatResponseMessage(ResponseModel):
     role: Literal["assistant"] = "assistant"
     content: str | None = None
+    refusal: str | None = None
 
 
 class ChatCompletionChoice(ResponseModel):

@@ -100,6 +100,9 @@ class CompletionLogprobs(ResponseModel):
 
 
 class CompletionChoice(ResponseModel):
+    """One choice, whole or as a stream chunk's piece; dumped with its nulls, since vLLM
+    writes `logprobs` and `stop_reason` into every choice."""
+
     index: int
     text: str
     logprobs: CompletionLogprobs | None = None

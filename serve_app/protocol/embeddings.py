@@ -2,19 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import (
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    PlainValidator,
-    WithJsonSchema,
-    field_validator,
-)
+from pydantic import ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, field_validator
+from pydantic.json_schema import JsonSchemaValue
+from pydantic_core import CoreSchema, core_schema
 
 from serve_app.protocol.base import RequestModel, TokenIds, token_id_shape
 from serve_app.protocol.common import ResponseModel
@@ -68,50 +63,53 @@ class CohereEmbedRequest(RequestModel):
     }
 
 
-def _array(dtype: str, ndim: int) -> Callable[[Any], npt.NDArray[Any]]:
-    """A validator that takes a numpy array of `dtype` and rank `ndim` as it is (no copy, no
-    per-element work), and nested lists as such an array."""
-    expected = np.dtype(dtype)
+@dataclass(frozen=True)
+class NumpyArray:
+    """`Annotated` metadata for an answer's vectors: a numpy array of `dtype` and rank
+    `ndim`, kept as it is.
 
-    def validate(value: Any) -> npt.NDArray[Any]:
+    Validating or dumping millions of floats one by one costs several times the encoding
+    itself, so an array passes validation without a copy or per-element work, and
+    `model_dump()` hands it on as it is, for orjson's OPT_SERIALIZE_NUMPY (float32 at its
+    shortest). `model_dump_json()` writes it as nested lists; nested lists validate into one.
+    """
+
+    dtype: str
+    ndim: int
+
+    def __get_pydantic_core_schema__(self, source: Any,
+                                     handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_plain_validator_function(
+            self._validate, serialization=core_schema.plain_serializer_function_ser_schema(
+                _as_lists, when_used="json"))
+
+    def __get_pydantic_json_schema__(self, schema: CoreSchema,
+                                     handler: GetJsonSchemaHandler) -> JsonSchemaValue:
+        item: JsonSchemaValue = {
+            "type": "number" if np.dtype(self.dtype).kind == "f" else "integer"}
+        for _ in range(self.ndim):
+            item = {"type": "array", "items": item}
+        return item
+
+    def _validate(self, value: Any) -> npt.NDArray[Any]:
+        expected = np.dtype(self.dtype)
         array = np.asarray(value, dtype=expected) if isinstance(value, list) else value
         if not isinstance(array, np.ndarray):
-            raise ValueError(f"expected a {ndim}-d array of {expected}")
-        if array.dtype != expected or array.ndim != ndim:
-            raise ValueError(f"expected a {ndim}-d array of {expected}, got a {array.ndim}-d "
-                             f"array of {array.dtype}")
+            raise ValueError(f"expected a {self.ndim}-d array of {expected}")
+        if array.dtype != expected or array.ndim != self.ndim:
+            raise ValueError(f"expected a {self.ndim}-d array of {expected}, got a "
+                             f"{array.ndim}-d array of {array.dtype}")
         return array
 
-    return validate
+
+def _as_lists(array: npt.NDArray[Any]) -> Any:
+    return array.tolist()
 
 
-def _array_schema(ndim: int, item: str) -> dict[str, Any]:
-    schema: dict[str, Any] = {"type": item}
-    for _ in range(ndim):
-        schema = {"type": "array", "items": schema}
-    return schema
-
-
-# Vectors stay numpy arrays in the answer models: validating or dumping millions of floats
-# one by one costs several times the encoding itself. `model_dump()` hands the arrays on
-# as they are, for orjson's OPT_SERIALIZE_NUMPY (float32 at its shortest repr);
-# `model_dump_json()` writes them as lists.
-Float32Vector = Annotated[
-    npt.NDArray[np.float32], PlainValidator(_array("<f4", 1)),
-    PlainSerializer(lambda array: array.tolist(), when_used="json"),
-    WithJsonSchema(_array_schema(1, "number"))]
-Float32Rows = Annotated[
-    npt.NDArray[np.float32], PlainValidator(_array("<f4", 2)),
-    PlainSerializer(lambda array: array.tolist(), when_used="json"),
-    WithJsonSchema(_array_schema(2, "number"))]
-Int8Rows = Annotated[
-    npt.NDArray[np.int8], PlainValidator(_array("i1", 2)),
-    PlainSerializer(lambda array: array.tolist(), when_used="json"),
-    WithJsonSchema(_array_schema(2, "integer"))]
-UInt8Rows = Annotated[
-    npt.NDArray[np.uint8], PlainValidator(_array("u1", 2)),
-    PlainSerializer(lambda array: array.tolist(), when_used="json"),
-    WithJsonSchema(_array_schema(2, "integer"))]
+Float32Vector = Annotated[npt.NDArray[np.float32], NumpyArray("<f4", 1)]
+Float32Rows = Annotated[npt.NDArray[np.float32], NumpyArray("<f4", 2)]
+Int8Rows = Annotated[npt.NDArray[np.int8], NumpyArray("i1", 2)]
+UInt8Rows = Annotated[npt.NDArray[np.uint8], NumpyArray("u1", 2)]
 
 
 class Embedding(ResponseModel):

@@ -238,7 +238,7 @@ class _StreamChunks:
         logprobs = _logprobs(self.request, delta.steps if delta else [], builder)
         choice = CompletionChoice(index=index, text=delta.text if delta else "",
                                   logprobs=logprobs, finish_reason=finish)
-        return _sse(self._chunk([choice]).model_dump_json(exclude_none=True).encode())
+        return _sse(self._chunk([choice]).model_dump_json().encode())
 
     def usage(self, usage: UsageInfo) -> bytes:
         return _sse(self._chunk([], usage).model_dump_json(exclude_none=True).encode())

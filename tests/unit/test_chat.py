@@ -77,7 +77,8 @@ async def test_chat_equals_completions_on_the_templated_prompt(
     assert body["id"].startswith("chatcmpl-")
     assert body["model"] == MODEL
     [choice] = body["choices"]
-    assert choice["message"] == {"role": "assistant", "content": direct["choices"][0]["text"]}
+    assert choice["message"] == {"role": "assistant", "content": direct["choices"][0]["text"],
+                                 "refusal": None}
     assert choice["message"]["content"]
     assert choice["finish_reason"] == direct["choices"][0]["finish_reason"]
     assert choice["logprobs"] is None

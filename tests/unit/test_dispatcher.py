@@ -616,7 +616,7 @@ async def test_chat_reply_from_a_nim_style_completion(make_core, dialect: str) -
     assert body["object"] == "chat.completion" and body["id"] == "chatcmpl-1"
     assert body["model"] == SERVED
     [choice] = body["choices"]
-    assert choice["message"] == {"role": "assistant", "content": "hello"}
+    assert choice["message"] == {"role": "assistant", "content": "hello", "refusal": None}
     assert choice["finish_reason"] == "length"
     assert choice["logprobs"] == {"content": [
         {"token": "he", "logprob": -0.5, "bytes": [104, 101],

@@ -260,7 +260,8 @@ def test_token_budget_groups_give_the_same_vectors(
 
 def _tiny_checkpoint(path: Path, pooling: str, normalize: bool) -> Path:
     """A sentence-transformers checkpoint saved by sentence-transformers itself."""
-    from sentence_transformers import SentenceTransformer, models
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.models import Normalize, Pooling, Transformer
     from transformers import BertConfig, BertModel
 
     from serve_app.demo.encoder import build_demo_encoder
@@ -271,10 +272,10 @@ def _tiny_checkpoint(path: Path, pooling: str, normalize: bool) -> Path:
     for name in ("vocab.txt", "tokenizer.json", "tokenizer_config.json"):
         if (base / name).exists():
             (path / "hf" / name).write_bytes((base / name).read_bytes())
-    modules: list[Any] = [models.Transformer(str(path / "hf"), max_seq_length=64),
-                          models.Pooling(32, pooling)]
+    modules: list[Any] = [Transformer(str(path / "hf"), max_seq_length=64),
+                          Pooling(32, pooling)]
     if normalize:
-        modules.append(models.Normalize())
+        modules.append(Normalize())
     SentenceTransformer(modules=modules, device="cpu").save(str(path / "st"))
     return path / "st"
 

@@ -16,6 +16,7 @@ import torch
 from serve_app.config import ReferenceConfig
 from serve_app.protocol import CompletionRequest
 from serve_app.reference.app import create_reference_app
+from serve_app.reference.generation import TextDelta
 from serve_app.reference.server import ReferenceServer
 
 MODEL = "serve-app-demo"
@@ -370,9 +371,9 @@ def test_cancelled_generation_stops_at_the_next_token(
     request = CompletionRequest(model=MODEL, prompt_embeds="unused", max_tokens=200,
                                 temperature=0, n=3)
     cancelled = threading.Event()
-    deltas: list[str] = []
+    deltas: list[TextDelta] = []
 
-    def emit(index: int, delta: str | None, finish: str | None) -> None:
+    def emit(index: int, delta: TextDelta | None, finish: str | None) -> None:
         if delta:
             deltas.append(delta)
             cancelled.set()  # the client leaves after the first piece of text
