@@ -1,4 +1,4 @@
-"""The reference backend's HTTP app: vLLM's `/v1/completions`, `/v1/models` and `/health`
+"""The reference upstream's HTTP app: vLLM's `/v1/completions`, `/v1/models` and `/health`
 over a `ReferenceServer`."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from serve_app.reference.server import ReferenceServer
 
 
 def create_reference_app(server: ReferenceServer) -> FastAPI:
-    app = FastAPI(title="serve_app reference backend", docs_url=None, redoc_url=None)
+    app = FastAPI(title="serve_app reference upstream", docs_url=None, redoc_url=None)
 
     @app.exception_handler(Exception)
     async def _error(_: Request, exc: Exception) -> Response:

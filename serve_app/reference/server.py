@@ -1,4 +1,4 @@
-"""The reference backend's core: vLLM-compatible completions generated from prompt embeddings.
+"""The reference upstream's core: vLLM-compatible completions generated from prompt embeddings.
 
 It is the embedded default upstream: it accepts only `prompt_embeds` (a text prompt gets
 400, like a server that must never see text), decodes them with the gateway's safe codec,
@@ -87,7 +87,7 @@ class ReferenceServer:
         structured = request.structured_fields()
         if structured:
             # Ignoring them would hand an unconstrained answer back as if constrained.
-            raise GatewayError(f"{structured[0]} is not supported by the reference backend.",
+            raise GatewayError(f"{structured[0]} is not supported by the reference upstream.",
                                400, param=structured[0])
         check_embeds_compatible(request)
         tensors = [decode_prompt_embeds(text, self.spec) for text in embeds]

@@ -426,7 +426,7 @@ def references(tmp_path_factory: pytest.TempPathFactory,
             server.kill()
 
 
-async def test_reference_backends_fail_over_to_the_same_greedy_answer(
+async def test_reference_upstreams_fail_over_to_the_same_greedy_answer(
         references, make_core, demo_model_dir: Path, demo_tokenizer: Any) -> None:
     embedder = EmbedderCore.from_checkpoint(demo_model_dir, ModelConfig())
     embeds = embedder.embed_batch([demo_tokenizer("Tell me about France")["input_ids"]])

@@ -1,4 +1,4 @@
-"""Every answer the in-process gateway and the reference backend give, whole or streamed,
+"""Every answer the in-process gateway and the reference upstream give, whole or streamed,
 success or error, validated against strict copies of the public schemas (`public_schemas`).
 """
 
@@ -76,7 +76,7 @@ def completions_target(request: pytest.FixtureRequest, gateway: httpx.AsyncClien
                        reference: httpx.AsyncClient, embed: Any) -> tuple[httpx.AsyncClient,
                                                                            dict[str, Any]]:
     """A client for `/v1/completions` and the prompt it takes: text through the gateway,
-    the client's own embeddings at the reference backend."""
+    the client's own embeddings at the reference upstream."""
     if request.param == "gateway":
         return gateway, {"prompt": FRANCE}
     return reference, {"prompt_embeds": embed(FRANCE)}
@@ -279,7 +279,7 @@ async def test_reference_refusals(reference: httpx.AsyncClient, embed: Any) -> N
 
 
 class WithoutDone(httpx.AsyncBaseTransport):
-    """The reference backend's answers with `[DONE]` cut from each stream: an upstream that
+    """The reference upstream's answers with `[DONE]` cut from each stream: an upstream that
     fails after its first event."""
 
     def __init__(self, app: Any) -> None:
@@ -311,7 +311,7 @@ async def test_error_event_in_a_reference_stream(
     completions_target: tuple[httpx.AsyncClient, dict[str, Any]], server: ReferenceServer,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    """The reference backend failing mid-stream, seen directly and relayed by the gateway."""
+    """The reference upstream failing mid-stream, seen directly and relayed by the gateway."""
     client, prompt = completions_target
     generate_one = server.generate_one
     calls = iter(range(100))

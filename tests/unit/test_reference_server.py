@@ -1,4 +1,4 @@
-"""The reference backend's HTTP app, driven in-process through httpx.ASGITransport."""
+"""The reference upstream's HTTP app, driven in-process through httpx.ASGITransport."""
 
 from __future__ import annotations
 
