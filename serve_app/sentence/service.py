@@ -9,11 +9,9 @@ truncation, float / base64 / binary encodings).
 from __future__ import annotations
 
 import asyncio
-import copy
 import uuid
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 import numpy.typing as npt
@@ -28,7 +26,6 @@ from serve_app.endpoint import answer
 from serve_app.errors import GatewayError, model_not_found
 from serve_app.limits import check_items
 from serve_app.prompts.checkpoint import load_tokenizer, tokenize_off_loop_if_large
-from serve_app.prompts.text_budget import TextBudget
 from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, ModelCard, TokenIds
 from serve_app.protocol.embeddings import (
     CohereBilledUnits,
@@ -46,8 +43,7 @@ from serve_app.sentence.encoder import (
     read_sentence_spec,
     resolve_encoder_dir,
 )
-
-Truncation = Literal["START", "END"] | None
+from serve_app.sentence.inputs import SentenceModel, Truncation
 
 _UNSUPPORTED_COHERE_TYPES = ("int8", "uint8")
 
@@ -64,60 +60,6 @@ class InProcessEncoderClient:
 
     async def encode(self, model: str, chunk: list[list[int]]) -> torch.Tensor:
         return (await asyncio.to_thread(self.cores[model].encode, [chunk]))[0]
-
-
-@dataclass
-class SentenceModel:
-    name: str
-    spec: SentenceSpec
-    tokenizer: Any
-    truncate_by_default: bool
-
-    def __post_init__(self) -> None:
-        # One tokenizer per truncation side: a call never changes another's settings.
-        self.truncating: dict[str, Any] = {}
-        for side, hf_side in (("START", "left"), ("END", "right")):
-            self.truncating[side] = copy.deepcopy(self.tokenizer)
-            self.truncating[side].truncation_side = hf_side
-        self.budget = TextBudget.of(self.tokenizer)
-
-    def _within_budget(self, text: str, truncation: Truncation, limit: int, param: str) -> str:
-        """Length before work: an input that cannot fit is refused (or, when truncated,
-        cut to what `limit` tokens can cover) before it is tokenized."""
-        if truncation is not None:
-            return self.budget.truncated(text, limit, truncation)
-        if self.budget.exceeds([text], limit):
-            raise GatewayError(
-                f"An input has {len(text)} characters, more than this model's {limit} "
-                "tokens can hold. Ask for truncation, or shorten it.", 400, param=param,
-                code="context_length_exceeded")
-        return text
-
-    def tokenize(self, texts: Sequence[str], prompt: str, truncation: Truncation,
-                 limit: int, param: str) -> list[list[int]]:
-        prompted = [prompt + self._within_budget(t, truncation, limit, param) for t in texts]
-        if truncation is None:
-            ids = self.tokenizer(prompted).input_ids
-        else:
-            ids = self.truncating[truncation](prompted, truncation=True, max_length=limit)
-            ids = ids.input_ids
-        return self.check([list(i) for i in ids], None, limit, param)
-
-    def check(self, ids: list[list[int]], truncation: Truncation, limit: int,
-              param: str) -> list[list[int]]:
-        out = []
-        for sequence in ids:
-            if not sequence:
-                raise GatewayError("An input has no tokens.", 400, param=param)
-            if len(sequence) > limit:
-                if truncation is None:
-                    raise GatewayError(
-                        f"An input has {len(sequence)} tokens; this model takes at most "
-                        f"{limit}. Ask for truncation, or shorten it.", 400, param=param,
-                        code="context_length_exceeded")
-                sequence = sequence[-limit:] if truncation == "START" else sequence[:limit]
-            out.append(sequence)
-        return out
 
 
 class SentenceService:
@@ -229,7 +171,7 @@ class SentenceService:
                                         limit, "input")
         given = [list(i) for i in inputs if isinstance(i, list)]
         ids = model.check(given, truncation, limit, "input")
-        _check_vocab(ids, model)
+        model.check_vocab(ids)
         return ids
 
     async def _cohere(self, request: CohereEmbedRequest) -> Response:
@@ -258,12 +200,6 @@ def _check_cohere_types(kinds: list[CohereEmbeddingType]) -> None:
     if unsupported:
         raise GatewayError(f"embedding_types {unsupported[0]} is not supported; use float, "
                            "binary, ubinary or base64.", 400, param="embedding_types")
-
-
-def _check_vocab(ids: list[TokenIds], model: SentenceModel) -> None:
-    vocab = len(model.tokenizer)
-    if any(not 0 <= i < vocab for sequence in ids for i in sequence):
-        raise GatewayError(f"Token ids must lie in [0, {vocab}).", 400, param="input")
 
 
 def _prompt_name(spec: SentenceSpec, input_type: str | None) -> str | None:

@@ -1,0 +1,75 @@
+"""One sentence-embedding model's inputs: tokenized with its prompt, refused or truncated
+to its limit before and after tokenizing, and token ids checked against its vocabulary."""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+from serve_app.errors import GatewayError
+from serve_app.prompts.text_budget import TextBudget
+from serve_app.protocol import TokenIds
+from serve_app.sentence.encoder import SentenceSpec
+
+Truncation = Literal["START", "END"] | None
+
+
+@dataclass
+class SentenceModel:
+    name: str
+    spec: SentenceSpec
+    tokenizer: Any
+    truncate_by_default: bool
+
+    def __post_init__(self) -> None:
+        # One tokenizer per truncation side: a call never changes another's settings.
+        self.truncating: dict[str, Any] = {}
+        for side, hf_side in (("START", "left"), ("END", "right")):
+            self.truncating[side] = copy.deepcopy(self.tokenizer)
+            self.truncating[side].truncation_side = hf_side
+        self.budget = TextBudget.of(self.tokenizer)
+
+    def _within_budget(self, text: str, truncation: Truncation, limit: int, param: str) -> str:
+        """Length before work: an input that cannot fit is refused (or, when truncated,
+        cut to what `limit` tokens can cover) before it is tokenized."""
+        if truncation is not None:
+            return self.budget.truncated(text, limit, truncation)
+        if self.budget.exceeds([text], limit):
+            raise GatewayError(
+                f"An input has {len(text)} characters, more than this model's {limit} "
+                "tokens can hold. Ask for truncation, or shorten it.", 400, param=param,
+                code="context_length_exceeded")
+        return text
+
+    def tokenize(self, texts: Sequence[str], prompt: str, truncation: Truncation,
+                 limit: int, param: str) -> list[list[int]]:
+        prompted = [prompt + self._within_budget(t, truncation, limit, param) for t in texts]
+        if truncation is None:
+            ids = self.tokenizer(prompted).input_ids
+        else:
+            ids = self.truncating[truncation](prompted, truncation=True, max_length=limit)
+            ids = ids.input_ids
+        return self.check([list(i) for i in ids], None, limit, param)
+
+    def check(self, ids: list[list[int]], truncation: Truncation, limit: int,
+              param: str) -> list[list[int]]:
+        out = []
+        for sequence in ids:
+            if not sequence:
+                raise GatewayError("An input has no tokens.", 400, param=param)
+            if len(sequence) > limit:
+                if truncation is None:
+                    raise GatewayError(
+                        f"An input has {len(sequence)} tokens; this model takes at most "
+                        f"{limit}. Ask for truncation, or shorten it.", 400, param=param,
+                        code="context_length_exceeded")
+                sequence = sequence[-limit:] if truncation == "START" else sequence[:limit]
+            out.append(sequence)
+        return out
+
+    def check_vocab(self, ids: list[TokenIds]) -> None:
+        vocab = len(self.tokenizer)
+        if any(not 0 <= i < vocab for sequence in ids for i in sequence):
+            raise GatewayError(f"Token ids must lie in [0, {vocab}).", 400, param="input")
