@@ -16,10 +16,14 @@ from starlette.requests import ClientDisconnect
 from starlette.responses import Response
 
 try:
+    from ray.exceptions import RayActorError
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
     _OVERLOADED: tuple[type[BaseException], ...] = (BackPressureError,)
-    _UNAVAILABLE: tuple[type[BaseException], ...] = (DeploymentUnavailableError,)
+    # A replica that died (ActorDiedError is a RayActorError) is unavailable, not a bug here:
+    # Serve starts another, and the SDK retries a 503.
+    _UNAVAILABLE: tuple[type[BaseException], ...] = (DeploymentUnavailableError,
+                                                     RayActorError)
 except ImportError:  # the plain cores also run where Ray is not installed (GPU checks)
     _OVERLOADED = _UNAVAILABLE = ()
 

@@ -1,13 +1,16 @@
-"""Fixtures shared by every tier: the demo checkpoint, built once per test session."""
+"""Fixtures shared by every tier: the demo checkpoint, built once per test session, and the
+fake vLLM upstreams (real processes on loopback ports)."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from serve_app import envs
 from serve_app.demo.model import ensure_demo_model
+from tests.upstream_servers import ServerProcess
 
 
 @pytest.fixture(scope="session")
@@ -51,3 +54,30 @@ def sentence_transformer(demo_encoder_dir: Path):  # type: ignore[no-untyped-def
     from sentence_transformers import SentenceTransformer
 
     return SentenceTransformer(str(demo_encoder_dir), device="cpu")
+
+
+# --------------------------------------------------------------------- fake upstreams
+
+
+@pytest.fixture(scope="session")
+def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
+    logs = tmp_path_factory.mktemp("fleet-logs")
+    fleet = {name: ServerProcess("fake", name, logs / f"{name}.jsonl") for name in "abc"}
+    for server in fleet.values():
+        server.launch()
+    for server in fleet.values():
+        server.wait_ready()
+    yield fleet
+    for server in fleet.values():
+        server.kill()
+
+
+@pytest.fixture
+def fakes(servers: dict[str, ServerProcess]) -> dict[str, ServerProcess]:
+    """Fake vLLM servers a, b and c, each alive (restarted if a test killed it) and back in
+    its default mode."""
+    for server in servers.values():
+        if not server.alive:
+            server.start()
+        server.set_mode()
+    return servers

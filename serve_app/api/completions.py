@@ -241,6 +241,7 @@ class CompletionsService:
                             media_type="application/json", headers=reply.headers)
         head, events = await self.pipeline.open_stream(call, prompts)
         if head.status != 200:
+            await events.aclose()
             return Response(head.body, status_code=head.status, media_type="application/json",
                             headers=head.headers)
         return StreamingResponse(relay(events), media_type="text/event-stream")

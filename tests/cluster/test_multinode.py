@@ -28,7 +28,7 @@ import yaml
 
 from serve_app import envs
 from serve_app.allocator import PAYLOAD_ENV_VARS
-from tests.integration.upstream_servers import ROOT, ServerProcess, free_port
+from tests.upstream_servers import ROOT, ServerProcess, free_port
 
 pytestmark = pytest.mark.cluster
 

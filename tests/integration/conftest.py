@@ -21,7 +21,7 @@ import pytest
 import torch
 import yaml
 
-from tests.integration.upstream_servers import ROOT, ServerProcess, free_port
+from tests.upstream_servers import ROOT, free_port
 
 
 @dataclass
@@ -143,30 +143,3 @@ def client_side_embeds(tokenizer, causal_lm, text: str | list[int]) -> str:  # t
     buffer = io.BytesIO()
     torch.save(embeds, buffer)
     return pybase64.b64encode(buffer.getvalue()).decode()
-
-
-# --------------------------------------------------------------------- fake upstreams
-
-
-@pytest.fixture(scope="session")
-def servers(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, ServerProcess]]:
-    logs = tmp_path_factory.mktemp("fleet-logs")
-    fleet = {name: ServerProcess("fake", name, logs / f"{name}.jsonl") for name in "abc"}
-    for server in fleet.values():
-        server.launch()
-    for server in fleet.values():
-        server.wait_ready()
-    yield fleet
-    for server in fleet.values():
-        server.kill()
-
-
-@pytest.fixture
-def fakes(servers: dict[str, ServerProcess]) -> dict[str, ServerProcess]:
-    """Fake vLLM servers a, b and c, each alive (restarted if a test killed it) and back in
-    its default mode."""
-    for server in servers.values():
-        if not server.alive:
-            server.start()
-        server.set_mode()
-    return servers

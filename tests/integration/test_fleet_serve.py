@@ -17,7 +17,7 @@ import pytest
 
 from serve_app.config import AppConfig, BackendConfig, HealthConfig, UpstreamConfig
 from serve_app.deployments import Dispatcher, Embedder, Gateway
-from tests.integration.upstream_servers import ServerProcess
+from tests.upstream_servers import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -23,7 +23,7 @@ from serve_app.config import (
     UpstreamConfig,
 )
 from serve_app.protocol import SamplingFields
-from tests.integration.upstream_servers import ServerProcess
+from tests.upstream_servers import ServerProcess
 
 pytestmark = pytest.mark.integration
 

@@ -1,7 +1,7 @@
 """Fleet routing and bookkeeping without servers: weights, status, Retry-After parsing.
 
 (Failover, health, timeouts and cancellation run against real processes in
-tests/integration/test_fleet.py.)
+tests/loopback/test_fleet.py.)
 """
 
 from __future__ import annotations

@@ -32,13 +32,15 @@ from serve_app.prompts.embedder import EmbedderCore
 from serve_app.protocol import SamplingFields
 from serve_app.upstream.call import UpstreamCall, UpstreamReply
 from serve_app.upstream.dispatcher import DispatcherCore
-from tests.integration.upstream_servers import ServerProcess
+from tests.upstream_servers import ServerProcess
 
 DONE = b"data: [DONE]\n\n"
 FAST_HEALTH = HealthConfig(probe_interval_s=0.2, probe_timeout_s=0.5, failure_threshold=2,
                            cooldown_s=0.5, max_cooldown_s=1.0)
 EMBEDS = [encode_prompt_embeds(torch.randn(3, 8))]
 _tags = itertools.count()
+
+pytestmark = pytest.mark.loopback
 
 
 @pytest.fixture

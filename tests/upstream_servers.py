@@ -6,7 +6,7 @@ payload is there and decodes as base64, and can be made slow, failing, stalled o
 disconnect is appended to a JSON-lines log, which outlives a killed process.
 `reference`: the project's reference upstream on the demo model.
 
-    python -m tests.integration.upstream_servers fake --port 9001 --name a --log a.jsonl
+    python -m tests.upstream_servers fake --port 9001 --name a --log a.jsonl
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[1]
 
 DEFAULT_MODE: dict[str, Any] = {
     "status": 200,            # answer every completion with this status
@@ -152,7 +152,7 @@ class ServerProcess:
         return f"http://127.0.0.1:{self.port}/v1"
 
     def launch(self) -> None:
-        argv = [sys.executable, "-m", "tests.integration.upstream_servers", self.kind,
+        argv = [sys.executable, "-m", "tests.upstream_servers", self.kind,
                 "--port", str(self.port), "--name", self.name, "--log", str(self.log)]
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.process = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.DEVNULL)
