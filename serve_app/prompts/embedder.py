@@ -92,10 +92,10 @@ class EmbedderCore:
             if not isinstance(prompt, SplicedPrompt):
                 out.append(next(looked_up))
                 continue
-            out.append(torch.cat([
-                next(looked_up) if isinstance(segment, list) else segment.to(self.dtype)
-                for segment in prompt.segments
-            ]))
+            rows = [next(looked_up) if isinstance(segment, list) else segment.to(self.dtype)
+                    for segment in prompt.segments]
+            # A client tensor alone is encoded as it is: joining one segment would copy it.
+            out.append(rows[0] if len(rows) == 1 else torch.cat(rows))
         return out
 
     def _rows(self, runs: list[Sequence[int]]) -> list[torch.Tensor]:
