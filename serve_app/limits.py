@@ -2,7 +2,7 @@
 
 Each refusal is an OpenAI-shaped 400 naming the field and the limit. The limits on the
 request as bytes (body size, body deadline, concurrency) are ASGI middleware, in
-`middleware`; the limits on text before it is tokenized are in `prompt_length`.
+`api.middleware`; the limits on text before it is tokenized are in `prompts.text_budget`.
 """
 
 from __future__ import annotations
