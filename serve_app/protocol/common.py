@@ -10,6 +10,14 @@ from pydantic import BaseModel, ConfigDict, Field
 SSE_DONE = b"data: [DONE]\n\n"
 """The last event of every completion stream."""
 
+LOGPROB_FLOOR = -9999.0
+"""JSON has no -inf: a token the model rules out reports this logprob (vLLM's floor)."""
+
+
+def sse_event(data: bytes) -> bytes:
+    """One server-sent event carrying `data` (a JSON chunk)."""
+    return b"data: " + data + b"\n\n"
+
 
 class ResponseModel(BaseModel):
     """An answer the gateway builds: its own fields only, so a typo cannot add one."""

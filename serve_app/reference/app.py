@@ -6,8 +6,7 @@ from __future__ import annotations
 from fastapi import FastAPI, Request
 from starlette.responses import Response, StreamingResponse
 
-from serve_app.endpoint import answer, json_response
-from serve_app.errors import to_gateway_error
+from serve_app.endpoint import add_error_handlers, answer, json_response
 from serve_app.protocol import CompletionRequest, ModelCard, ModelList
 from serve_app.reference.server import ReferenceServer
 
@@ -15,9 +14,7 @@ from serve_app.reference.server import ReferenceServer
 def create_reference_app(server: ReferenceServer) -> FastAPI:
     app = FastAPI(title="serve_app reference upstream", docs_url=None, redoc_url=None)
 
-    @app.exception_handler(Exception)
-    async def _error(_: Request, exc: Exception) -> Response:
-        return to_gateway_error(exc).to_response()
+    add_error_handlers(app)
 
     @app.get("/health")
     async def health() -> dict[str, str]:

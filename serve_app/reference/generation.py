@@ -15,9 +15,7 @@ from typing import Any
 import torch
 
 from serve_app.protocol import CompletionRequest
-
-LOGPROB_FLOOR = -9999.0
-"""JSON has no -inf; a token the model rules out reports this logprob (vLLM's floor)."""
+from serve_app.protocol.common import LOGPROB_FLOOR
 
 
 @dataclass(frozen=True)

@@ -30,6 +30,7 @@ from serve_app.prompts.checkpoint import (
 )
 from serve_app.prompts.untrusted import EmbedsSpec, decode_prompt_embeds
 from serve_app.protocol import SSE_DONE, CompletionRequest, UsageInfo
+from serve_app.protocol.common import sse_event
 from serve_app.protocol.completions import (
     CompletionChoice,
     CompletionLogprobs,
@@ -238,10 +239,10 @@ class _StreamChunks:
         logprobs = _logprobs(self.request, delta.steps if delta else [], builder)
         choice = CompletionChoice(index=index, text=delta.text if delta else "",
                                   logprobs=logprobs, finish_reason=finish)
-        return _sse(self._chunk([choice]).model_dump_json().encode())
+        return sse_event(self._chunk([choice]).model_dump_json().encode())
 
     def usage(self, usage: UsageInfo) -> bytes:
-        return _sse(self._chunk([], usage).model_dump_json(exclude_none=True).encode())
+        return sse_event(self._chunk([], usage).model_dump_json(exclude_none=True).encode())
 
 
 def _logprobs(request: CompletionRequest, steps: list[TokenStep],
@@ -255,7 +256,3 @@ def _logprobs(request: CompletionRequest, steps: list[TokenStep],
 
 def _completion_id() -> str:
     return f"cmpl-{uuid.uuid4().hex}"
-
-
-def _sse(data: bytes) -> bytes:
-    return b"data: " + data + b"\n\n"

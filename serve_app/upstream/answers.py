@@ -24,7 +24,7 @@ from serve_app.protocol.chat import (
     ChatTokenLogprob,
     ChatTopLogprob,
 )
-from serve_app.protocol.common import UsageInfo
+from serve_app.protocol.common import LOGPROB_FLOOR, UsageInfo, sse_event
 from serve_app.upstream.call import ChatShape, UpstreamCall
 
 
@@ -40,10 +40,6 @@ def shaper_for(call: UpstreamCall, prompt_rows: int) -> AnswerShaper:
     if call.chat is not None:
         return ChatAnswers(call.served_model, prompt_rows, call.chat)
     return CompletionAnswers(call.served_model, prompt_rows)
-
-
-def sse_event(data: bytes) -> bytes:
-    return b"data: " + data + b"\n\n"
 
 
 @dataclass
@@ -70,10 +66,6 @@ class CompletionAnswers:
 
 def _chat_id(payload: dict[str, Any]) -> str:
     return "chatcmpl-" + str(payload.get("id") or "").removeprefix("cmpl-")
-
-
-LOGPROB_FLOOR = -9999.0
-"""A token the upstream reports no logprob for (JSON has no -inf): vLLM's floor."""
 
 
 def _token_logprob(token: str, logprob: float | None) -> dict[str, Any]:

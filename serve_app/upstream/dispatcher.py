@@ -21,7 +21,8 @@ from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
 from serve_app.prompts.codec import Buffer, EncodedPromptEmbeds
 from serve_app.protocol import SSE_DONE
-from serve_app.upstream.answers import AnswerShaper, shaper_for, sse_event
+from serve_app.protocol.common import sse_event
+from serve_app.upstream.answers import AnswerShaper, shaper_for
 from serve_app.upstream.call import (
     EventStream,
     StreamItem,
