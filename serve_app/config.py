@@ -278,8 +278,67 @@ class LimitsConfig(StrictModel):
         return self.max_prompt_tokens or max(context, PROMPT_TOKENS_FLOOR)
 
 
+TransformKind = Literal["none", "gaussian", "keyed_gaussian", "module"]
+
+
+class TransformConfig(StrictModel):
+    """What the Embedder does to prompt embeddings before they leave (docs/privacy.md).
+
+    Raw rows are invertible by anyone holding the model's weights; `serve-app-audit`
+    measures what each choice leaves recoverable and what it costs in answer quality.
+    """
+
+    kind: TransformKind = Field(
+        "none", description="`none`: raw rows (invertible); `gaussian`: fresh noise per "
+        "request; `keyed_gaussian`: noise fixed by a secret key and the token prefix, so "
+        "identical prefixes give identical rows (vLLM's prefix cache keeps working) and "
+        "repeating a request cannot average it away; `module`: an operator's torch module.",
+    )
+    sigma: float = Field(
+        1.0, ge=0.0, le=100.0,
+        description="Noise scale, in units of the embedding matrix's standard deviation "
+        "(`gaussian`, `keyed_gaussian`).",
+    )
+    key_env: str | None = Field(
+        None, description="Environment variable holding the secret key of `keyed_gaussian` "
+        "(at least 16 characters); the key itself is never in this file.",
+    )
+    module: str | None = Field(
+        None, description="`package.module:Class` of a `torch.nn.Module` mapping "
+        "`(rows, hidden)` to the same shape, dtype and device (`module`).",
+    )
+    module_args: dict[str, int | float | str | bool] = Field(
+        default_factory=dict, description="Keyword arguments the module's class is built with.",
+    )
+    module_weights: str | None = Field(
+        None, description="The module's state dict as a `.safetensors` file (never a pickle).",
+    )
+    module_token_ids: bool = Field(
+        False, description="Also pass the rows' token ids (`-1` for client rows) to the "
+        "module's `forward(rows, token_ids)`.",
+    )
+    apply_to_client_embeds: bool = Field(
+        False, description="Transform client-sent `prompt_embeds` too. Off by default: "
+        "clients that send embeddings chose them (perhaps already transformed, with "
+        "`serve_app.client`), and noise on top would cost quality twice.",
+    )
+
+    @model_validator(mode="after")
+    def _complete(self) -> TransformConfig:
+        if self.kind == "keyed_gaussian" and not self.key_env:
+            raise ValueError("keyed_gaussian needs key_env, the variable holding its key")
+        if self.kind == "module" and not self.module:
+            raise ValueError("kind module needs module, as package.module:Class")
+        if self.module_weights and not self.module_weights.endswith(".safetensors"):
+            raise ValueError("module_weights must be a .safetensors file (pickles are refused)")
+        return self
+
+
 class PrivacyConfig(StrictModel):
-    """Which client text may travel upstream beside the embeddings (docs/upstream-fields.md)."""
+    """What of the prompt may reach the upstream: the embeddings' transform, and which
+    client text may travel beside them (docs/privacy.md, docs/upstream-fields.md)."""
+
+    transform: TransformConfig = TransformConfig()
 
     forward_stop: bool = Field(
         True, description="Forward `stop` strings (bounded), which a generation needs "

@@ -34,6 +34,7 @@ from serve_app.handles import ServeEncoderClient, ServePipeline
 from serve_app.prompts.checkpoint import resolve_model_dir
 from serve_app.prompts.codec import EncodedPromptEmbeds
 from serve_app.prompts.embedder import EmbedderCore, PromptInput
+from serve_app.prompts.transforms import log_transform
 from serve_app.reference.app import create_reference_app
 from serve_app.reference.server import ReferenceServer
 from serve_app.sentence.encoder import EncoderCore, resolve_encoder_dir
@@ -74,8 +75,10 @@ _DISPATCH_PER_SLOT = 4
 class Embedder:
     def __init__(self, config: dict[str, Any]) -> None:
         keep_payload_memory()
-        model = AppConfig.model_validate(config).model
-        self.core = EmbedderCore.from_checkpoint(resolve_model_dir(model), model)
+        app_config = AppConfig.model_validate(config)
+        model, transform = app_config.model, app_config.privacy.transform
+        log_transform(transform)
+        self.core = EmbedderCore.from_checkpoint(resolve_model_dir(model), model, transform)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batching from `user_config`: `serve deploy` changes it without a restart."""

@@ -14,6 +14,7 @@ from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware
 from serve_app.api.openapi import document_request_bodies, route_answers
 from serve_app.endpoint import add_error_handlers
 from serve_app.errors import model_not_found
+from serve_app.prompts.transforms import describe as describe_transform
 from serve_app.protocol import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -47,9 +48,12 @@ def create_gateway_app(service: CompletionsService,
 
     add_error_handlers(app)
 
+    privacy = {"transform": describe_transform(service.privacy.transform)}
+
     @app.get("/health")
-    async def health() -> dict[str, str]:
-        return {"status": "ok"}
+    async def health() -> dict[str, Any]:
+        """Liveness, and the prompt transform the embeddings get (never its key)."""
+        return {"status": "ok", "privacy": privacy}
 
     @app.get("/health/upstreams")
     async def upstreams() -> dict[str, Any]:

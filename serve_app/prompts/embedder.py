@@ -1,22 +1,24 @@
-"""EmbedderCore: prompts -> input-embedding lookup -> encoded prompt embeddings.
+"""EmbedderCore: prompts -> input-embedding lookup -> transform -> encoded prompt embeddings.
 
 A prompt is token ids, or segments of token ids and client tensors (`SplicedPrompt`, for
-chat parts and client embeddings): ids are looked up, tensors joined in place, and every
-prompt is encoded for the upstream here. Plain Python (no Ray): the Serve deployment in
-`deployments.py` batches calls into it.
+chat parts and client embeddings): ids are looked up, tensors joined in place, the batch is
+transformed on the matrix's device (`transforms`), and every prompt is encoded for the
+upstream here. Plain Python (no Ray): the Serve deployment in `deployments.py` batches calls
+into it.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-from serve_app.config import ModelConfig
+from serve_app.config import ModelConfig, TransformConfig
 from serve_app.prompts.checkpoint import load_input_embeddings, read_model_spec, select_device
 from serve_app.prompts.codec import EncodedPromptEmbeds, encode_prompt_embeds
+from serve_app.prompts.transforms import PromptTransform, build_transform, client_row_contents
 
 
 @dataclass(frozen=True)
@@ -62,31 +64,88 @@ def _to_host(rows: torch.Tensor) -> torch.Tensor:
 
 
 class EmbedderCore:
-    """Holds only the input-embedding matrix of the served model."""
+    """Holds only the input-embedding matrix of the served model, and its transform."""
 
-    def __init__(self, weight: torch.Tensor) -> None:
+    def __init__(self, weight: torch.Tensor, transform: PromptTransform | None = None,
+                 transform_client_embeds: bool = False) -> None:
         if weight.dim() != 2:
             raise ValueError("the input-embedding weight must be (vocab, hidden)")
         self.weight = weight
+        self.transform = transform
+        self.transform_client_embeds = transform_client_embeds
 
     @classmethod
-    def from_checkpoint(cls, model_dir: Path, config: ModelConfig) -> EmbedderCore:
+    def from_checkpoint(cls, model_dir: Path, config: ModelConfig,
+                        privacy: TransformConfig | None = None) -> EmbedderCore:
+        privacy = privacy or TransformConfig()
         dtype = read_model_spec(model_dir, config).dtype
         device = select_device(config.device)
-        return cls(load_input_embeddings(model_dir, dtype, device))
+        weight = load_input_embeddings(model_dir, dtype, device)
+        return cls(weight, build_transform(privacy, weight), privacy.apply_to_client_embeds)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
 
+    def embed_batch(self, batch: Sequence[PromptInput]) -> list[EncodedPromptEmbeds]:
+        return [encode_prompt_embeds(rows) for rows in self.rows(batch)]
+
+    def rows(self, batch: Sequence[PromptInput]) -> list[torch.Tensor]:
+        """What goes upstream: each prompt's rows, transformed; one CPU tensor per prompt."""
+        if self.transform is None or not any(map(self._transforms, batch)):
+            return self.lookup(batch)
+        runs = [run for prompt in batch for run in _token_runs(prompt)]
+        with torch.inference_mode():
+            flat = self._device_rows(runs)
+            if all(not isinstance(prompt, SplicedPrompt) for prompt in batch):
+                positions = [list(prompt) for prompt in batch]
+                out = _to_host(self.transform(flat, positions))
+                return list(out.split([len(p) for p in positions]))
+            return self._spliced_rows(batch, iter(flat.split([len(run) for run in runs])))
+
+    def _transforms(self, prompt: PromptInput) -> bool:
+        """Whether the transform changes any of this prompt's rows."""
+        return self.transform_client_embeds or bool(_token_runs(prompt))
+
+    def _spliced_rows(self, batch: Sequence[PromptInput],
+                      looked_up: Iterator[torch.Tensor]) -> list[torch.Tensor]:
+        """Prompts with client tensors: each prompt's rows joined on the device, the batch
+        transformed at once, and client rows put back when they stay as sent."""
+        parts: list[torch.Tensor] = []
+        positions: list[list[int]] = []
+        kept: list[tuple[int, torch.Tensor]] = []  # (start row, client rows left as sent)
+        start = 0
+        for prompt in batch:
+            segments = prompt.segments if isinstance(prompt, SplicedPrompt) else [prompt]
+            content: list[int] = []
+            for segment in segments:
+                if isinstance(segment, torch.Tensor):
+                    rows = segment.to(self.weight.device, self.dtype)
+                    content += client_row_contents(segment)
+                    if not self.transform_client_embeds:
+                        kept.append((start, rows))
+                else:
+                    rows = next(looked_up)
+                    content += segment
+                parts.append(rows)
+                start += int(rows.shape[0])
+            positions.append(content)
+        assert self.transform is not None
+        out = self.transform(torch.cat(parts), positions)
+        for row, rows in kept:
+            out[row:row + rows.shape[0]] = rows
+        return list(_to_host(out).split([len(p) for p in positions]))
+
     def lookup(self, batch: Sequence[PromptInput]) -> list[torch.Tensor]:
-        """One lookup for the whole batch; one CPU tensor per prompt.
+        """The rows before any transform: one lookup for the whole batch; one CPU tensor
+        per prompt.
 
         Plain token-id prompts come back as views of one copy; spliced prompts are joined
         with their tensors, cast to the model's dtype.
         """
         runs = [run for prompt in batch for run in _token_runs(prompt)]
-        looked_up = iter(self._rows(runs))
+        looked_up = iter(_to_host(self._device_rows(runs)).split([len(r) for r in runs])
+                         if runs else [])
         out = []
         for prompt in batch:
             if not isinstance(prompt, SplicedPrompt):
@@ -98,14 +157,8 @@ class EmbedderCore:
             out.append(rows[0] if len(rows) == 1 else torch.cat(rows))
         return out
 
-    def _rows(self, runs: list[Sequence[int]]) -> list[torch.Tensor]:
-        """One embedding lookup for every run of token ids; a CPU view per run."""
-        if not runs:  # a batch of client tensors alone
-            return []
-        flat = torch.tensor([i for ids in runs for i in ids], dtype=torch.long)
+    def _device_rows(self, runs: list[Sequence[int]]) -> torch.Tensor:
+        """One embedding lookup for every run of token ids, on the matrix's device."""
+        flat = torch.tensor([i for ids in runs for i in ids], dtype=torch.long).reshape(-1)
         with torch.inference_mode():
-            rows = torch.nn.functional.embedding(flat.to(self.weight.device), self.weight)
-        return list(_to_host(rows).split([len(ids) for ids in runs]))
-
-    def embed_batch(self, batch: Sequence[PromptInput]) -> list[EncodedPromptEmbeds]:
-        return [encode_prompt_embeds(rows) for rows in self.lookup(batch)]
+            return torch.nn.functional.embedding(flat.to(self.weight.device), self.weight)

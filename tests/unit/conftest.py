@@ -64,12 +64,13 @@ async def make_gateway(
 
     def factory(transport: httpx.AsyncBaseTransport, api_keys: tuple[str, ...] = (),
                 limits: LimitsConfig | None = None, root_path: str = "",
-                upstream: UpstreamConfig = UPSTREAM, **config: Any) -> httpx.AsyncClient:
+                upstream: UpstreamConfig = UPSTREAM, core: EmbedderCore | None = None,
+                **config: Any) -> httpx.AsyncClient:
         upstream_client = httpx.AsyncClient(transport=transport, base_url="http://ref")
         dispatcher = DispatcherCore(upstream, upstream_client)
         app_config = AppConfig(upstream=upstream, limits=limits or LimitsConfig(), **config)
         service = CompletionsService.from_config(app_config,
-                                                 InProcessPipeline(embedder, dispatcher))
+                                                 InProcessPipeline(core or embedder, dispatcher))
         embeddings = SentenceService(embeddings_service.models, embeddings_service.encoders,
                                        [service.served_name], app_config.limits)
         app = create_gateway_app(service, embeddings, api_keys)
