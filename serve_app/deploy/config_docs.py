@@ -167,6 +167,9 @@ def type_text(annotation: Any) -> str:
     if origin is list:
         (item,) = typing.get_args(annotation)
         return f"list of {type_text(item)}"
+    if origin is dict:
+        key, value = typing.get_args(annotation)
+        return f"map of {type_text(key)} to {type_text(value)}"
     if isinstance(annotation, type):
         return {"str": "string", "bool": "boolean"}.get(annotation.__name__,
                                                         annotation.__name__)
