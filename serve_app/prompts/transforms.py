@@ -115,14 +115,14 @@ def _import_class(path: str) -> type[torch.nn.Module]:
 def load_safetensors_state(path: str) -> dict[str, torch.Tensor]:
     """A state dict from a safetensors file; anything else (a pickle above all) is refused
     without being read as one."""
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     if not path.endswith(".safetensors"):
         raise ValueError("privacy.transform.module_weights must be a .safetensors file")
     try:
         return load_file(str(Path(path).expanduser()))
-    except (SafetensorsError, OSError) as exc:
+    except (SafetensorError, OSError) as exc:
         raise ValueError(f"privacy.transform.module_weights is not a readable safetensors "
                          f"file ({type(exc).__name__})") from None
 
