@@ -96,11 +96,11 @@ class EmbedderCore:
             return self.lookup(batch)
         runs = [run for prompt in batch for run in _token_runs(prompt)]
         with torch.inference_mode():
-            flat = self._device_rows(runs)
+            ids = self._device_ids(runs)
+            flat = torch.nn.functional.embedding(ids, self.weight)
             if all(not isinstance(prompt, SplicedPrompt) for prompt in batch):
-                positions = [list(prompt) for prompt in batch]
-                out = _to_host(self.transform(flat, positions))
-                return list(out.split([len(p) for p in positions]))
+                lengths = [len(prompt) for prompt in batch]
+                return list(_to_host(self.transform(flat, ids, lengths)).split(lengths))
             return self._spliced_rows(batch, iter(flat.split([len(run) for run in runs])))
 
     def _transforms(self, prompt: PromptInput) -> bool:
@@ -131,10 +131,12 @@ class EmbedderCore:
                 start += int(rows.shape[0])
             positions.append(content)
         assert self.transform is not None
-        out = self.transform(torch.cat(parts), positions)
+        lengths = [len(p) for p in positions]
+        content = torch.tensor([c for p in positions for c in p], dtype=torch.int64)
+        out = self.transform(torch.cat(parts), content.to(self.weight.device), lengths)
         for row, rows in kept:
             out[row:row + rows.shape[0]] = rows
-        return list(_to_host(out).split([len(p) for p in positions]))
+        return list(_to_host(out).split(lengths))
 
     def lookup(self, batch: Sequence[PromptInput]) -> list[torch.Tensor]:
         """The rows before any transform: one lookup for the whole batch; one CPU tensor
@@ -157,8 +159,12 @@ class EmbedderCore:
             out.append(rows[0] if len(rows) == 1 else torch.cat(rows))
         return out
 
+    def _device_ids(self, runs: list[Sequence[int]]) -> torch.Tensor:
+        """Every run's token ids, joined, on the matrix's device."""
+        flat = torch.tensor([i for ids in runs for i in ids], dtype=torch.long).reshape(-1)
+        return flat.to(self.weight.device, non_blocking=True)
+
     def _device_rows(self, runs: list[Sequence[int]]) -> torch.Tensor:
         """One embedding lookup for every run of token ids, on the matrix's device."""
-        flat = torch.tensor([i for ids in runs for i in ids], dtype=torch.long).reshape(-1)
         with torch.inference_mode():
-            return torch.nn.functional.embedding(flat.to(self.weight.device), self.weight)
+            return torch.nn.functional.embedding(self._device_ids(runs), self.weight)

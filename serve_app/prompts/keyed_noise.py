@@ -1,14 +1,16 @@
-"""Noise fixed by a secret key and a prompt's prefix: one 64-bit seed per row, and a
-counter-based Gaussian stream per seed, computed on the rows' device.
+"""Noise fixed by a secret key and a prompt's prefix, made on the rows' device for a whole
+batch: a 64-bit seed per row, then `hidden` standard normals per seed.
 
-Row i's seed is a keyed BLAKE2b of the content of positions 0..i (token ids, or a digest of
-a client row's bytes), so identical prefixes give identical seeds and a change at position
-i changes every seed from i on. The stream turns each seed into `hidden` standard normals
-with integer arithmetic only (exact on every device) and one Box-Muller step, so a seed
-gives bit-identical noise on every replica with the same kind of device.
+Row i's seed is a keyed hash of the content of positions 0..i (token ids, or a digest of a
+client row's bytes): each position's content and index are hashed under the key, the hashes
+are summed along the prompt (a cumulative sum, so the batch needs no loop), and the sum is
+hashed again. Identical prefixes give identical seeds; a change at position i changes every
+seed from i on. The normals come from the seed through integer hashing (exact on every
+device: 32-bit products wrap the same way on CPUs and GPUs) and one Box-Muller step, so a
+seed gives bit-identical rows on every replica with the same kind of device.
 
-The stream is a fast integer hash, not a cipher: its secret is the 64-bit seed per row,
-which only the key holder can compute (docs/privacy.md says what that leaves).
+This is a fast integer hash, not a cipher: what keeps the noise from being subtracted is
+that only the key holder can compute the seeds (docs/privacy.md says what that leaves).
 """
 
 from __future__ import annotations
@@ -20,69 +22,103 @@ from collections.abc import Sequence
 import torch
 
 MIN_KEY_CHARS = 16
-_MASK32 = 0xFFFFFFFF
-# Elements per step of the stream: bounds the int64 temporaries (8 bytes each).
-_CHUNK_ELEMENTS = 1 << 22
+# Elements per step of the stream: bounds the temporaries (4 bytes each).
+_CHUNK_ELEMENTS = 1 << 24
 _TWO_PI = 2.0 * math.pi
+_LOW = 0xFFFFFFFF
 
 
-class PrefixSeeds:
-    """Keyed seeds of every prefix. Holds the key only inside a BLAKE2b state, so neither
-    `repr` nor an exception's message can show it."""
+def _int32(value: int) -> int:
+    """A 32-bit pattern as the signed int32 torch multiplies by."""
+    return value - (1 << 32) if value >= 1 << 31 else value
+
+
+_M1, _M2 = _int32(0x7FEB352D), _int32(0x846CA68B)
+_GOLDEN = _int32(0x9E3779B9)
+
+
+def _mix32(x: torch.Tensor) -> torch.Tensor:
+    """A 32-bit avalanche hash on int32 (xor-shift-multiply, as lowbias32); the masks make
+    the right shifts logical."""
+    x = x ^ ((x >> 16) & 0xFFFF)
+    x = x * _M1
+    x = x ^ ((x >> 15) & 0x1FFFF)
+    x = x * _M2
+    return x ^ ((x >> 16) & 0xFFFF)
+
+
+def _halves(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """An int64 tensor's low and high 32 bits, each as int32."""
+    return _wrap32(values & _LOW), _wrap32((values >> 32) & _LOW)
+
+
+def _wrap32(values: torch.Tensor) -> torch.Tensor:
+    """int64 values in [0, 2**32) as the int32 with the same bits."""
+    return (values - ((values >> 31) << 32)).to(torch.int32)
+
+
+class KeyedSeeds:
+    """Per-row seeds under a key. Keeps only words derived from the key, so neither `repr`
+    nor an exception's message can show it."""
 
     def __init__(self, key: str) -> None:
         if len(key) < MIN_KEY_CHARS:
             raise ValueError(f"the transform key must have at least {MIN_KEY_CHARS} characters")
-        self._keyed = hashlib.blake2b(key=key.encode(), digest_size=8, person=b"serveapp")
+        derived = hashlib.blake2b(key.encode(), digest_size=32, person=b"serveapp").digest()
+        self._words = [_int32(int.from_bytes(derived[i:i + 4], "little"))
+                       for i in range(0, 32, 4)]
 
     def __repr__(self) -> str:
-        return "PrefixSeeds(<key withheld>)"
+        return "KeyedSeeds(<key withheld>)"
 
-    def seeds(self, positions: Sequence[int]) -> list[int]:
-        """One signed 64-bit seed per position: the keyed hash of positions 0..i."""
-        running = self._keyed.copy()
-        out = []
-        for content in positions:
-            running.update(content.to_bytes(8, "little", signed=True))
-            out.append(int.from_bytes(running.copy().digest(), "little", signed=True))
-        return out
+    def seeds(self, content: torch.Tensor, lengths: Sequence[int]) -> tuple[torch.Tensor,
+                                                                            torch.Tensor]:
+        """The (low, high) int32 halves of each row's seed; `content` holds each row's
+        token id or client-row digest (int64), prompt after prompt, as `lengths` says."""
+        k = self._words
+        device = content.device
+        counts = torch.tensor(list(lengths), dtype=torch.int64).to(device, non_blocking=True)
+        starts = torch.cumsum(counts, 0) - counts
+        index = torch.arange(content.shape[0], device=device)
+        position = (index - torch.repeat_interleave(starts, counts, output_size=len(index)))
+        low, high = _halves(content)
+        place = _mix32(position.to(torch.int32) * _GOLDEN)
+        sums = []
+        for a, b in ((k[0], k[1]), (k[2], k[3])):
+            # Each lane: a keyed 32-bit hash of (index, content), summed along the prompt.
+            lane = _mix32(_mix32(low ^ a) ^ high ^ place ^ b).to(torch.int64) & _LOW
+            total = torch.cumsum(lane, 0)  # below 2**63 for any batch that fits in memory
+            # The sum over the prompt alone: the running total less its value before the
+            # prompt's first row.
+            before = torch.cat([total.new_zeros(1), total])[starts]
+            sums.append(total - torch.repeat_interleave(before, counts, output_size=len(index)))
+        return self._finish(sums[0], k[4], k[5]), self._finish(sums[1], k[6], k[7])
 
-
-def _mul32(x: torch.Tensor, constant: int) -> torch.Tensor:
-    """`x * constant mod 2**32` for x in [0, 2**32), exact in int64 (no product overflows)."""
-    low, high = constant & 0xFFFF, constant >> 16
-    return (x * low + (((x * high) & 0xFFFF) << 16)) & _MASK32
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """A 32-bit avalanche hash (xor-shift-multiply, as in lowbias32)."""
-    x = x ^ (x >> 16)
-    x = _mul32(x, 0x7FEB352D)
-    x = x ^ (x >> 15)
-    x = _mul32(x, 0x846CA68B)
-    return x ^ (x >> 16)
+    @staticmethod
+    def _finish(prefix_sum: torch.Tensor, a: int, b: int) -> torch.Tensor:
+        low, high = _halves(prefix_sum)
+        return _mix32(_mix32(low ^ a) ^ high ^ b)
 
 
 def _column_constants(hidden: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Two distinct 32-bit constants per column (one per seed half)."""
-    counter = torch.arange(2 * hidden, dtype=torch.int64, device=device)
-    mixed = _mix32(_mul32(counter, 0x9E3779B9) ^ 0x5BD1E995)
+    counter = torch.arange(2 * hidden, dtype=torch.int32, device=device)
+    mixed = _mix32(counter * _GOLDEN ^ 0x5BD1E995)
     return mixed[:hidden], mixed[hidden:]
 
 
-def standard_normals(seeds: torch.Tensor, hidden: int) -> torch.Tensor:
-    """`(len(seeds), hidden)` float32 standard normals, a pure function of each seed."""
-    device = seeds.device
+def standard_normals(low: torch.Tensor, high: torch.Tensor, hidden: int) -> torch.Tensor:
+    """`(rows, hidden)` float32 standard normals, a pure function of each row's seed halves."""
+    device = low.device
     even = hidden + hidden % 2
     first, second = _column_constants(even, device)
-    low = (seeds & _MASK32)[:, None]
-    high = ((seeds >> 32) & _MASK32)[:, None]
-    out = torch.empty((seeds.shape[0], even), dtype=torch.float32, device=device)
+    low, high = low[:, None], high[:, None]
+    out = torch.empty((low.shape[0], even), dtype=torch.float32, device=device)
     step = max(1, _CHUNK_ELEMENTS // even)
-    for start in range(0, seeds.shape[0], step):
+    for start in range(0, low.shape[0], step):
         rows = slice(start, start + step)
-        # Both halves of the seed pass through the hash: the stream depends on all 64 bits.
-        bits = _mix32(_mix32(low[rows] ^ first) ^ high[rows] ^ second) >> 8  # 24 bits
+        # Both halves pass through the hash: the stream depends on all 64 bits of the seed.
+        bits = (_mix32(_mix32(low[rows] ^ first) ^ high[rows] ^ second) >> 8) & 0xFFFFFF
         uniform = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
         radius = torch.sqrt(-2.0 * torch.log(uniform[:, 0::2]))
         angle = _TWO_PI * uniform[:, 1::2]

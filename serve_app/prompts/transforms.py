@@ -24,7 +24,7 @@ import torch
 
 from serve_app import envs
 from serve_app.config import TransformConfig
-from serve_app.prompts.keyed_noise import PrefixSeeds, standard_normals
+from serve_app.prompts.keyed_noise import KeyedSeeds, standard_normals
 
 logger = logging.getLogger(__name__)
 
@@ -38,12 +38,13 @@ INVERTIBLE_WARNING = (
 class PromptTransform(Protocol):
     """Maps a batch's rows `(rows, hidden)` to new rows of the same shape, dtype and device.
 
-    `positions` holds each prompt's content per row, in order (token ids, or a negative
-    digest for a client row), so a transform may depend on the prefix; their lengths sum to
-    the row count.
+    `content` (int64, on the rows' device) holds each row's token id, or a negative digest
+    for a client row, so a transform may depend on the prefix; `lengths` are the prompts'
+    row counts, in order.
     """
 
-    def __call__(self, rows: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
+                 lengths: Sequence[int]) -> torch.Tensor:
         ...
 
 
@@ -61,7 +62,8 @@ class GaussianNoise:
     def __init__(self, scale: float) -> None:
         self.scale = scale
 
-    def __call__(self, rows: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
+                 lengths: Sequence[int]) -> torch.Tensor:
         noise = torch.randn(rows.shape, dtype=torch.float32, device=rows.device)
         return (rows.float() + self.scale * noise).to(rows.dtype)
 
@@ -69,14 +71,14 @@ class GaussianNoise:
 class KeyedGaussianNoise:
     """Noise that the key and each row's prefix fix: the same prefix, the same rows."""
 
-    def __init__(self, scale: float, seeds: PrefixSeeds) -> None:
+    def __init__(self, scale: float, seeds: KeyedSeeds) -> None:
         self.scale = scale
         self.seeds = seeds
 
-    def __call__(self, rows: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.Tensor:
-        flat = [seed for prompt in positions for seed in self.seeds.seeds(prompt)]
-        seeds = torch.tensor(flat, dtype=torch.int64).to(rows.device, non_blocking=True)
-        noise = standard_normals(seeds, rows.shape[1])
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
+                 lengths: Sequence[int]) -> torch.Tensor:
+        low, high = self.seeds.seeds(content, lengths)
+        noise = standard_normals(low, high, rows.shape[1])
         return (rows.float() + self.scale * noise).to(rows.dtype)
 
 
@@ -87,14 +89,10 @@ class ModuleTransform:
         self.module = module
         self.token_ids = token_ids
 
-    def __call__(self, rows: torch.Tensor, positions: Sequence[Sequence[int]]) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
+                 lengths: Sequence[int]) -> torch.Tensor:
         with torch.inference_mode():
-            if self.token_ids:
-                ids = torch.tensor([max(p, -1) for prompt in positions for p in prompt],
-                                   dtype=torch.long).to(rows.device, non_blocking=True)
-                out = self.module(rows, ids)
-            else:
-                out = self.module(rows)
+            out = self.module(rows, content.clamp(min=-1)) if self.token_ids else self.module(rows)
         if not isinstance(out, torch.Tensor) or (out.shape, out.dtype, out.device) != (
                 rows.shape, rows.dtype, rows.device):
             raise RuntimeError("the privacy.transform module must return a tensor of its "
@@ -134,7 +132,7 @@ def _build_module(config: TransformConfig, weight: torch.Tensor) -> ModuleTransf
         module.load_state_dict(load_safetensors_state(config.module_weights), strict=True)
     module = module.to(device=weight.device, dtype=weight.dtype).eval()
     transform = ModuleTransform(module, config.module_token_ids)
-    transform(weight[:2].clone(), [[0, 1]])  # the contract, checked before the first request
+    transform(weight[:2].clone(), torch.arange(2, device=weight.device), [2])  # the contract, checked before the first request
     return transform
 
 
@@ -150,7 +148,7 @@ def build_transform(config: TransformConfig, weight: torch.Tensor) -> PromptTran
         if key is None:
             raise ValueError(f"keyed_gaussian: the environment variable {config.key_env} "
                              f"(privacy.transform.key_env) is not set")
-        return KeyedGaussianNoise(scale, PrefixSeeds(key))
+        return KeyedGaussianNoise(scale, KeyedSeeds(key))
     return _build_module(config, weight)
 
 

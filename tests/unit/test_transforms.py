@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from serve_app.config import ModelConfig, TransformConfig
 from serve_app.prompts.embedder import EmbedderCore, SplicedPrompt
-from serve_app.prompts.keyed_noise import PrefixSeeds, standard_normals
+from serve_app.prompts.keyed_noise import KeyedSeeds, standard_normals
 from serve_app.prompts.transforms import (
     INVERTIBLE_WARNING,
     build_transform,
@@ -151,24 +151,42 @@ def test_keyed_rows_are_identical_in_another_process(demo_model_dir: Path,
 
 
 def test_keyed_noise_is_standard_normal_and_a_function_of_the_seed() -> None:
-    seeds = torch.tensor([1, -1, 2**62 + 5, 1], dtype=torch.int64)
-    noise = standard_normals(seeds, 4097)
+    low = torch.tensor([1, -1, 7, 1], dtype=torch.int32)
+    high = torch.tensor([0, 0, 5, 0], dtype=torch.int32)
+    noise = standard_normals(low, high, 4097)
     assert noise.shape == (4, 4097)
     assert torch.equal(noise[0], noise[3]) and not torch.equal(noise[0], noise[1])
     assert abs(float(noise.mean())) < 0.03 and abs(float(noise.std()) - 1) < 0.03
-    # Every bit of the seed matters: seeds 1 and 1 + 2**32 differ only in the high half.
-    assert not torch.equal(standard_normals(torch.tensor([1, 1 + 2**32]), 8)[0],
-                           standard_normals(torch.tensor([1 + 2**32]), 8)[0])
+    # The high half matters as much as the low one.
+    assert not torch.equal(noise[0], standard_normals(low[:1], high[:1] + 1, 4097)[0])
 
 
-def test_prefix_seeds_follow_the_prefix() -> None:
-    seeds = PrefixSeeds(KEY)
-    a, b = seeds.seeds([5, 6, 7, 8]), seeds.seeds([5, 6, 9, 8])
+def seeds_of(seeds: KeyedSeeds, *prompts: list[int]) -> list[list[tuple[int, int]]]:
+    low, high = seeds.seeds(torch.tensor([c for p in prompts for c in p]),
+                            [len(p) for p in prompts])
+    pairs = list(zip(low.tolist(), high.tolist(), strict=True))
+    out, start = [], 0
+    for prompt in prompts:
+        out.append(pairs[start:start + len(prompt)])
+        start += len(prompt)
+    return out
+
+
+def test_keyed_seeds_follow_the_prefix_within_each_prompt() -> None:
+    seeds = KeyedSeeds(KEY)
+    a, b, a_again = seeds_of(seeds, [5, 6, 7, 8], [5, 6, 9, 8], [5, 6, 7, 8])
     assert a[:2] == b[:2] and a[2] != b[2] and a[3] != b[3]
-    assert PrefixSeeds(KEY + "x").seeds([5])[0] != a[0]
-    assert KEY not in repr(seeds)
+    assert a == a_again  # a prompt's seeds do not depend on the prompts before it
+    [alone] = seeds_of(seeds, [5, 6, 7, 8])
+    assert alone == a
+    [swapped] = seeds_of(seeds, [6, 5, 7, 8])
+    assert all(x != y for x, y in zip(swapped, a, strict=True))  # order matters
+    [client] = seeds_of(seeds, [-(2**55) - 3, 6])
+    assert client != seeds_of(seeds, [-(2**55) - 4, 6])[0]  # client digests, high bits too
+    assert seeds_of(KeyedSeeds(KEY + "x"), [5])[0] != a[:1]
+    assert KEY not in repr(seeds) and KEY not in repr(seeds.__dict__)
     with pytest.raises(ValueError, match="at least 16") as short:
-        PrefixSeeds("short-key")
+        KeyedSeeds("short-key")
     assert "short-key" not in str(short.value)
 
 
