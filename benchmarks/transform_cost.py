@@ -49,7 +49,9 @@ def median_ms(work: Callable[[], object], device: torch.device, repeats: int) ->
 def measure(weight: torch.Tensor, kind: str, tokens: int, batch: int, repeats: int,
             baseline_ms: float | None) -> tuple[str, float]:
     config = TransformConfig(kind=kind, sigma=1.0, key_env=KEY_ENV)  # type: ignore[arg-type]
+    begin = time.perf_counter()
     core = EmbedderCore(weight, build_transform(config, weight))
+    print(f"{kind}: built in {time.perf_counter() - begin:.1f} s", flush=True)
     generator = torch.Generator().manual_seed(tokens)
     prompts = [torch.randint(0, weight.shape[0], (tokens,), generator=generator).tolist()
                for _ in range(batch)]

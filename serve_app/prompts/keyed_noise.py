@@ -15,15 +15,16 @@ that only the key holder can compute the seeds (docs/privacy.md says what that l
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
 MIN_KEY_CHARS = 16
-# Elements per step of the stream: bounds the temporaries (4 bytes each).
-_CHUNK_ELEMENTS = 1 << 24
+# Elements per eager step of the stream: bounds the temporaries (4 bytes each).
+_CHUNK_ELEMENTS = 1 << 22
 _TWO_PI = 2.0 * math.pi
 _LOW = 0xFFFFFFFF
 
@@ -107,21 +108,40 @@ def _column_constants(hidden: int, device: torch.device) -> tuple[torch.Tensor, 
     return mixed[:hidden], mixed[hidden:]
 
 
+def _normals(low: torch.Tensor, high: torch.Tensor, first: torch.Tensor,
+             second: torch.Tensor) -> torch.Tensor:
+    """`(rows, columns)` standard normals for rows' seed halves `(rows, 1)` and the
+    columns' constants; `columns` is even."""
+    # Both halves pass through the hash: the stream depends on all 64 bits of the seed.
+    bits = (_mix32(_mix32(low ^ first) ^ high ^ second) >> 8) & 0xFFFFFF
+    uniform = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    radius = torch.sqrt(-2.0 * torch.log(uniform[:, 0::2]))
+    angle = _TWO_PI * uniform[:, 1::2]
+    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2).flatten(1)
+
+
+@functools.cache
+def _fused_normals() -> Callable[..., torch.Tensor]:
+    """`_normals` compiled into one kernel for CUDA: the eager form writes every
+    intermediate (about 30 passes over the batch's noise) to memory."""
+    return torch.compile(_normals, dynamic=True, fullgraph=True)
+
+
 def standard_normals(low: torch.Tensor, high: torch.Tensor, hidden: int) -> torch.Tensor:
-    """`(rows, hidden)` float32 standard normals, a pure function of each row's seed halves."""
+    """`(rows, hidden)` float32 standard normals, a pure function of each row's seed halves.
+
+    On CUDA the stream is one compiled kernel, the same on every replica of one torch
+    version; the CPU runs it eagerly (equal within float tolerance).
+    """
     device = low.device
     even = hidden + hidden % 2
     first, second = _column_constants(even, device)
+    fused = device.type == "cuda"
+    normals = _fused_normals() if fused else _normals
     low, high = low[:, None], high[:, None]
-    out = torch.empty((low.shape[0], even), dtype=torch.float32, device=device)
-    step = max(1, _CHUNK_ELEMENTS // even)
-    for start in range(0, low.shape[0], step):
-        rows = slice(start, start + step)
-        # Both halves pass through the hash: the stream depends on all 64 bits of the seed.
-        bits = (_mix32(_mix32(low[rows] ^ first) ^ high[rows] ^ second) >> 8) & 0xFFFFFF
-        uniform = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-        radius = torch.sqrt(-2.0 * torch.log(uniform[:, 0::2]))
-        angle = _TWO_PI * uniform[:, 1::2]
-        out[rows, 0::2] = radius * torch.cos(angle)
-        out[rows, 1::2] = radius * torch.sin(angle)
+    # Eagerly, bound the temporaries; fused, there are none.
+    step = max(1, low.shape[0] if fused else _CHUNK_ELEMENTS // even)
+    chunks = [normals(low[start:start + step], high[start:start + step], first, second)
+              for start in range(0, low.shape[0], step)]
+    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
     return out[:, :hidden]

@@ -148,7 +148,10 @@ def build_transform(config: TransformConfig, weight: torch.Tensor) -> PromptTran
         if key is None:
             raise ValueError(f"keyed_gaussian: the environment variable {config.key_env} "
                              f"(privacy.transform.key_env) is not set")
-        return KeyedGaussianNoise(scale, KeyedSeeds(key))
+        transform = KeyedGaussianNoise(scale, KeyedSeeds(key))
+        # On CUDA the first call compiles the noise kernel: here, not in a request.
+        transform(weight[:2], torch.arange(2, device=weight.device), [2])
+        return transform
     return _build_module(config, weight)
 
 
