@@ -77,7 +77,8 @@ class Embedder:
         keep_payload_memory()
         app_config = AppConfig.model_validate(config)
         model, transform = app_config.model, app_config.privacy.transform
-        log_transform(transform)
+        # Serve's logger: the line lands in the replica's log and on `serve run`'s console.
+        log_transform(transform, logging.getLogger("ray.serve"))
         self.core = EmbedderCore.from_checkpoint(resolve_model_dir(model), model, transform)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:

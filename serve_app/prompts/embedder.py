@@ -99,7 +99,7 @@ class EmbedderCore:
             ids = self._device_ids(runs)
             flat = torch.nn.functional.embedding(ids, self.weight)
             if all(not isinstance(prompt, SplicedPrompt) for prompt in batch):
-                lengths = [len(prompt) for prompt in batch]
+                lengths = [prompt_rows(prompt) for prompt in batch]
                 return list(_to_host(self.transform(flat, ids, lengths)).split(lengths))
             return self._spliced_rows(batch, iter(flat.split([len(run) for run in runs])))
 
@@ -132,8 +132,8 @@ class EmbedderCore:
             positions.append(content)
         assert self.transform is not None
         lengths = [len(p) for p in positions]
-        content = torch.tensor([c for p in positions for c in p], dtype=torch.int64)
-        out = self.transform(torch.cat(parts), content.to(self.weight.device), lengths)
+        flat = torch.tensor([c for p in positions for c in p], dtype=torch.int64)
+        out = self.transform(torch.cat(parts), flat.to(self.weight.device), lengths)
         for row, rows in kept:
             out[row:row + rows.shape[0]] = rows
         return list(_to_host(out).split(lengths))

@@ -132,7 +132,8 @@ def _build_module(config: TransformConfig, weight: torch.Tensor) -> ModuleTransf
         module.load_state_dict(load_safetensors_state(config.module_weights), strict=True)
     module = module.to(device=weight.device, dtype=weight.dtype).eval()
     transform = ModuleTransform(module, config.module_token_ids)
-    transform(weight[:2].clone(), torch.arange(2, device=weight.device), [2])  # the contract, checked before the first request
+    # The contract, checked before the first request.
+    transform(weight[:2].clone(), torch.arange(2, device=weight.device), [2])
     return transform
 
 
@@ -169,9 +170,9 @@ def describe(config: TransformConfig) -> dict[str, Any]:
     return described
 
 
-def log_transform(config: TransformConfig) -> None:
+def log_transform(config: TransformConfig, log: logging.Logger = logger) -> None:
     """The start-up line: which transform runs, or the warning that none does."""
     if config.kind == "none":
-        logger.warning(INVERTIBLE_WARNING)
+        log.warning(INVERTIBLE_WARNING)
     else:
-        logger.info("privacy.transform: %s", describe(config))
+        log.info("privacy.transform: %s", describe(config))

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import http.server
 import io
+import os
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -87,6 +88,10 @@ class ServeGraph:
 # would go by value; with this one, prompts up to about 45 tokens do and longer ones go by
 # reference, and the suite drives both transports.
 BY_VALUE_MAX_BYTES = 16 * 1024
+# A keyed transform's key, in the environment Ray's workers inherit (as a Kubernetes secret
+# mounted as a variable would be): tests deploy a keyed gateway and look for it in every log.
+TRANSFORM_KEY_ENV = "SERVE_APP_TEST_TRANSFORM_KEY"
+TRANSFORM_KEY = "integration-key-5d1c9e-never-logged"
 
 
 @pytest.fixture(scope="session")
@@ -99,6 +104,7 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path) -> Iterator[ServeGraph]:
     from serve_app import envs
 
     port = free_port()
+    os.environ[TRANSFORM_KEY_ENV] = TRANSFORM_KEY
     # Logical CPUs above the real two: replicas ask for fractions, the reference upstream more.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {envs.CACHE_DIR_ENV: str(cache_dir)}})

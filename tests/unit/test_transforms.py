@@ -35,7 +35,6 @@ from tests.unit.gateway_client import (
     JAPAN,
     GatewayFactory,
     RecordingASGITransport,
-    error_of,
     ok,
     post,
 )
