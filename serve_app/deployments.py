@@ -9,8 +9,10 @@ validates each YAML `args` block against the builder's annotated pydantic type.
 # builder's annotation is a real pydantic class, not a string.
 import asyncio
 import logging
+import os
 import re
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,9 +33,11 @@ from serve_app.config import (
     UpstreamConfig,
 )
 from serve_app.handles import ServeEncoderClient, ServePipeline
+from serve_app.observability import metrics
+from serve_app.observability.access import ACCESS_LOGGER
 from serve_app.prompts.checkpoint import resolve_model_dir
 from serve_app.prompts.codec import EncodedPromptEmbeds
-from serve_app.prompts.embedder import EmbedderCore, PromptInput
+from serve_app.prompts.embedder import BatchStats, EmbedderCore, PromptInput
 from serve_app.prompts.transforms import log_transform
 from serve_app.reference.app import create_reference_app
 from serve_app.reference.server import ReferenceServer
@@ -75,6 +79,7 @@ _DISPATCH_PER_SLOT = 4
 class Embedder:
     def __init__(self, config: dict[str, Any]) -> None:
         keep_payload_memory()
+        route_app_logs()
         app_config = AppConfig.model_validate(config)
         model, transform = app_config.model, app_config.privacy.transform
         # Serve's logger: the line lands in the replica's log and on `serve run`'s console.
@@ -90,7 +95,14 @@ class Embedder:
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
     async def embed(self, batch: list[PromptInput]) -> list[EncodedPromptEmbeds]:
         # Lookup, torch.save and base64 run off the event loop so queued requests keep flowing.
-        return await asyncio.to_thread(self.core.embed_batch, batch)
+        encoded, stats = await asyncio.to_thread(self.core.embed_measured, batch)
+        _record_batch(stats)
+        return encoded
+
+
+def _record_batch(stats: BatchStats) -> None:
+    metrics.record_embedder_batch(stats.prompts, stats.rows, stats.stage_seconds,
+                                  stats.payload_bytes)
 
 
 def _batch_tokens(requests: list[list[list[int]]]) -> int:
@@ -133,6 +145,7 @@ class Dispatcher:
 
     def __init__(self) -> None:
         keep_payload_memory()
+        route_app_logs()
         self.core: DispatcherCore | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
@@ -169,6 +182,8 @@ class Gateway:
     def __init__(self, config: dict[str, Any], embedder: DeploymentHandle,
                  dispatcher: DeploymentHandle, encoders: dict[str, DeploymentHandle]) -> None:
         keep_payload_memory()  # client embeddings are decoded here
+        route_app_logs()
+        write_access_log()
         app_config = AppConfig.model_validate(config)
         pipeline = ServePipeline(embedder, dispatcher, app_config.transport.by_value_max_bytes)
         self.service = CompletionsService.from_config(app_config, pipeline)
@@ -177,7 +192,9 @@ class Gateway:
                                       app_config.auth.api_keys_file)
 
     def __serve_build_asgi_app__(self) -> FastAPI:
-        return create_gateway_app(self.service, self.sentence, self.api_keys)
+        # Serve's proxy returns the request id itself.
+        return create_gateway_app(self.service, self.sentence, self.api_keys,
+                                  echo_request_id=False)
 
 
 @serve.deployment(ray_actor_options=_SMALL, max_ongoing_requests=32)
@@ -188,6 +205,35 @@ class Reference:
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         return create_reference_app(self.server)
+
+
+def route_app_logs() -> None:
+    """The gateway's own log lines through Serve's handlers: into the replica's log file
+    and console, in Serve's format (its `logging_config`, JSON included), each with the
+    request id Serve keeps for the request being served."""
+    app_logger = logging.getLogger("serve_app")
+    if app_logger.handlers:
+        return
+    for handler in logging.getLogger("ray.serve").handlers:
+        app_logger.addHandler(handler)
+    app_logger.setLevel(logging.INFO)
+    app_logger.propagate = False
+
+
+def write_access_log() -> None:
+    """The access log: one JSON object a line, in Serve's log directory, one file per
+    Gateway replica (`serve_app_access_<pid>.jsonl`)."""
+    from ray.serve._private.logging_utils import get_serve_logs_dir
+
+    log = logging.getLogger(ACCESS_LOGGER)
+    if log.handlers:
+        return
+    path = Path(get_serve_logs_dir()) / f"serve_app_access_{os.getpid()}.jsonl"
+    handler = logging.FileHandler(path)
+    handler.setFormatter(logging.Formatter("%(message)s"))
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    log.propagate = False  # its own file, not the replica log twice
 
 
 def deployment_options(config: AppConfig) -> dict[str, dict[str, Any]]:

@@ -1,7 +1,7 @@
 """OpenAI-shaped errors: one exception type, one body builder, one exception mapper.
 
 Every error the gateway answers has the body `{"error": {"message", "type", "param",
-"code"}}` and an HTTP status the OpenAI SDK maps to its exception classes.
+"code", "request_id"}}` and an HTTP status the OpenAI SDK maps to its exception classes.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ import orjson
 from pydantic import ValidationError
 from starlette.requests import ClientDisconnect
 from starlette.responses import Response
+
+from serve_app.observability import request_id
 
 try:
     from ray.exceptions import RayActorError
@@ -68,14 +70,16 @@ class GatewayError(Exception):
         return HTTPStatus(self.status).phrase.replace(" ", "") + "Error"
 
     def to_dict(self) -> dict[str, Any]:
-        return {
-            "error": {
-                "message": self.message,
-                "type": self.type,
-                "param": self.param,
-                "code": self.code if self.code is not None else self.status,
-            }
+        error = {
+            "message": self.message,
+            "type": self.type,
+            "param": self.param,
+            "code": self.code if self.code is not None else self.status,
         }
+        rid = request_id.current()
+        if rid is not None:  # the id to quote in a ticket, wherever the body is read
+            error["request_id"] = rid
+        return {"error": error}
 
     def to_body(self) -> bytes:
         return orjson.dumps(self.to_dict())

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from serve_app.api.completions import CompletionsService
 from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware
 from serve_app.api.openapi import document_request_bodies, route_answers
+from serve_app.api.request_log import RequestLogMiddleware
 from serve_app.endpoint import add_error_handlers
 from serve_app.errors import model_not_found
 from serve_app.prompts.transforms import describe as describe_transform
@@ -32,19 +33,24 @@ from serve_app.sentence.service import InProcessEncoderClient, SentenceService
 
 def create_gateway_app(service: CompletionsService,
                        sentence: SentenceService | None = None,
-                       api_keys: Sequence[str] = ()) -> FastAPI:
-    """The ingress app; with `api_keys`, the API routes need one of them as a Bearer key."""
+                       api_keys: Sequence[str] = (), echo_request_id: bool = True) -> FastAPI:
+    """The ingress app; with `api_keys`, the API routes need one of them as a Bearer key.
+
+    `echo_request_id=False` where a proxy in front already returns the request's id
+    (Serve's does), so the response does not carry it twice."""
     app = FastAPI(title="serve_app gateway",
                   description="OpenAI-compatible completions and chat over prompt embeddings, "
                               "and sentence embeddings (OpenAI and Cohere APIs).",
                   redoc_url=None, swagger_ui_oauth2_redirect_url=None)
     sentence = sentence or SentenceService({}, InProcessEncoderClient({}),
                                            [service.served_name])
-    # The last added is outermost: the key is checked first, then the body is read (under
-    # its cap and deadline), then the request takes a concurrency slot.
+    # The last added is outermost: the request gets its id, then the key is checked, then
+    # the body is read (under its cap and deadline), then the request takes a slot.
     app.add_middleware(RequestGuardMiddleware, limits=service.limits)
     if api_keys:
         app.add_middleware(BearerKeyMiddleware, keys=api_keys)
+    # Outermost of all: the refusals above get an id, a log line and their metrics too.
+    app.add_middleware(RequestLogMiddleware, echo_request_id=echo_request_id)
 
     add_error_handlers(app)
 

@@ -13,6 +13,8 @@ import asyncio
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
+import orjson
+import torch
 from starlette.responses import Response, StreamingResponse
 
 from serve_app.api.pipeline import Pipeline
@@ -27,6 +29,7 @@ from serve_app.limits import (
     check_model,
     check_sampling,
 )
+from serve_app.observability import access, request_id
 from serve_app.prompts.chat_template import ChatTemplate, RenderedChat, load_chat_template
 from serve_app.prompts.checkpoint import (
     ModelSpec,
@@ -177,7 +180,8 @@ class CompletionsService:
         upstream += token_ids
         self._check_request_rows(upstream)
         call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream),
-                            payload_bytes=self._payload_bytes(upstream))
+                            payload_bytes=self._payload_bytes(upstream),
+                            request_id=request_id.current())
         return call, upstream
 
     def _splice(self, rendered: RenderedChat, max_tokens: int | None) -> PromptInput:
@@ -219,7 +223,8 @@ class CompletionsService:
         shape = ChatShape(top_logprobs=request.max_logprobs)
         call = UpstreamCall(self.served_name, request.upstream_fields(),
                             bool(request.stream), chat=shape,
-                            payload_bytes=self._payload_bytes([prompt]))
+                            payload_bytes=self._payload_bytes([prompt]),
+                            request_id=request_id.current())
         return call, [prompt]
 
     async def completions(self, body: bytes) -> Response:
@@ -235,25 +240,67 @@ class CompletionsService:
         return await self._respond(*await self._prepare_chat(request))
 
     async def _respond(self, call: UpstreamCall, prompts: list[PromptInput]) -> Response:
+        record = access.current()
+        if record is not None:
+            record.model = self.served_name
+            record.prompt_tokens_text, record.prompt_tokens_client_embeds = _rows_by_source(
+                prompts)
         if not call.stream:
             reply = await self.pipeline.complete(call, prompts)
+            if record is not None:
+                record.backend = reply.backend
+                if reply.status == 200:
+                    record.completion_tokens = _completion_tokens(reply.body)
             return Response(reply.body, status_code=reply.status,
                             media_type="application/json", headers=reply.headers)
         head, events = await self.pipeline.open_stream(call, prompts)
+        if record is not None:
+            record.backend = head.backend
         if head.status != 200:
             await events.aclose()
             return Response(head.body, status_code=head.status, media_type="application/json",
                             headers=head.headers)
-        return StreamingResponse(relay(events), media_type="text/event-stream")
+        return StreamingResponse(relay(events, record), media_type="text/event-stream")
 
 
-async def relay(events: EventStream) -> AsyncIterator[bytes]:
+def _rows_by_source(prompts: Sequence[PromptInput]) -> tuple[int, int]:
+    """Prompt rows from text (token ids) and from client embeddings."""
+    text = embeds = 0
+    for prompt in prompts:
+        segments = prompt.segments if isinstance(prompt, SplicedPrompt) else (prompt,)
+        for segment in segments:
+            if isinstance(segment, torch.Tensor):
+                embeds += int(segment.shape[0])
+            else:
+                text += len(segment)
+    return text, embeds
+
+
+def _completion_tokens(body: bytes) -> int | None:
+    """`usage.completion_tokens` of an answer (or of a stream's usage event)."""
+    try:
+        usage = orjson.loads(body).get("usage")
+    except (orjson.JSONDecodeError, AttributeError):
+        return None
+    tokens = usage.get("completion_tokens") if isinstance(usage, dict) else None
+    return tokens if isinstance(tokens, int) else None
+
+
+async def relay(events: EventStream,
+                record: access.RequestRecord | None = None) -> AsyncIterator[bytes]:
     """Pass SSE events through. A failure after the first byte (a replica gone, a broken
     connection between replicas) ends the stream with an error event and `[DONE]`: the
     status line has gone, so the event is the only way left to say it. However the
-    relay ends, the events are closed, which ends the upstream request."""
+    relay ends, the events are closed, which ends the upstream request.
+
+    Events with usage (`stream_options.include_usage`) give the record its completion
+    tokens; only those are parsed."""
     try:
         async for event in events:
+            if record is not None and b'"usage"' in event:
+                tokens = _completion_tokens(event.removeprefix(b"data: ").strip())
+                if tokens is not None:
+                    record.completion_tokens = tokens
             yield event
     except Exception as exc:
         yield to_gateway_error(exc).to_sse_event()

@@ -30,6 +30,8 @@ class ErrorInfo(ResponseModel):
     type: str
     param: str | None = None
     code: int | str | None = None
+    request_id: str | None = Field(None, description="The request's id, as in its "
+                                   "`X-Request-Id` header: quote it when reporting a failure.")
 
 
 class ErrorResponse(ResponseModel):

@@ -25,6 +25,7 @@ from serve_app.config import AppConfig, LimitsConfig
 from serve_app.endpoint import answer
 from serve_app.errors import GatewayError, model_not_found
 from serve_app.limits import check_items
+from serve_app.observability import access
 from serve_app.prompts.checkpoint import load_tokenizer, tokenize_off_loop_if_large
 from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, ModelCard, TokenIds
 from serve_app.protocol.embeddings import (
@@ -91,6 +92,9 @@ class SentenceService:
 
     def _model(self, name: str) -> SentenceModel:
         if name in self.models:
+            record = access.current()
+            if record is not None:  # a configured name: safe as a metric label
+                record.model = name
             return self.models[name]
         if name in self.other_models:
             raise GatewayError(f"The model `{name}` does not serve embeddings.", 400,

@@ -35,6 +35,9 @@ class UpstreamCall:
     payload_bytes: int = 0
     """The base64 of all its prompts' embeddings, known before they are made: the ingress
     picks the transport between replicas by it."""
+    request_id: str | None = None
+    """The client request's id: in the Dispatcher's logs and error bodies, and sent
+    upstream as `X-Request-Id`."""
 
 
 @dataclass(frozen=True)
@@ -44,6 +47,8 @@ class UpstreamReply:
     status: int
     body: bytes = b""
     headers: dict[str, str] = field(default_factory=dict)
+    backend: str | None = None
+    """The url of the backend that answered (for the access log)."""
 
     @classmethod
     def of(cls, error: GatewayError) -> UpstreamReply:

@@ -19,6 +19,7 @@ import httpx
 
 from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
+from serve_app.observability import metrics, request_id
 from serve_app.prompts.codec import Buffer, EncodedPromptEmbeds
 from serve_app.protocol import SSE_DONE
 from serve_app.protocol.common import sse_event
@@ -89,6 +90,7 @@ class DispatcherCore:
     async def complete(
         self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]
     ) -> UpstreamReply:
+        request_id.bind(call.request_id)
         if not embeds:
             return UpstreamReply.of(_NO_PROMPT)
         deadline = time.monotonic() + self.fleet.config.timeouts.total_s
@@ -101,7 +103,8 @@ class DispatcherCore:
         payload = json_object(content)
         if payload is None:
             return UpstreamReply.of(bad_upstream("upstream sent invalid JSON"))
-        return UpstreamReply(200, _shaper(call, embeds).whole(payload))
+        return UpstreamReply(200, _shaper(call, embeds).whole(payload),
+                             backend=backend.config.url)
 
     async def _complete_once(self, backend: Backend, call: UpstreamCall,
                              embeds: Sequence[EncodedPromptEmbeds], deadline: float) -> bytes:
@@ -146,6 +149,7 @@ class DispatcherCore:
         """`open_stream` in the form a Serve streaming call returns: the head, then the
         events. The backend is held from the head on, so a consumer that goes away at any
         point (even before the first event) closes the upstream request."""
+        request_id.bind(call.request_id)
         if not embeds:
             yield UpstreamReply.of(_NO_PROMPT)
             return
@@ -157,7 +161,7 @@ class DispatcherCore:
             yield UpstreamReply.of(exc)
             return
         try:
-            yield UpstreamReply(200)
+            yield UpstreamReply(200, backend=backend.config.url)
             try:
                 async for event in self._events(backend, events, first, _shaper(call, embeds),
                                                 deadline):
@@ -192,6 +196,7 @@ class DispatcherCore:
                                     retry=False)
             return response, events, first
 
+        started = time.monotonic()
         try:
             opened = await asyncio.wait_for(
                 first_event(), min(first_token_s, deadline - time.monotonic()))
@@ -205,6 +210,7 @@ class DispatcherCore:
             raise AttemptFailed(transport_error(exc, "before the first token"),
                                 retry=False) from exc
         self.fleet.succeeded(backend)
+        metrics.record_upstream_first_token(backend.config.url, time.monotonic() - started)
         return opened
 
     async def _events(self, backend: Backend, events: AsyncIterator[bytes], first: bytes,
@@ -249,25 +255,35 @@ class DispatcherCore:
         self, attempt: Callable[[Backend], Awaitable[_T]], deadline: float
     ) -> tuple[Backend, _T]:
         """Run `attempt` on one backend after another until one succeeds, retrying only
-        failures marked safe to retry. The winner's slot is the caller's to release."""
+        failures marked safe to retry. The winner's slot is the caller's to release.
+        Each attempt is counted by its backend and outcome, each retry by the backend and
+        outcome it moved away from."""
         tried: set[Backend] = set()
         last: GatewayError | None = None
+        retrying: tuple[str, int | str] | None = None
         for _ in range(self.fleet.config.retry.max_attempts):
             try:
                 backend = await self.fleet.acquire(tried, deadline)
             except GatewayError as exc:
                 raise (last or exc) from None
+            if retrying is not None:
+                metrics.record_upstream_retry(*retrying)
             tried.add(backend)
             try:
-                return backend, await attempt(backend)
+                result = await attempt(backend)
             except AttemptFailed as failure:
                 self.fleet.release(backend)
+                metrics.record_upstream_attempt(backend.config.url, failure.outcome)
                 if not failure.retry:
                     raise failure.error from None
-                last = failure.error
+                last, retrying = failure.error, (backend.config.url, failure.outcome)
             except BaseException:
                 self.fleet.release(backend)
+                metrics.record_upstream_attempt(backend.config.url, "cancelled")
                 raise
+            else:
+                metrics.record_upstream_attempt(backend.config.url, 200)
+                return backend, result
         if last is None:  # max_attempts >= 1, so an attempt ran and failed
             raise RuntimeError("failover ended without an attempt")
         raise last
@@ -280,6 +296,9 @@ class DispatcherCore:
         # The buffers go to the socket one by one; the explicit length keeps the request
         # a plain (not chunked) body, as vLLM and NIM expect.
         headers = {**backend.headers, "content-length": str(sum(map(len, body)))}
+        rid = request_id.current()
+        if rid is not None:  # the one header of the client's request that goes upstream
+            headers[request_id.HEADER] = rid
         request = self.client.build_request("POST", backend.completions_url,
                                             content=body_stream(body), headers=headers,
                                             timeout=timeout)
@@ -314,7 +333,7 @@ class DispatcherCore:
             error.headers = {"Retry-After": str(max(1, math.ceil(seconds)))}
         elif status >= 500:
             self.fleet.failed(backend, f"HTTP {status}")
-        return AttemptFailed(error, retry=status in RETRIED_STATUSES)
+        return AttemptFailed(error, retry=status in RETRIED_STATUSES, upstream_status=status)
 
     def _body(self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds],
               backend: Backend) -> list[Buffer]:

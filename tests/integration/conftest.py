@@ -33,6 +33,8 @@ class RecordingProxy:
 
     target: str
     bodies: list[bytes] = field(default_factory=list)
+    request_ids: list[str | None] = field(default_factory=list)
+    """Each POST's `x-request-id` header."""
     port: int = 0
     server: http.server.ThreadingHTTPServer | None = None
 
@@ -45,6 +47,7 @@ class RecordingProxy:
             def do_POST(self) -> None:  # noqa: N802 - stdlib naming
                 body = self.rfile.read(int(self.headers.get("content-length", 0)))
                 proxy.bodies.append(body)
+                proxy.request_ids.append(self.headers.get("x-request-id"))
                 self._forward("POST", body)
 
             def do_GET(self) -> None:  # noqa: N802 - stdlib naming

@@ -58,7 +58,7 @@ async def test_full_queue_is_an_openai_429_with_retry_after(overloaded_url: str)
         if response.status_code == 429:
             assert response.headers["retry-after"] == "1"
             error = response.json()["error"]
-            assert set(error) == {"message", "type", "param", "code"}
+            assert set(error) == {"message", "type", "param", "code", "request_id"}
             assert error["code"] == "overloaded"
 
 

@@ -130,7 +130,8 @@ async def test_a_dispatcher_dying_mid_stream_ends_the_stream_with_an_error(
     assert len(texts) < EVENTS  # the stream was cut short, not finished
     # ... then one OpenAI error event and [DONE], and nothing after them.
     assert set(orjson.loads(error)) == {"error"}, error
-    assert set(orjson.loads(error)["error"]) == {"message", "type", "param", "code"}
+    assert set(orjson.loads(error)["error"]) == {"message", "type", "param", "code",
+                                                 "request_id"}
     # A dead replica is a 503: Serve starts another, and the client may retry.
     assert orjson.loads(error)["error"]["type"] == "ServiceUnavailableError", error
     assert done == "[DONE]"

@@ -283,6 +283,8 @@ class ErrorObject(Strict):
     param: str | None
     # OpenAI sends a string or null; vLLM sends the HTTP status as an integer.
     code: str | int | None
+    # The gateway's own: the request id (OpenAI sends it only as the x-request-id header).
+    request_id: str | None = None
 
 
 class ErrorResponse(Strict):
@@ -356,5 +358,8 @@ VLLM_EXTRAS: dict[type[Strict], frozenset[str]] = {
     ChatChoice: frozenset({"stop_reason"}),
     ChatChunkChoice: frozenset({"stop_reason"}),
     Model: frozenset({"max_model_len"}),
+    # Not vLLM's: the gateway's request id, to quote in a ticket (docs/observability.md).
+    ErrorObject: frozenset({"request_id"}),
 }
-"""The fields each copy declares beyond OpenAI's schema, because vLLM sends them."""
+"""The fields each copy declares beyond OpenAI's schema, because vLLM (or, for the error's
+`request_id`, the gateway) sends them."""

@@ -322,7 +322,7 @@ async def test_stream_relays_events_in_order(make_core, dialect: str) -> None:
         stream_reply(sse(*upstream_events, usage_chunk)), dialect=dialect
     )
     head, events = await collect(core, call(True, stream=True), make_embeds(2, 2))
-    assert head == UpstreamReply(200)
+    assert head == UpstreamReply(200, backend=UPSTREAM_URL)
     assert events[-1] == DONE
     payloads = [event_payload(event) for event in events[:-1]]
     assert len(payloads) == 4
@@ -511,7 +511,7 @@ async def test_mid_stream_failure_ends_with_error_then_done(
 ) -> None:
     core, _ = make_core(_stream_then(exc, sse(chunk_event("first"), done=False)))
     head, events = await collect(core, call(True), make_embeds(1))
-    assert head == UpstreamReply(200)
+    assert head == UpstreamReply(200, backend=UPSTREAM_URL)
     assert len(events) == 3
     assert event_payload(events[0])["choices"][0]["text"] == "first"
     error = event_payload(events[1])["error"]
@@ -635,7 +635,7 @@ async def test_chat_stream_role_first_then_content(make_core) -> None:
                        chunk_event("", finish="stop"), chunk_event("!", 1, finish="length")]
     core, _ = make_core(stream_reply(sse(*upstream_events, usage_chunk)))
     head, events = await collect(core, chat_call(True), make_embeds(4))
-    assert head == UpstreamReply(200) and events[-1] == DONE
+    assert head == UpstreamReply(200, backend=UPSTREAM_URL) and events[-1] == DONE
     payloads = [event_payload(event) for event in events[:-1]]
     assert {p["object"] for p in payloads} == {"chat.completion.chunk"}
     assert {p["id"] for p in payloads} == {"chatcmpl-s"}
@@ -674,7 +674,7 @@ async def test_chat_stream_continuous_usage_in_every_chunk(
     head, events = await collect(core, UpstreamCall(SERVED, fields, True, chat=ChatShape()),
                                  make_embeds(4))
     assert upstream.bodies[0]["stream_options"] == options
-    assert head == UpstreamReply(200) and events[-1] == DONE
+    assert head == UpstreamReply(200, backend=UPSTREAM_URL) and events[-1] == DONE
     payloads = [event_payload(event) for event in events[:-1]]
     *chunks, final = payloads
     assert [(c["choices"][0]["delta"], c["choices"][0]["finish_reason"]) for c in chunks] == [

@@ -82,7 +82,7 @@ def assert_well_formed(response: Any) -> None:
     if response.status_code >= 400:
         body = response.json()
         assert set(body) == {"error"}
-        assert set(body["error"]) == {"message", "type", "param", "code"}
+        assert set(body["error"]) == {"message", "type", "param", "code", "request_id"}
         assert isinstance(body["error"]["message"], str) and body["error"]["message"]
     elif response.headers["content-type"].startswith("text/event-stream"):
         assert response.text.endswith("data: [DONE]\n\n")

@@ -41,4 +41,5 @@ async def test_every_endpoint_is_documented(gateway: httpx.AsyncClient) -> None:
     completion = components["CompletionRequest"]["properties"]
     assert "prompt_embeds" in completion and completion["prompt_embeds"]["description"]
     assert "messages" in components["ChatCompletionRequest"]["properties"]
-    assert set(components["ErrorInfo"]["properties"]) == {"message", "type", "param", "code"}
+    assert set(components["ErrorInfo"]["properties"]) == {"message", "type", "param", "code",
+                                                          "request_id"}

@@ -126,7 +126,7 @@ def assert_ends_with_an_error_then_done(response: httpx.Response, sent: list[byt
     body = orjson.loads(error_block.removeprefix("data: "))
     assert set(body) == {"error"}
     error = body["error"]
-    assert set(error) == {"message", "type", "param", "code"}
+    assert set(error) == {"message", "type", "param", "code", "request_id"}
     assert isinstance(error["message"], str) and error["message"]
     if error_type is not None:
         assert error["type"] == error_type
