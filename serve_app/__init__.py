@@ -7,7 +7,8 @@ Layers, each importing only from those below it (docs/architecture.md):
 - `upstream` (Dispatcher and fleet), `sentence` (sentence embeddings) and `reference` (the
   embedded upstream), side by side;
 - `prompts`: tokenizer, chat template, wire format, embedding lookup;
-- ground: `protocol`, `errors`, `endpoint`, `limits`, `config`, `envs`.
+- ground: `protocol`, `errors`, `endpoint`, `limits`, `config`, `envs`, and under them
+  `observability` (the metrics, request ids and access records).
 `demo` and `deploy` stand apart from the request path.
 """
 

@@ -4,6 +4,9 @@ Before the first byte of an answer has gone to the client, a failed attempt is a
 `AttemptFailed`: retried on another backend when nothing was taken on (connect errors, 429,
 502, 503, 504), else answered as an error status. After it, a `StreamFailed` ends the
 stream with an error event.
+
+Each failure also has a kind, from a fixed set, for the metrics: an attempt's outcome
+(`AttemptFailed.outcome`) and what set a backend aside (`failure_kind`).
 """
 
 from __future__ import annotations
@@ -19,14 +22,45 @@ from serve_app.errors import GatewayError
 RETRIED_STATUSES = frozenset({429, 502, 503, 504})
 """Statuses that mean the backend did not take the request on: safe to send elsewhere."""
 
+# The reasons the dispatcher and the probes give `Fleet.failed`, by kind (the metrics'
+# `FAILURE_KINDS`): "HTTP <status>" is "http_5xx", a probe's is "probe_failed", and an
+# httpx exception's class name (the connection broke) is "transport_error".
+_FAILURE_KINDS = {
+    "timed out": "timeout", "no first token in time": "timeout", "stream stalled": "timeout",
+    "connect error": "unreachable",
+    "empty stream": "bad_stream", "stream ended before [DONE]": "bad_stream",
+}
+# An attempt's outcome when the backend gave no HTTP status, by the error's code.
+_NO_STATUS_OUTCOMES = {"upstream_timeout": "timeout", "upstream_unreachable": "unreachable"}
+
+
+def failure_kind(reason: str) -> str:
+    """The kind of a failure reason given to `Fleet.failed` or found by a probe."""
+    if reason.startswith("probe"):
+        return "probe_failed"
+    if reason.startswith("HTTP "):
+        return "http_5xx"
+    return _FAILURE_KINDS.get(reason, "transport_error")
+
 
 class AttemptFailed(Exception):
-    """One attempt's failure before any byte went to the client; `retry` if another may."""
+    """One attempt's failure before any byte went to the client; `retry` if another may.
+    `upstream_status`: the backend's own HTTP status, when it answered one."""
 
-    def __init__(self, error: GatewayError, retry: bool) -> None:
+    def __init__(self, error: GatewayError, retry: bool,
+                 upstream_status: int | None = None) -> None:
         super().__init__(error.message)
         self.error = error
         self.retry = retry
+        self.upstream_status = upstream_status
+
+    @property
+    def outcome(self) -> int | str:
+        """The attempt's `status` in the metrics: the backend's HTTP status, else timeout,
+        unreachable or error (the connection broke, or the answer was unusable)."""
+        if self.upstream_status is not None:
+            return self.upstream_status
+        return _NO_STATUS_OUTCOMES.get(self.error.code or "", "error")
 
 
 class StreamFailed(Exception):

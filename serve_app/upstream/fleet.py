@@ -10,6 +10,8 @@ One module for the fleet's one state machine: routing, slots, outcomes and probe
 read and write the same backend states.
 
 Everything here runs on the replica's event loop; only `acquire` and the probes await.
+Each backend's state, in-flight count and ejections are exported as metrics, labelled by
+its configured url (`observability.metrics`).
 """
 
 from __future__ import annotations
@@ -29,11 +31,16 @@ import httpx
 from serve_app import envs
 from serve_app.config import BackendConfig, HealthConfig, UpstreamConfig
 from serve_app.errors import GatewayError
+from serve_app.observability import metrics
+from serve_app.upstream.failures import failure_kind
 
 Clock = Callable[[], float]
 
 _WAIT_SLICE_S = 0.5
 """Longest single sleep of a queued request, so it also sees throttles and cooldowns end."""
+GAUGE_REFRESH_S = 5.0
+"""Ray drops a gauge value that is not set again within two metric reports (about 20 s),
+so each backend's state and in-flight gauges are set again this often."""
 
 
 class BackendState(str, enum.Enum):
@@ -47,6 +54,7 @@ class Backend:
     """One upstream server: its settings, load and health record."""
 
     def __init__(self, config: BackendConfig, health: HealthConfig) -> None:
+        self.configure(config, health)
         self.state = BackendState.HEALTHY
         self.in_flight = 0
         self.failures = 0
@@ -57,7 +65,6 @@ class Backend:
         self.throttled_until = 0.0
         self.changed = asyncio.Event()
         """Set when the backend is ejected, so its prober re-plans at once."""
-        self.configure(config, health)
         self.cooldown_s = health.cooldown_s
 
     def configure(self, config: BackendConfig, health: HealthConfig) -> None:
@@ -68,6 +75,29 @@ class Backend:
         api_key = envs.secret(config.api_key_env)
         if api_key:
             self.headers["authorization"] = f"Bearer {api_key}"
+
+    @property
+    def state(self) -> BackendState:
+        return self._state
+
+    @state.setter
+    def state(self, state: BackendState) -> None:
+        self._state = state
+        metrics.set_upstream_state(self.config.url, state.value,
+                                   [each.value for each in BackendState])
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, in_flight: int) -> None:
+        self._in_flight = in_flight
+        metrics.set_upstream_in_flight(self.config.url, in_flight)
+
+    def publish(self) -> None:
+        """Set the state and in-flight gauges again, unchanged."""
+        self.state, self.in_flight = self._state, self._in_flight
 
     def routable(self, now: float) -> bool:
         return self.state is BackendState.HEALTHY and now >= self.throttled_until
@@ -88,7 +118,7 @@ class Backend:
         self.failures += 1
         self.last_error = reason
         if self.state is BackendState.HEALTHY and self.failures >= self.health.failure_threshold:
-            self._eject(now)
+            self._eject(failure_kind(reason), now)
 
     def throttle(self, seconds: float, now: float) -> None:
         self.throttled_until = max(self.throttled_until, now + seconds)
@@ -104,14 +134,16 @@ class Backend:
                 return True
             self.last_error = reason
             self.cooldown_s = min(self.cooldown_s * 2, self.health.max_cooldown_s)
-            self._eject(now)
+            self._eject("probe_failed", now)
         elif not ok and self.state is BackendState.HEALTHY:
             self.failed(reason, now)
         return False
 
-    def _eject(self, now: float) -> None:
+    def _eject(self, kind: str, now: float) -> None:
+        """Set aside for the cooldown; `kind` is one of `metrics.FAILURE_KINDS`."""
         self.state = BackendState.EJECTED
         self.ejections += 1
+        metrics.record_upstream_ejection(self.config.url, kind)
         self.ejected_until = now + self.cooldown_s
         self.changed.set()
 
@@ -145,7 +177,9 @@ class Fleet:
         self.retired: list[Backend] = []
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._probes: dict[Backend, asyncio.Task[None]] = {}
+        self._gauges: asyncio.Task[None] | None = None
         self._rng = random.Random()
+        self._closed = False
         with contextlib.suppress(RuntimeError):  # else on first use, once a loop runs
             self.start_probes()
 
@@ -275,6 +309,11 @@ class Fleet:
 
     def start_probes(self) -> None:
         """One prober task per backend; idempotent, and it stops those of removed ones."""
+        if self._closed:
+            return
+        if self._gauges is None:
+            self._gauges = asyncio.get_running_loop().create_task(
+                self._publish_gauges(), name="fleet gauges")
         for backend, task in list(self._probes.items()):
             if backend.state is BackendState.RETIRED:
                 task.cancel()
@@ -285,17 +324,28 @@ class Fleet:
                     self._watch(backend), name=f"probe {backend.config.url}")
 
     async def close(self) -> None:
-        tasks = list(self._probes.values())
+        # Probers also stop at their next turn: Python 3.11's `wait_for` drops a
+        # cancellation that arrives as its inner wait ends (an ejection sets `changed`).
+        self._closed = True
+        tasks = [*self._probes.values(), *([self._gauges] if self._gauges else [])]
         self._probes.clear()
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
         self._wake_all()
 
+    async def _publish_gauges(self) -> None:
+        """Every backend's gauges, set again while the fleet runs (retired ones until
+        they drain, after which their series fade from the scrape)."""
+        while not self._closed:
+            for backend in self.backends + self.retired:
+                backend.publish()
+            await asyncio.sleep(GAUGE_REFRESH_S)
+
     async def _watch(self, backend: Backend) -> None:
         """Probe every interval; an ejected backend right when its cooldown ends."""
         next_probe = self.clock() + backend.health.probe_interval_s
-        while backend.state is not BackendState.RETIRED:
+        while backend.state is not BackendState.RETIRED and not self._closed:
             now = self.clock()
             due = backend.ejected_until if backend.state is BackendState.EJECTED else next_probe
             if now < due:

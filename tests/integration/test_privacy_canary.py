@@ -1,6 +1,7 @@
 """A canary in prompts, chat messages, template variables, dropped and refused fields,
-error-provoking requests and `user` never appears upstream, in any file Ray writes for the
-session (Serve access logs included), in the metrics, or in an error returned to another
+error-provoking requests, `user` and unknown model names never appears upstream, in any file
+Ray writes for the session (Serve's and the gateway's access logs included), in the metrics
+(the gateway's own series and their labels included), or in an error returned to another
 request."""
 
 from __future__ import annotations
@@ -68,6 +69,10 @@ def send_canaries(client: openai.OpenAI, base_url: str, model: str) -> list[str]
     raw = httpx.post(f"{base_url}/v1/completions", content=broken)  # not declared JSON
     assert raw.status_code == 415
     errors.append(raw.text)
+    # A model name the gateway does not serve: answered 404 (naming it back to its sender is
+    # fine), but never a metric's `model` label nor a log word.
+    raw = httpx.post(f"{base_url}/v1/completions", json={"model": CANARY, "prompt": "x"})
+    assert raw.status_code == 404
     return errors
 
 
@@ -93,6 +98,25 @@ def test_canary_goes_nowhere(client, serve_graph) -> None:  # type: ignore[no-un
     assert scanned > 10  # the session's logs were really there to scan
     access_logs = [p for p in (logs / "logs" / "serve").glob("*.log")]
     assert any(b"/v1/completions" in p.read_bytes() for p in access_logs)  # requests logged
-    metrics = httpx.get(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=10)
-    assert metrics.status_code == 200 and "serve_" in metrics.text  # Serve's metrics, live
-    assert CANARY not in metrics.text
+    metrics = scrape_with(f"http://127.0.0.1:{node.metrics_export_port}/metrics", OUR_SERIES)
+    assert "ray_serve_num_http_requests_total" in metrics  # Serve's metrics, live
+    assert CANARY not in metrics
+
+
+# The gateway's own series that the canaries move, one per stage: the scan waits for them,
+# so it covers their labels (route, model, status, reason, backend).
+OUR_SERIES = ("ray_serve_app_requests_total", "ray_serve_app_rejections_total",
+              "ray_serve_app_embedder_payload_bytes_total",
+              "ray_serve_app_upstream_requests_total")
+
+
+def scrape_with(url: str, names: tuple[str, ...], timeout_s: float = 60.0) -> str:
+    """The metrics text once it has every one of `names` (Ray exports every few seconds)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(url, timeout=10).text
+        missing = [name for name in names if name not in text]
+        if not missing:
+            return text
+        assert time.monotonic() < deadline, f"never exported: {missing}"
+        time.sleep(0.5)
