@@ -77,7 +77,5 @@ def fakes(servers: dict[str, ServerProcess]) -> dict[str, ServerProcess]:
     """Fake vLLM servers a, b and c, each alive (restarted if a test killed it) and back in
     its default mode."""
     for server in servers.values():
-        if not server.alive:
-            server.start()
-        server.set_mode()
+        server.reset()
     return servers
