@@ -13,9 +13,12 @@ FastAPI process that loads the whole model with transformers, and per request to
 the text, runs `get_input_embeddings()`, `torch.save`s, stdlib-base64-encodes,
 `json.dumps` the body and posts it to the upstream with httpx.
 
-    python benchmarks/bench_servers.py sink --port 9100
+    python benchmarks/bench_servers.py sink --port 9100 [--workers N]
     python benchmarks/bench_servers.py baseline --port 9101 --model DIR \
-        --upstream http://127.0.0.1:9100/v1
+        --upstream http://127.0.0.1:9100/v1 [--workers N]
+
+`--workers N` runs N uvicorn worker processes on the one port (default 1); each builds its
+app from a factory here, the baseline's model and upstream passed in the environment.
 """
 
 # No `from __future__ import annotations`: FastAPI reads the route's `Request` annotation,
@@ -24,7 +27,9 @@ import argparse
 import base64
 import io
 import json
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -114,15 +119,30 @@ def create_baseline(model_dir: str, upstream: str) -> Any:
     return app
 
 
+def create_baseline_from_env() -> Any:
+    """The baseline for a uvicorn worker: `main` passes the model and upstream this way."""
+    return create_baseline(os.environ["BENCH_BASELINE_MODEL"],
+                           os.environ["BENCH_BASELINE_UPSTREAM"])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("kind", choices=["sink", "baseline"])
     parser.add_argument("--port", type=int, required=True)
     parser.add_argument("--model")
     parser.add_argument("--upstream")
+    parser.add_argument("--workers", type=int, default=1)
     args = parser.parse_args()
-    app = create_sink() if args.kind == "sink" else create_baseline(args.model, args.upstream)
-    uvicorn.run(app, host="127.0.0.1", port=args.port, log_level="warning", access_log=False)
+    factory = "create_sink"
+    if args.kind == "baseline":
+        if args.model is None or args.upstream is None:
+            parser.error("baseline needs --model and --upstream")
+        os.environ["BENCH_BASELINE_MODEL"], os.environ["BENCH_BASELINE_UPSTREAM"] = (
+            args.model, args.upstream)
+        factory = "create_baseline_from_env"
+    uvicorn.run(f"bench_servers:{factory}", factory=True, workers=args.workers,
+                app_dir=str(Path(__file__).resolve().parent), host="127.0.0.1",
+                port=args.port, log_level="warning", access_log=False)
 
 
 if __name__ == "__main__":

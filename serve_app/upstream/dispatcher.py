@@ -41,25 +41,14 @@ from serve_app.upstream.failures import (
     upstream_error,
 )
 from serve_app.upstream.fleet import Backend, Fleet
+from serve_app.upstream.http import make_http_client
 from serve_app.upstream.wire import body_stream, build_upstream_body, json_object, sse_data
 
 _WRITE_TIMEOUT_S = 60.0
-_KEEPALIVE_CONNECTIONS = 256
-_KEEPALIVE_EXPIRY_S = 30.0
 _NO_PROMPT = GatewayError("no prompt to send upstream", 400, param="prompt")
 
 _T = TypeVar("_T")
 _Opened = tuple[httpx.Response, AsyncGenerator[bytes, None], bytes]
-
-
-def make_http_client() -> httpx.AsyncClient:
-    """One pool for the whole fleet; timeouts are set per request from the fleet config.
-
-    The number of connections is bounded by the backends' in-flight slots, not here.
-    """
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=_KEEPALIVE_CONNECTIONS,
-                          keepalive_expiry=_KEEPALIVE_EXPIRY_S)
-    return httpx.AsyncClient(limits=limits)
 
 
 class DispatcherCore:
