@@ -1,21 +1,30 @@
 """End to end: the gateway against the seed-pattern baseline, both in front of the same
-sink upstream, on a Llama-3.1-8B-sized checkpoint, measured in one run.
+sink upstream, on a Llama-3.1-8B-sized checkpoint, with equal cores, measured in one run.
 
-    pip install -e '.[bench]' && python benchmarks/end_to_end.py
+    pip install -e '.[bench]' && python benchmarks/end_to_end.py                 # many cores
+    pip install -e '.[bench]' && python benchmarks/end_to_end.py --preset two-core
 
-Starts the sink and the baseline (`bench_servers.py`) as processes, the gateway on a local
-Ray + Serve, and a no-op three-deployment Serve graph (Ray's own floor). An async load
-generator sends OpenAI completions requests (text prompts of 128, 512 and 2048 tokens,
-`max_tokens` 1) at each concurrency. Reports requests/s, prompt tokens/s, p50/p99 latency
-and CPU seconds per request (the serving processes only, not the sink or the load
-generator), the gateway/baseline ratios, the replicas' resident memory, and writes
-`end_to_end.md` and `end_to_end.png`.
+The host's cores are split three ways (`--serving-cores`, the rest shared out): the gateway
+and the baseline each run confined to the same serving cores (measured in turn), the sink on
+its own, and the load generator (`load.py`: several processes started together) on its own,
+its CPU reported beside each row. The baseline is the seed pattern (`bench_servers.py`) with
+one uvicorn worker per serving core; the sink decodes every payload as vLLM does.
+
+The gateway runs once per Serve mode (`--modes`): Serve's defaults, `throughput`
+(RAY_SERVE_THROUGHPUT_OPTIMIZED=1) and `haproxy` (that plus RAY_SERVE_ENABLE_HA_PROXY=1),
+each in a child process with a fresh Ray, replica counts from `--replicas`, and a no-op
+three-deployment graph beside it (Ray's own floor). CPU per request counts every process of
+that Ray (replicas, proxy or HAProxy, controller, raylet, GCS, agents). `--profile S` records
+S seconds of py-spy on every Python process of the gateway at the highest concurrency of
+each prompt length and summarizes each flame graph's hottest functions.
+
+Writes `end_to_end.md`, `end_to_end.json` and `end_to_end.png` to `--out`.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import json
 import os
 import platform
 import socket
@@ -23,8 +32,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,13 +40,30 @@ import httpx
 import psutil
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from llama8b_sized import HIDDEN, VOCAB, ensure_llama8b_sized, prompt_of  # noqa: E402
+from llama8b_sized import HIDDEN, VOCAB, ensure_llama8b_sized  # noqa: E402
+from load import LoadResult, LoadSpec, run_load  # noqa: E402
+from processes import (  # noqa: E402
+    CpuMeter,
+    by_role,
+    start_profiles,
+    summarize_profile,
+    tree,
+)
 
 from serve_app import envs  # noqa: E402
 from serve_app.config import TransportConfig  # noqa: E402
 
 MODEL = "llama-3.1-8b-sized"
 HERE = Path(__file__).resolve().parent
+MODES = {
+    "defaults": {},
+    "throughput": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"},
+    "haproxy": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"},
+}
+# Processes that serve no request themselves: their CPU is reported apart.
+RAY_DAEMONS = frozenset({"controller", "raylet", "gcs", "ray other"})
+# The sink answers every request at once, so no backend slot is ever the limit here.
+_SINK_SLOTS = 512
 
 
 def free_port() -> int:
@@ -47,13 +72,17 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-def start_server(*argv: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(*argv: str, cores: tuple[int, ...] = (),
+                 env: dict[str, str] | None = None) -> tuple[subprocess.Popen[bytes], str]:
     port = free_port()
-    process = subprocess.Popen([sys.executable, str(HERE / "bench_servers.py"), *argv,
-                                "--port", str(port)])
+    prefix = ["taskset", "-c", ",".join(map(str, cores))] if cores else []
+    process = subprocess.Popen([*prefix, sys.executable, str(HERE / "bench_servers.py"), *argv,
+                                "--port", str(port)], env={**os.environ, **(env or {})})
     url = f"http://127.0.0.1:{port}/v1"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"{argv[0]} exited with {process.returncode}")
         try:
             if httpx.get(f"{url}/models", timeout=1).status_code == 200:
                 return process, url
@@ -62,34 +91,32 @@ def start_server(*argv: str) -> tuple[subprocess.Popen[bytes], str]:
     raise TimeoutError(f"{argv[0]} did not start")
 
 
-def start_serve(port: int) -> None:
-    """A local Ray with Serve's proxy on `port`."""
+def start_serve(port: int, num_cpus: int = 8) -> None:
+    """A local Ray with Serve's proxy (or HAProxy) on `port`."""
     import ray
     from ray import serve
 
-    ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False)
+    ray.init(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
 
-def gateway_app(model_dir: Path, sink: str, by_value_max_bytes: int) -> Any:
-    """The gateway graph on the bench checkpoint, with the sink as its only backend."""
+def gateway_config(model_dir: Path, sink: str, by_value_max_bytes: int) -> Any:
     from serve_app.config import AppConfig, BackendConfig, ModelConfig, UpstreamConfig
+
+    return AppConfig(
+        model=ModelConfig(source=str(model_dir), served_name=MODEL),
+        upstream=UpstreamConfig(backends=[BackendConfig(url=sink, max_in_flight=_SINK_SLOTS)]),
+        transport=TransportConfig(by_value_max_bytes=by_value_max_bytes))
+
+
+def gateway_app(model_dir: Path, sink: str, by_value_max_bytes: int,
+                replicas: dict[str, int] | None = None) -> Any:
+    """The gateway graph on the bench checkpoint, with the sink as its only backend and,
+    where given, a fixed replica count per deployment instead of autoscaling."""
     from serve_app.deployments import build_app
 
-    config = AppConfig(model=ModelConfig(source=str(model_dir), served_name=MODEL),
-                       upstream=UpstreamConfig(backends=[BackendConfig(url=sink)]),
-                       transport=TransportConfig(by_value_max_bytes=by_value_max_bytes))
-    return build_app(config)
-
-
-def deploy_gateway(model_dir: Path, sink: str, port: int, by_value_max_bytes: int) -> str:
-    from ray import serve
-
-    start_serve(port)
-    serve.run(gateway_app(model_dir, sink, by_value_max_bytes), name="gateway",
-              route_prefix="/")
-    serve.run(noop_graph(), name="noop", route_prefix="/noop")
-    return f"http://127.0.0.1:{port}/v1"
+    overrides = {name: {"num_replicas": count} for name, count in (replicas or {}).items()}
+    return build_app(gateway_config(model_dir, sink, by_value_max_bytes), overrides)
 
 
 def noop_graph() -> Any:
@@ -122,118 +149,6 @@ def noop_graph() -> Any:
     return Front.bind(Middle.bind(Last.bind()))
 
 
-def serving_processes(target: str, baseline: subprocess.Popen[bytes]) -> list[psutil.Process]:
-    if target == "baseline":
-        return [psutil.Process(baseline.pid)]
-    found = []
-    for process in psutil.process_iter(["cmdline"]):
-        line = " ".join(process.info["cmdline"] or [])
-        if "ServeReplica:gateway" in line or "ProxyActor" in line:
-            found.append(process)
-    return found
-
-
-def process_roles(sink: subprocess.Popen[bytes]) -> dict[str, list[psutil.Process]]:
-    """Every process that spends CPU on a gateway request, by role (an autoscaled
-    deployment's replicas share one)."""
-    roles = {"sink": [psutil.Process(sink.pid)]}
-    for process in psutil.process_iter(["cmdline", "name"]):
-        line = " ".join(process.info["cmdline"] or [])
-        for role, needle in (("proxy", "ProxyActor"), ("controller", "ServeController"),
-                             ("ingress", "ServeReplica:gateway:Gateway"),
-                             ("embedder", "ServeReplica:gateway:Embedder"),
-                             ("dispatcher", "ServeReplica:gateway:Dispatcher"),
-                             ("raylet", "raylet"), ("gcs", "gcs_server")):
-            if needle in line or process.info["name"] == needle:
-                roles.setdefault(role, []).append(process)
-                break
-    return roles
-
-
-def cpu_seconds(processes: list[psutil.Process]) -> float:
-    total = 0.0
-    for process in processes:
-        try:
-            times = process.cpu_times()
-            total += times.user + times.system
-        except psutil.NoSuchProcess:
-            pass
-    return total
-
-
-@dataclass
-class Run:
-    target: str
-    tokens: int
-    concurrency: int
-    requests: int
-    seconds: float
-    latencies: list[float]
-    cpu: float
-    by_role: dict[str, float] | None = None
-
-    @property
-    def rps(self) -> float:
-        return self.requests / self.seconds
-
-    def quantile(self, q: float) -> float:
-        ordered = sorted(self.latencies)
-        return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
-
-
-async def load(url: str, tokens: int, concurrency: int, requests: int) -> tuple[float, list[float]]:
-    prompts = [prompt_of(tokens, index) for index in range(requests)]
-    latencies: list[float] = []
-    async with httpx.AsyncClient(timeout=600, limits=httpx.Limits(
-            max_connections=concurrency)) as client:
-        async def one(prompt: str) -> None:
-            start = time.perf_counter()
-            response = await client.post(f"{url}/completions", json={
-                "model": MODEL, "prompt": prompt, "max_tokens": 1})
-            response.raise_for_status()
-            latencies.append(time.perf_counter() - start)
-
-        queue = list(prompts)
-
-        async def worker() -> None:
-            while queue:
-                await one(queue.pop())
-
-        await one(prompts[0])  # warm-up, not counted
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(concurrency)))
-        return time.perf_counter() - start, latencies
-
-
-def measure(target: str, url: str, tokens: int, concurrency: int, requests: int,
-            processes: Callable[[], list[psutil.Process]],
-            roles: Callable[[], dict[str, list[psutil.Process]]] | None = None) -> Run:
-    watched = processes()
-    before = cpu_seconds(watched)
-    watched_roles = roles() if roles else {}
-    roles_before = {role: cpu_seconds(ps) for role, ps in watched_roles.items()}
-    seconds, latencies = asyncio.run(load(url, tokens, concurrency, requests))
-    cpu = (cpu_seconds(watched) - before) / requests
-    by_role = {role: (cpu_seconds(ps) - roles_before[role]) / requests
-               for role, ps in watched_roles.items()}
-    run = Run(target, tokens, concurrency, requests, seconds, latencies, cpu, by_role)
-    print(f"{target:8} {tokens:5} tokens c={concurrency:2}: {run.rps:7.2f} req/s, "
-          f"p50 {run.quantile(0.5):8.1f} ms, p99 {run.quantile(0.99):8.1f} ms, "
-          f"{cpu:.3f} CPU s/req", flush=True)
-    return run
-
-
-def noop_p50(base: str, requests: int = 50) -> float:
-    with httpx.Client(timeout=30) as client:
-        client.get(f"{base}/noop")
-        samples = []
-        for _ in range(requests):
-            start = time.perf_counter()
-            client.get(f"{base}/noop").raise_for_status()
-            samples.append(time.perf_counter() - start)
-    return statistics.median(samples) * 1e3
-
-
 def resident_gib(pid: int) -> dict[str, float]:
     """Resident memory by kind (Linux): private heap, mapped files, shared memory."""
     fields = {}
@@ -244,136 +159,418 @@ def resident_gib(pid: int) -> dict[str, float]:
     return fields
 
 
-def embedder_pid() -> int:
-    for process in psutil.process_iter(["cmdline"]):
-        if "ServeReplica:gateway:Embedder" in " ".join(process.info["cmdline"] or []):
-            return process.pid
-    raise LookupError("no embedder replica")
 
 
-def report(runs: list[Run], floor_ms: float, embedder: dict[str, float],
-           baseline: dict[str, float], by_value_max_bytes: int, out: Path) -> str:
-    by_key = {(r.target, r.tokens, r.concurrency): r for r in runs}
-    lines = [
-        f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
-        f"{psutil.virtual_memory().total / 2**30:.0f} GiB, {platform.system()}. Model: "
-        f"vocab {VOCAB}, hidden {HIDDEN}, bf16 (random weights). max_tokens 1. Gateway "
-        f"`transport.by_value_max_bytes`: {by_value_max_bytes:,} (a {HIDDEN}-wide bf16 row "
-        f"is {HIDDEN * 2 * 4 // 3:,} bytes of base64). RAY_SERVE_THROUGHPUT_OPTIMIZED="
-        f"{os.environ.get('RAY_SERVE_THROUGHPUT_OPTIMIZED', '0')}.",
-        "",
-        "| prompt tokens | concurrency | target | req/s | prompt tokens/s | p50 ms | p99 ms "
-        "| CPU s/req | gateway / baseline |",
-        "|---:|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
-    for run in runs:
-        ratio = ""
-        if run.target == "gateway":
-            base = by_key[("baseline", run.tokens, run.concurrency)]
-            ratio = f"{run.rps / base.rps:.1f}x throughput"
-        lines.append(
-            f"| {run.tokens} | {run.concurrency} | {run.target} | {run.rps:.2f} | "
-            f"{run.rps * run.tokens:,.0f} | {run.quantile(0.5):.1f} | {run.quantile(0.99):.1f} "
-            f"| {run.cpu:.3f} | {ratio} |")
-    matrix_gib = VOCAB * HIDDEN * 2 / 2**30
-    lines += [
-        "",
-        f"- No-op three-deployment Serve graph, p50 at concurrency 1: {floor_ms:.1f} ms.",
-        f"- Embedder replica resident memory, after the whole grid: {embedder['VmRSS']:.2f} GiB"
-        f" = private heap {embedder['RssAnon']:.2f} + mapped files {embedder['RssFile']:.2f} "
-        f"(the embedding matrix, {matrix_gib:.2f} GiB, is mapped from the checkpoint) + shared "
-        f"memory {embedder['RssShmem']:.2f} (pages of Ray's object store that the replica "
-        f"wrote its results into; the store's, bounded by its size). Replica's own: "
-        f"{embedder['RssAnon'] + embedder['RssFile']:.2f} GiB against the matrix + 1 GiB = "
-        f"{matrix_gib + 1:.2f} GiB.",
-        f"- Baseline process resident memory: {baseline['VmRSS']:.2f} GiB (the whole model).",
-    ]
-    lines += role_table(runs)
+@dataclass
+class Cell:
+    """One (target, mode, prompt length, concurrency) measurement."""
+
+    target: str  # "gateway" or "baseline"
+    mode: str  # the Serve mode, "" for the baseline
+    tokens: int
+    concurrency: int
+    requests: int
+    seconds: float
+    p50_ms: float
+    p99_ms: float
+    load_cores: float  # cores the load generator kept busy
+    cpu_by_role: dict[str, float] = field(default_factory=dict)  # CPU seconds per request
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds
+
+    @property
+    def cpu_ms(self) -> float:
+        """CPU per request of the processes a request passes through (replicas, proxy or
+        HAProxy; for the baseline, its workers)."""
+        return sum(seconds for role, seconds in self.cpu_by_role.items()
+                   if role not in RAY_DAEMONS) * 1e3
+
+    @property
+    def daemons_ms(self) -> float:
+        """Ray's own daemons' CPU over the window, per request: mostly spent whether or not
+        requests come, so it shrinks per request as throughput grows."""
+        return sum(seconds for role, seconds in self.cpu_by_role.items()
+                   if role in RAY_DAEMONS) * 1e3
+
+
+@dataclass
+class Layout:
+    """Where each party runs, and how many of each."""
+
+    serving: tuple[int, ...]  # gateway, then baseline, confined here; () = anywhere
+    sink: tuple[int, ...]
+    load: tuple[int, ...]
+    sink_workers: int
+    baseline_workers: int
+    load_processes: int
+    replicas: dict[str, int]
+
+
+def measure(target: str, mode: str, spec: LoadSpec,
+            processes: dict[str, list[psutil.Process]]) -> Cell:
+    meter = CpuMeter(processes)
+    result: LoadResult = run_load(spec)
+    spent = meter.stop()
+    cell = Cell(target, mode, spec.tokens, spec.concurrency, result.requests, result.seconds,
+                result.quantile(0.5), result.quantile(0.99), result.cores,
+                {role: seconds / result.requests for role, seconds in spent.items()})
+    print(f"{target:8} {mode:10} {spec.tokens:5} tokens c={spec.concurrency:3}: "
+          f"{cell.rps:7.1f} req/s, p50 {cell.p50_ms:7.1f} ms, p99 {cell.p99_ms:7.1f} ms, "
+          f"{cell.cpu_ms:6.1f} CPU ms/req, load {cell.load_cores:.2f} cores", flush=True)
+    return cell
+
+
+def noop_p50(base: str, requests: int = 200) -> float:
+    with httpx.Client(timeout=30) as client:
+        for _ in range(10):
+            client.get(f"{base}/noop").raise_for_status()
+        samples = []
+        for _ in range(requests):
+            start = time.perf_counter()
+            client.get(f"{base}/noop").raise_for_status()
+            samples.append(time.perf_counter() - start)
+    return statistics.median(samples) * 1e3
+
+
+# --------------------------------------------------------------------- one Serve mode
+
+
+def gateway_run(args: argparse.Namespace, layout: Layout) -> None:
+    """In a child process with the mode's variables set: a fresh Ray confined to the serving
+    cores, the gateway and the no-op graph, every cell, and the results as JSON."""
+    import ray
+    from ray import serve
+
+    if layout.serving:
+        os.sched_setaffinity(0, layout.serving)
+    port = free_port()
+    start_serve(port, num_cpus=max(8, len(layout.serving)))
+    model_dir = ensure_llama8b_sized(envs.cache_dir() / "bench-llama8b-sized")
+    serve.run(gateway_app(model_dir, args.sink_url, args.by_value_max_bytes, layout.replicas),
+              name="gateway", route_prefix="/")
+    serve.run(noop_graph(), name="noop", route_prefix="/noop")
+    show_gpu_processes()
+    url = f"http://127.0.0.1:{port}/v1"
+    cells: list[Cell] = []
+    profiles: dict[str, list[tuple[str, str]]] = {}
+    try:
+        for tokens in args.tokens:
+            for concurrency in args.concurrency:
+                roles = by_role(tree(os.getpid()))
+                roles.pop("noop", None)
+                profiled = (args.profile > 0 and concurrency == max(args.concurrency)
+                            and args.gateway_run == args.profile_mode)
+                seconds = max(args.seconds, args.profile + 3) if profiled else args.seconds
+                label = f"{args.gateway_run}-{tokens}"
+                spies = start_profiles(roles, args.profile, args.out, label) if profiled else []
+                cells.append(measure("gateway", args.gateway_run, LoadSpec(
+                    url, MODEL, tokens, concurrency, seconds, layout.load_processes,
+                    layout.load), roles))
+                for role, spy, path in spies:
+                    spy.wait(timeout=args.profile + 30)
+                    if path.exists():
+                        profiles.setdefault(label, []).append((role, path.name))
+        floor = noop_p50(f"http://127.0.0.1:{port}")
+        embedder = resident_gib(next(p.pid for p in by_role(tree(os.getpid()))["embedder"]))
+    finally:
+        # Not serve.shutdown(): its graceful drain takes 30 s; this Ray ends with the process.
+        ray.shutdown()
+    Path(args.result_json).write_text(json.dumps({
+        "cells": [asdict(cell) for cell in cells], "noop_p50_ms": floor,
+        "embedder_memory_gib": embedder, "profiles": profiles}))
+
+
+def show_gpu_processes() -> None:
+    """Which processes hold the GPU (the Embedder replicas, where one is present)."""
+    try:
+        subprocess.run(["nvidia-smi", "--query-compute-apps=pid,process_name,used_memory",
+                        "--format=csv"], check=False, timeout=30)
+    except (OSError, subprocess.TimeoutExpired):
+        pass
+
+
+def run_mode(mode: str, args: argparse.Namespace, sink_url: str) -> dict[str, Any]:
+    result = args.out / f".end_to_end-{mode}.json"
+    argv = [sys.executable, __file__, "--gateway-run", mode, "--sink-url", sink_url,
+            "--result-json", str(result), *sys.argv[1:]]
+    subprocess.run(argv, env={**os.environ, **MODES[mode]}, check=True, timeout=3600)
+    data: dict[str, Any] = json.loads(result.read_text())
+    result.unlink()
+    data["cells"] = [Cell(**cell) for cell in data["cells"]]
+    return data
+
+
+# --------------------------------------------------------------------- the whole run
+
+
+def parse_cores(text: str) -> tuple[int, ...]:
+    """`0-7,12` -> (0, ..., 7, 12)."""
+    cores: list[int] = []
+    for part in filter(None, text.split(",")):
+        low, _, high = part.partition("-")
+        cores.extend(range(int(low), int(high or low) + 1))
+    return tuple(cores)
+
+
+def layout_of(args: argparse.Namespace) -> Layout:
+    """The preset's split of this host's cores, with any explicit flag taking precedence."""
+    available = tuple(sorted(os.sched_getaffinity(0)))
+    serving: tuple[int, ...] = ()
+    sink: tuple[int, ...] = ()
+    load: tuple[int, ...] = ()
+    replicas = {"Gateway": 1, "Dispatcher": 1, "Embedder": 1}
+    if args.preset == "many-core" or (args.preset == "auto" and len(available) >= 8):
+        half, quarter = len(available) // 2, len(available) // 4
+        serving, sink, load = (available[:half], available[half:half + quarter],
+                               available[half + quarter:])
+        replicas = {"Gateway": max(1, half // 3), "Dispatcher": max(1, half // 3),
+                    "Embedder": 2}
+    if args.serving_cores is not None:
+        serving = parse_cores(args.serving_cores)
+        rest = tuple(core for core in available if core not in serving)
+        sink, load = rest[:len(rest) // 2], rest[len(rest) // 2:]
+    for item in filter(None, (args.replicas or "").split(",")):
+        name, _, count = item.partition("=")
+        replicas[name] = int(count)
+    return Layout(serving, sink, load, args.sink_workers or max(1, len(sink)),
+                  args.baseline_workers or max(1, len(serving)),
+                  args.load_processes or max(1, len(load)), replicas)
+
+
+def run_all(args: argparse.Namespace, layout: Layout) -> None:
+    model_dir = ensure_llama8b_sized(envs.cache_dir() / "bench-llama8b-sized")
+    sink, sink_url = start_server("sink", "--workers", str(layout.sink_workers),
+                                  cores=layout.sink)
+    # One torch thread per worker when the workers fill the cores: a tuned seed pattern.
+    threads = max(1, len(layout.serving or range(os.cpu_count() or 1))
+                  // layout.baseline_workers)
+    baseline, baseline_url = start_server(
+        "baseline", "--model", str(model_dir), "--upstream", sink_url,
+        "--workers", str(layout.baseline_workers), cores=layout.serving,
+        env={"OMP_NUM_THREADS": str(threads)})
+    try:
+        baseline_processes = {"baseline": [psutil.Process(baseline.pid),
+                                           *tree(baseline.pid)]}
+        cells = [measure("baseline", "", LoadSpec(baseline_url, MODEL, tokens, concurrency,
+                                                  args.seconds, layout.load_processes,
+                                                  layout.load), baseline_processes)
+                 for tokens in args.tokens for concurrency in args.concurrency]
+        modes = {mode: run_mode(mode, args, sink_url) for mode in args.modes}
+        baseline_memory = sum(resident_gib(p.pid)["VmRSS"]
+                              for p in baseline_processes["baseline"])
+    finally:
+        baseline.kill()
+        sink.kill()
+    for data in modes.values():
+        cells.extend(data.pop("cells"))
+    text = report(args, layout, cells, modes, baseline_memory)
+    print(text)
+
+
+# --------------------------------------------------------------------- the report
+
+
+def machine_line(args: argparse.Namespace, layout: Layout) -> str:
+    gpu = ""
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            gpu = f", {torch.cuda.get_device_name(0)}"
+    except ImportError:
+        pass
+
+    def cores(chosen: tuple[int, ...]) -> str:
+        return f"cores {chosen[0]}-{chosen[-1]}" if chosen else "all cores"
+
+    return (f"Machine: {platform.machine()}, {os.cpu_count()} cores, "
+            f"{psutil.virtual_memory().total / 2**30:.0f} GiB{gpu}, {platform.system()}. "
+            f"Model: vocab {VOCAB}, hidden {HIDDEN}, bf16 (random weights); max_tokens 1. "
+            f"Gateway and baseline each on {cores(layout.serving)}; sink "
+            f"({layout.sink_workers} workers) on {cores(layout.sink)}; load generator "
+            f"({layout.load_processes} processes) on {cores(layout.load)}. Baseline: "
+            f"{layout.baseline_workers} uvicorn workers. Gateway replicas: "
+            + ", ".join(f"{name} {count}" for name, count in layout.replicas.items())
+            + f". {args.seconds:g} s per cell. Command: `python benchmarks/end_to_end.py "
+            + " ".join(sys.argv[1:]) + "`.")
+
+
+def report(args: argparse.Namespace, layout: Layout, cells: list[Cell],
+           modes: dict[str, dict[str, Any]], baseline_memory: float) -> str:
+    base = {(c.tokens, c.concurrency): c for c in cells if c.target == "baseline"}
+    lines = [machine_line(args, layout), "",
+             "| prompt tokens | concurrency | baseline req/s, CPU ms/req | "
+             + " | ".join(f"{mode}: req/s (x baseline), CPU ms/req (request path + Ray "
+                          "daemons), p50 ms" for mode in modes)
+             + " | load generator cores |",
+             "|---:|---:|---:|" + "---:|" * len(modes) + "---:|"]
+    for (tokens, concurrency), b in base.items():
+        row = [f"{tokens}", f"{concurrency}", f"{b.rps:.1f}, {b.cpu_ms:.0f}"]
+        load = [f"{b.load_cores:.2f}"]
+        for mode in modes:
+            g = next(c for c in cells if c.target == "gateway" and c.mode == mode
+                     and (c.tokens, c.concurrency) == (tokens, concurrency))
+            row.append(f"{g.rps:.1f} ({g.rps / b.rps:.1f}x), {g.cpu_ms:.1f} + {g.daemons_ms:.1f}, "
+                       f"{g.p50_ms:.1f}")
+            load.append(f"{g.load_cores:.2f}")
+        lines.append("| " + " | ".join(row) + " | " + " / ".join(load) + " |")
+    lines += ["", "No-op three-deployment graph, p50 at concurrency 1: "
+              + ", ".join(f"{mode} {data['noop_p50_ms']:.1f} ms" for mode, data in modes.items())
+              + f". Baseline resident memory, all workers: {baseline_memory:.1f} GiB."]
+    for mode, data in modes.items():
+        lines += role_table(mode, [c for c in cells if c.mode == mode])
+        lines += profile_summary(args.out, data.get("profiles", {}), args.profile)
+    lines += targets(cells, modes)
     text = "\n".join(lines) + "\n"
-    (out / "end_to_end.md").write_text(text)
-    plot(runs, out / "end_to_end.png")
+    (args.out / "end_to_end.md").write_text(text)
+    (args.out / "end_to_end.json").write_text(json.dumps(
+        {"cells": [asdict(c) for c in cells],
+         "noop_p50_ms": {m: d["noop_p50_ms"] for m, d in modes.items()}}, indent=1))
+    plot(cells, list(modes), args.out / "end_to_end.png")
     return text
 
 
-def role_table(runs: list[Run]) -> list[str]:
-    """CPU per request by process for the gateway runs: where the time goes."""
-    chosen = [run for run in runs if run.target == "gateway" and run.by_role]
-    if not chosen:
-        return []
-    roles = list(chosen[0].by_role or {})
-    lines = ["", "Gateway CPU milliseconds per request, by process (the sink and Ray's daemons "
-             "share the same cores):", "",
-             "| prompt tokens | concurrency | " + " | ".join(roles) + " |",
-             "|---:|---:|" + "---:|" * len(roles)]
-    for run in chosen:
-        by_role = run.by_role or {}
-        lines.append(f"| {run.tokens} | {run.concurrency} | "
-                     + " | ".join(f"{by_role[role] * 1e3:.1f}" for role in roles) + " |")
+def role_table(mode: str, cells: list[Cell]) -> list[str]:
+    """CPU per request by process for one mode: where the time goes."""
+    roles = sorted({role for cell in cells for role in cell.cpu_by_role} - RAY_DAEMONS) + sorted(
+        {role for cell in cells for role in cell.cpu_by_role} & RAY_DAEMONS)
+    lines = ["", f"Gateway CPU ms per request by process, `{mode}`:", "",
+             "| prompt tokens | concurrency | " + " | ".join(roles)
+             + " | request path | Ray daemons |", "|---:|---:|" + "---:|" * (len(roles) + 2)]
+    for cell in cells:
+        lines.append(f"| {cell.tokens} | {cell.concurrency} | " + " | ".join(
+            f"{cell.cpu_by_role.get(role, 0.0) * 1e3:.1f}" for role in roles)
+            + f" | {cell.cpu_ms:.1f} | {cell.daemons_ms:.1f} |")
     return lines
 
 
-def plot(runs: list[Run], path: Path) -> None:
+def profile_summary(out: Path, profiles: dict[str, list[list[str]]],
+                    seconds: float) -> list[str]:
+    """Each profiled process's hottest functions, by own time and including callees."""
+    lines = []
+    for label, files in profiles.items():
+        for role, name in files:
+            summary = summarize_profile(out / name, seconds)
+            lines += ["", f"py-spy --gil, `{label}` tokens, {role} (`{name}`): the GIL held "
+                      f"{summary.busy:.0%} of the time. Own time: "
+                      + "; ".join(f"{frame} {share:.0%}" for frame, share in summary.own)
+                      + ". Including callees: "
+                      + "; ".join(f"{frame} {share:.0%}" for frame, share in summary.inclusive)
+                      + "."]
+    return lines
+
+
+def targets(cells: list[Cell], modes: dict[str, dict[str, Any]]) -> list[str]:
+    """The performance targets, each checked in every mode: (name, value, met) per mode."""
+    def find(target: str, mode: str, tokens: int, concurrency: int) -> Cell | None:
+        return next((c for c in cells if (c.target, c.mode, c.tokens, c.concurrency)
+                     == (target, mode, tokens, concurrency)), None)
+
+    def check(mode: str) -> list[tuple[str, str, bool]]:
+        mine = [c for c in cells if c.mode == mode]
+        found: list[tuple[str, str, bool]] = []
+        for tokens, limit in ((128, 12.0), (2048, 35.0)):
+            spent = [c.cpu_ms for c in mine if c.tokens == tokens]
+            if spent:
+                found.append((f"request-path CPU ms/req at {tokens} tokens <= {limit:g}, "
+                              "any concurrency",
+                              f"{max(spent):.1f}", max(spent) <= limit))
+        for tokens, goal in ((128, 8.0), (2048, 6.0)):
+            gateway, baseline = find("gateway", mode, tokens, 16), find("baseline", "", tokens, 16)
+            if gateway and baseline:
+                ratio = gateway.rps / baseline.rps
+                found.append((f"x baseline at {tokens} tokens, c=16 >= {goal:g}",
+                              f"{ratio:.1f}x", ratio >= goal))
+        top = max(c.concurrency for c in cells)
+        for tokens in sorted({c.tokens for c in mine}):
+            busiest = find("gateway", mode, tokens, top)
+            if busiest:
+                share = busiest.rps / max(c.rps for c in mine if c.tokens == tokens)
+                found.append((f"c={top} >= 90% of the best concurrency, {tokens} tokens",
+                              f"{share:.0%}", share >= 0.9))
+        single = find("gateway", mode, 128, 1)
+        if single:
+            ratio = single.p50_ms / modes[mode]["noop_p50_ms"]
+            found.append(("p50 at c=1, 128 tokens <= 2x the no-op graph's", f"{ratio:.1f}x",
+                          ratio <= 2.0))
+        return found
+
+    checked = {mode: check(mode) for mode in modes}
+    names = [name for name, _, _ in next(iter(checked.values()), [])]
+    lines = ["", "| target | " + " | ".join(modes) + " |", "|---|" + "---|" * len(modes)]
+    for index, name in enumerate(names):
+        lines.append(f"| {name} | " + " | ".join(
+            f"{value} {'met' if met else 'missed'}"
+            for value, met in ((checked[m][index][1], checked[m][index][2]) for m in modes))
+            + " |")
+    return lines
+
+
+def plot(cells: list[Cell], modes: list[str], path: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted({run.tokens for run in runs})
+    lengths = sorted({cell.tokens for cell in cells})
     figure, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.5), squeeze=False)
+    series = [("baseline", "", "s--")] + [("gateway", mode, "o-") for mode in modes]
     for axis, tokens in zip(axes[0], lengths, strict=True):
-        for target, style in (("gateway", "o-"), ("baseline", "s--")):
-            chosen = sorted((r for r in runs if r.target == target and r.tokens == tokens),
-                            key=lambda r: r.concurrency)
-            axis.plot([r.concurrency for r in chosen], [r.rps * tokens for r in chosen],
-                      style, label=target)
+        for target, mode, style in series:
+            chosen = sorted((c for c in cells if c.target == target and c.mode == mode
+                             and c.tokens == tokens), key=lambda c: c.concurrency)
+            axis.plot([c.concurrency for c in chosen], [c.rps * tokens for c in chosen],
+                      style, label=f"gateway, {mode}" if mode else target)
         axis.set_title(f"{tokens}-token prompts")
         axis.set_xlabel("concurrency")
         axis.set_ylabel("prompt tokens/s")
         axis.set_xscale("log", base=2)
-        axis.legend()
+        axis.legend(fontsize=7)
     figure.tight_layout()
     figure.savefig(path, dpi=120)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=["auto", "many-core", "two-core"], default="auto",
+                        help="how the host's cores are shared out (auto: two-core below 8)")
+    parser.add_argument("--modes", nargs="+", choices=list(MODES), default=None,
+                        help="Serve modes to run the gateway in (default: all three on many "
+                        "cores, `defaults` on two)")
     parser.add_argument("--tokens", type=int, nargs="+", default=[128, 512, 2048])
-    parser.add_argument("--concurrency", type=int, nargs="+", default=[1, 4, 16])
-    parser.add_argument("--requests", type=int, default=48)
+    parser.add_argument("--concurrency", type=int, nargs="+", default=None,
+                        help="default: 1 16 128 on many cores, 1 4 16 on two")
+    parser.add_argument("--seconds", type=float, default=6.0, help="timed window per cell")
+    parser.add_argument("--serving-cores", help="e.g. 0-7: the gateway's and the baseline's")
+    parser.add_argument("--sink-workers", type=int)
+    parser.add_argument("--baseline-workers", type=int)
+    parser.add_argument("--load-processes", type=int)
+    parser.add_argument("--replicas", help="e.g. Gateway=4,Dispatcher=4,Embedder=2")
+    parser.add_argument("--profile", type=float, default=0.0,
+                        help="seconds of py-spy per gateway process at the top concurrency")
+    parser.add_argument("--profile-mode", choices=list(MODES), default="haproxy",
+                        help="the Serve mode whose processes are profiled")
     parser.add_argument("--out", type=Path, default=HERE / "results")
     parser.add_argument("--by-value-max-bytes", type=int,
                         default=TransportConfig().by_value_max_bytes,
                         help="the gateway's transport.by_value_max_bytes (0: every request "
                         "by reference through the object store)")
+    parser.add_argument("--gateway-run", choices=list(MODES), help=argparse.SUPPRESS)
+    parser.add_argument("--sink-url", help=argparse.SUPPRESS)
+    parser.add_argument("--result-json", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    many = args.preset == "many-core" or (args.preset == "auto"
+                                          and len(os.sched_getaffinity(0)) >= 8)
+    args.modes = args.modes or (list(MODES) if many else ["defaults"])
+    args.concurrency = args.concurrency or ([1, 16, 128] if many else [1, 4, 16])
     args.out.mkdir(parents=True, exist_ok=True)
-
-    model_dir = ensure_llama8b_sized(envs.cache_dir() / "bench-llama8b-sized")
-    sink, sink_url = start_server("sink")
-    baseline, baseline_url = start_server("baseline", "--model", str(model_dir),
-                                          "--upstream", sink_url)
-    port = free_port()
-    try:
-        gateway_url = deploy_gateway(model_dir, sink_url, port, args.by_value_max_bytes)
-        runs = []
-        for tokens in args.tokens:
-            for concurrency in args.concurrency:
-                requests = max(args.requests, 2 * concurrency)
-                for target, url in (("gateway", gateway_url), ("baseline", baseline_url)):
-                    runs.append(measure(target, url, tokens, concurrency, requests,
-                                        lambda t=target: serving_processes(t, baseline),
-                                        (lambda: process_roles(sink))
-                                        if target == "gateway" else None))
-        text = report(runs, noop_p50(f"http://127.0.0.1:{port}"),
-                      resident_gib(embedder_pid()), resident_gib(baseline.pid),
-                      args.by_value_max_bytes, args.out)
-        print(text)
-    finally:
-        baseline.kill()
-        sink.kill()
-        from ray import serve
-
-        serve.shutdown()
+    layout = layout_of(args)
+    if args.gateway_run:
+        gateway_run(args, layout)
+    else:
+        run_all(args, layout)
 
 
 if __name__ == "__main__":

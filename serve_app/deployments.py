@@ -266,10 +266,17 @@ def deployment_options(config: AppConfig) -> dict[str, dict[str, Any]]:
     return options
 
 
-def build_app(config: AppConfig) -> serve.Application:
+def build_app(config: AppConfig,
+              overrides: dict[str, dict[str, Any]] | None = None) -> serve.Application:
     """The gateway graph: Gateway (ingress) -> Embedder (batched) -> Dispatcher -> upstream,
-    and one Encoder per embedding model."""
+    and one Encoder per embedding model. `overrides` replaces Serve options by deployment
+    name, as a Serve config's `deployments:` entries do; a fixed `num_replicas` replaces
+    the deployment's autoscaling."""
     options = deployment_options(config)
+    for name, changed in (overrides or {}).items():
+        if "num_replicas" in changed:
+            options[name].pop("autoscaling_config", None)
+        options[name].update(changed)
     # Deployments receive the validated config as plain data and re-validate it on start.
     plain = config.model_dump(mode="json")
     embedder = Embedder.options(**options["Embedder"]).bind(plain)
