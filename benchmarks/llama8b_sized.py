@@ -14,8 +14,6 @@ import argparse
 import logging
 from pathlib import Path
 
-import torch
-
 VOCAB, HIDDEN = 128256, 4096
 logger = logging.getLogger(__name__)
 
@@ -41,6 +39,8 @@ def ensure_llama8b_sized(directory: Path) -> Path:
     """Build the checkpoint once into `directory` (about 2.6 GB); later calls reuse it."""
     if (directory / "config.json").exists():
         return directory
+    # Imported here: the load generator's processes import this module for `prompt_of`.
+    import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     logger.warning("building the Llama-3.1-8B-sized benchmark checkpoint in %s", directory)

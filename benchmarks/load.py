@@ -51,7 +51,7 @@ class LoadResult:
 
 @dataclass(frozen=True)
 class LoadSpec:
-    url: str
+    url: str  # the OpenAI base URL; or, with tokens 0, a URL to GET
     model: str
     tokens: int
     concurrency: int
@@ -76,6 +76,10 @@ async def _drive(spec: LoadSpec, index: int, tasks: int, barrier: Barrier) -> di
     async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
 
         async def one(n: int) -> bool:
+            if not spec.tokens:
+                async with session.get(spec.url) as response:
+                    await response.read()
+                    return response.status == 200
             body = {"model": spec.model, "prompt": prompts[n % len(prompts)], "max_tokens": 1}
             async with session.post(f"{spec.url}/completions", json=body) as response:
                 await response.read()

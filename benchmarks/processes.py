@@ -92,7 +92,10 @@ class CpuMeter:
                       for group in processes.values() for process in group}
 
     def stop(self) -> dict[str, float]:
-        return {role: sum(cpu_seconds([p]) - self.start.get(p.pid, 0.0) for p in group)
+        """A process that exited in between (HAProxy reloads) counts nothing: what it spent
+        after the start is gone with it."""
+        return {role: sum(max(0.0, cpu_seconds([p]) - self.start.get(p.pid, 0.0))
+                          for p in group if p.is_running())
                 for role, group in self.processes.items()}
 
 
