@@ -113,10 +113,10 @@ def gateway_app(model_dir: Path, sink: str, by_value_max_bytes: int,
                 replicas: dict[str, int] | None = None) -> Any:
     """The gateway graph on the bench checkpoint, with the sink as its only backend and,
     where given, a fixed replica count per deployment instead of autoscaling."""
-    from serve_app.deployments import build_app
+    from serve_app.deployments import gateway_graph
 
     overrides = {name: {"num_replicas": count} for name, count in (replicas or {}).items()}
-    return build_app(gateway_config(model_dir, sink, by_value_max_bytes), overrides)
+    return gateway_graph(gateway_config(model_dir, sink, by_value_max_bytes), overrides)
 
 
 def noop_graph() -> Any:
@@ -526,7 +526,7 @@ def plot(cells: list[Cell], modes: list[str], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    lengths = sorted({cell.tokens for cell in cells})
+    lengths = sorted({cell.tokens for cell in cells if cell.target != "noop"})
     figure, axes = plt.subplots(1, len(lengths), figsize=(4 * len(lengths), 3.5), squeeze=False)
     series = [("baseline", "", "s--")] + [("gateway", mode, "o-") for mode in modes]
     for axis, tokens in zip(axes[0], lengths, strict=True):

@@ -266,12 +266,17 @@ def deployment_options(config: AppConfig) -> dict[str, dict[str, Any]]:
     return options
 
 
-def build_app(config: AppConfig,
-              overrides: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+def build_app(config: AppConfig) -> serve.Application:
     """The gateway graph: Gateway (ingress) -> Embedder (batched) -> Dispatcher -> upstream,
-    and one Encoder per embedding model. `overrides` replaces Serve options by deployment
-    name, as a Serve config's `deployments:` entries do; a fixed `num_replicas` replaces
-    the deployment's autoscaling."""
+    and one Encoder per embedding model. Serve's app builder (`import_path`), so it takes
+    the config alone."""
+    return gateway_graph(config)
+
+
+def gateway_graph(config: AppConfig,
+                  overrides: dict[str, dict[str, Any]] | None = None) -> serve.Application:
+    """`build_app`'s graph, with `overrides` replacing Serve options by deployment name as a
+    Serve config's `deployments:` entries do (a fixed `num_replicas` replaces autoscaling)."""
     options = deployment_options(config)
     for name, changed in (overrides or {}).items():
         if "num_replicas" in changed:

@@ -23,7 +23,12 @@ from serve_app.config import (
     ReferenceConfig,
     UpstreamConfig,
 )
-from serve_app.deployments import build_app, deployment_options, encoder_deployment_name
+from serve_app.deployments import (
+    build_app,
+    deployment_options,
+    encoder_deployment_name,
+    gateway_graph,
+)
 
 CONFIG_PATH = Path(__file__).resolve().parents[2] / "serve_config.yaml"
 
@@ -234,3 +239,20 @@ def test_configs_are_frozen() -> None:
     config = AppConfig()
     with pytest.raises(ValidationError):
         config.model.source = "other"  # type: ignore[misc]
+
+
+def test_build_app_is_a_serve_app_builder(raw_config: dict[str, Any]) -> None:
+    """`serve run` calls the `import_path` builder with the `args` dict alone."""
+    args = _app(raw_config, "gateway")["args"]
+    built = build_serve_app(call_user_app_builder_with_args_if_necessary(build_app, args),
+                            name="gateway")
+    assert {d.name for d in built.deployments} >= {"Gateway", "Embedder", "Dispatcher"}
+
+
+def test_gateway_graph_overrides_replace_autoscaling() -> None:
+    config = AppConfig.model_validate({"upstream": {"backends": [{"url": "http://a/v1"}]}})
+    built = build_serve_app(gateway_graph(config, {"Embedder": {"num_replicas": 3}}),
+                            name="gateway")
+    embedder = next(d for d in built.deployments if d.name == "Embedder")
+    assert embedder.num_replicas == 3
+    assert embedder._deployment_config.autoscaling_config is None
