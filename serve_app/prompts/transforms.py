@@ -137,11 +137,25 @@ def _build_module(config: TransformConfig, weight: torch.Tensor) -> ModuleTransf
     return transform
 
 
+def matrix_std(weight: torch.Tensor, rows_per_chunk: int = 8192) -> float:
+    """The matrix's standard deviation (unbiased, as `torch.std`), read in chunks of rows:
+    a float32 copy of a whole Llama-3.1-8B matrix would be 2 GiB more on its device."""
+    total = squares = torch.zeros((), dtype=torch.float64, device=weight.device)
+    for chunk in weight.split(rows_per_chunk):
+        values = chunk.float()
+        total = total + values.sum(dtype=torch.float64)
+        squares = squares + values.square().sum(dtype=torch.float64)
+    count = weight.numel()
+    return float(((squares - total * total / count) / (count - 1)).sqrt())
+
+
 def build_transform(config: TransformConfig, weight: torch.Tensor) -> PromptTransform | None:
     """The configured transform for this embedding matrix; None for `none`."""
-    scale = config.sigma * float(weight.float().std())
     if config.kind == "none":
         return None
+    if config.kind == "module":
+        return _build_module(config, weight)
+    scale = config.sigma * matrix_std(weight)
     if config.kind == "gaussian":
         return GaussianNoise(scale)
     if config.kind == "keyed_gaussian":
@@ -153,7 +167,7 @@ def build_transform(config: TransformConfig, weight: torch.Tensor) -> PromptTran
         # On CUDA the first call compiles the noise kernel: here, not in a request.
         transform(weight[:2], torch.arange(2, device=weight.device), [2])
         return transform
-    return _build_module(config, weight)
+    raise ValueError(f"unknown privacy.transform.kind: {config.kind}")
 
 
 def describe(config: TransformConfig) -> dict[str, Any]:

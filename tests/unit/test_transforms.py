@@ -28,6 +28,7 @@ from serve_app.prompts.transforms import (
     build_transform,
     describe,
     log_transform,
+    matrix_std,
 )
 from tests.unit.gateway_client import (
     FRANCE,
@@ -330,3 +331,16 @@ def test_describe_names_parameters_and_never_the_key_or_its_variable(tmp_path: P
 
 def test_none_builds_no_transform() -> None:
     assert build_transform(TransformConfig(), torch.ones(4, 2)) is None
+
+
+@pytest.mark.parametrize("rows_per_chunk", [1, 7, 8192])
+def test_matrix_std_is_torch_std_read_in_chunks(rows_per_chunk: int) -> None:
+    weight = (torch.randn(300, 64) * 0.02 + 0.001).to(torch.bfloat16)
+    assert matrix_std(weight, rows_per_chunk) == pytest.approx(
+        float(weight.float().std()), rel=1e-5)
+
+
+def test_no_transform_reads_no_matrix_statistics() -> None:
+    """`none` must not touch the matrix (a float copy of a large one costs GiBs): a matrix
+    with no data behind it still gives no transform."""
+    assert build_transform(TransformConfig(kind="none"), torch.empty(8, 4, device="meta")) is None
