@@ -198,16 +198,48 @@ class HealthConfig(StrictModel):
     )
 
 
+class RoutingConfig(StrictModel):
+    """How a request picks its backend (docs/fleet.md#routing).
+
+    `least_loaded` draws two healthy backends by weight and takes the less loaded one.
+    `prefix_affinity` sends every request whose first `prefix_blocks` blocks of
+    `block_size` prompt rows are equal to the same backend, so that backend's prefix cache
+    serves them; a backend loaded beyond `load_bound` yields to the key's next choice.
+    """
+
+    policy: Literal["least_loaded", "prefix_affinity"] = Field(
+        "prefix_affinity",
+        description="`prefix_affinity`: requests sharing a prompt prefix go to one backend; "
+                    "`least_loaded`: power of two choices on in-flight per unit of weight.",
+    )
+    block_size: int = Field(
+        16, ge=1, le=1024,
+        description="Prompt rows per hashed block; vLLM's KV block size (16 by default).",
+    )
+    prefix_blocks: int = Field(
+        8, ge=1, le=256,
+        description="Blocks of the prompt's start that form its routing key; prompts "
+                    "shorter than one block are routed by load.",
+    )
+    load_bound: float = Field(
+        0.1, ge=0,
+        description="ε of bounded loads: a backend with more than (1 + ε) x the fleet's "
+                    "mean in-flight per unit of weight passes the request to the next "
+                    "choice for its prefix.",
+    )
+
+
 class UpstreamConfig(StrictModel):
     """The upstream fleet: also the Dispatcher's `user_config`, so it changes in place."""
 
     backends: list[BackendConfig] = Field(
         default_factory=lambda: [BackendConfig()], min_length=1,
-        description="The servers of the model; requests go to the least loaded healthy one.",
+        description="The servers of the model; `routing` picks one healthy server per request.",
     )
     timeouts: UpstreamTimeouts = UpstreamTimeouts()
     retry: RetryConfig = RetryConfig()
     health: HealthConfig = HealthConfig()
+    routing: RoutingConfig = RoutingConfig()
     max_queue_wait_s: float = Field(
         5.0, ge=0,
         description="How long a request waits when every backend is at `max_in_flight`; "

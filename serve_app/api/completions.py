@@ -10,6 +10,7 @@ ids, joins the tensors, and encodes the rows for the upstream.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Sequence
 from typing import Any
 
@@ -40,6 +41,7 @@ from serve_app.prompts.checkpoint import (
 )
 from serve_app.prompts.codec import base64_length
 from serve_app.prompts.embedder import PromptInput, SplicedPrompt, prompt_rows
+from serve_app.prompts.prefix import prefix_key
 from serve_app.prompts.text_budget import TextBudget, too_long
 from serve_app.prompts.untrusted import decode_prompt_embeds
 from serve_app.protocol import (
@@ -65,6 +67,7 @@ class CompletionsService:
         self.pipeline = pipeline
         self.limits = config.limits
         self.privacy = config.privacy
+        self.routing = config.upstream.routing
         chat_parses = config.tokenization.chat_special_tokens == "parse"
         self.chat = ChatTemplate(tokenizer, chat_template, special_tokens_as_text=not chat_parses)
         self.split_special_tokens = config.tokenization.completion_special_tokens == "text"
@@ -150,6 +153,14 @@ class CompletionsService:
         row_bytes = self.model.hidden_size * self.model.dtype.itemsize
         return sum(base64_length(prompt_rows(prompt) * row_bytes) for prompt in prompts)
 
+    async def _prefix_key(self, prompts: Sequence[PromptInput]) -> int | None:
+        """The request's routing key; client tensor rows are hashed off the event loop."""
+        key_of = functools.partial(prefix_key, prompts, self.routing.block_size,
+                                   self.routing.prefix_blocks)
+        if prompts and isinstance(prompts[0], SplicedPrompt):
+            return await asyncio.to_thread(key_of)
+        return key_of()
+
     def _check_sampling(self, request: CompletionRequest | ChatCompletionRequest,
                         max_tokens: int | None, logprobs: int | None,
                         logprobs_param: str = "logprobs") -> None:
@@ -181,7 +192,8 @@ class CompletionsService:
         self._check_request_rows(upstream)
         call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream),
                             payload_bytes=self._payload_bytes(upstream),
-                            request_id=request_id.current())
+                            request_id=request_id.current(),
+                            prefix_key=await self._prefix_key(upstream))
         return call, upstream
 
     def _splice(self, rendered: RenderedChat, max_tokens: int | None) -> PromptInput:
@@ -224,7 +236,8 @@ class CompletionsService:
         call = UpstreamCall(self.served_name, request.upstream_fields(),
                             bool(request.stream), chat=shape,
                             payload_bytes=self._payload_bytes([prompt]),
-                            request_id=request_id.current())
+                            request_id=request_id.current(),
+                            prefix_key=await self._prefix_key([prompt]))
         return call, [prompt]
 
     async def completions(self, body: bytes) -> Response:

@@ -38,6 +38,9 @@ EMBEDDER_STAGES = frozenset({"lookup", "transform", "encode"})
 UPSTREAM_OUTCOMES = frozenset({"timeout", "unreachable", "error", "cancelled"})
 """`status` of an upstream attempt that got no HTTP status back (else the status code)."""
 
+ROUTE_OUTCOMES = frozenset({"affinity", "spilled_in", "spilled_out"})
+"""`outcome` of a request routed by prefix affinity, as counted on each backend."""
+
 FAILURE_KINDS = frozenset({"timeout", "unreachable", "http_5xx", "bad_stream",
                            "transport_error", "probe_failed"})
 """`reason` of an ejection: the kind of the failure that set the backend aside."""
@@ -212,6 +215,15 @@ def _upstream_ejections() -> Counter:
 
 
 @functools.cache
+def _upstream_routes() -> Counter:
+    return Counter("serve_app_upstream_routes", "Requests with a prefix key routed by "
+                   "affinity: taken by the key's first choice (affinity), taken for a first "
+                   "choice that was full or over its bounded load (spilled_in), and passed "
+                   "on by that first choice (spilled_out).",
+                   tag_keys=_keys("backend", "outcome"))
+
+
+@functools.cache
 def _upstream_in_flight() -> Gauge:
     return Gauge("serve_app_upstream_in_flight", "Requests in flight to each backend, per "
                  "Dispatcher replica.", tag_keys=_keys("backend"))
@@ -249,6 +261,12 @@ def record_upstream_ejection(backend: str, reason: str) -> None:
     """`backend` was set aside; `reason` is one of `FAILURE_KINDS`."""
     _upstream_ejections().inc(1, {"backend": backend,
                                   "reason": _one_of(reason, FAILURE_KINDS)})
+
+
+def record_upstream_route(backend: str, outcome: str) -> None:
+    """A keyed request's routing on `backend`; `outcome` is one of `ROUTE_OUTCOMES`."""
+    _upstream_routes().inc(1, {"backend": backend,
+                               "outcome": _one_of(outcome, ROUTE_OUTCOMES)})
 
 
 def set_upstream_in_flight(backend: str, in_flight: int) -> None:

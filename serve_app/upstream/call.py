@@ -38,6 +38,9 @@ class UpstreamCall:
     request_id: str | None = None
     """The client request's id: in the Dispatcher's logs and error bodies, and sent
     upstream as `X-Request-Id`."""
+    prefix_key: int | None = None
+    """The hash of its first prompt's first blocks (`prompts.prefix`): the backends'
+    order under `prefix_affinity` routing; None for a prompt shorter than one block."""
 
 
 @dataclass(frozen=True)

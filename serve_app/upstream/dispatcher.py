@@ -44,7 +44,6 @@ from serve_app.upstream.fleet import Backend, Fleet
 from serve_app.upstream.http import make_http_client
 from serve_app.upstream.wire import body_stream, build_upstream_body, json_object, sse_data
 
-_WRITE_TIMEOUT_S = 60.0
 _NO_PROMPT = GatewayError("no prompt to send upstream", 400, param="prompt")
 
 _T = TypeVar("_T")
@@ -85,7 +84,8 @@ class DispatcherCore:
         deadline = time.monotonic() + self.fleet.config.timeouts.total_s
         try:
             backend, content = await self._failover(
-                lambda backend: self._complete_once(backend, call, embeds, deadline), deadline)
+                lambda backend: self._complete_once(backend, call, embeds, deadline), deadline,
+                call.prefix_key)
         except GatewayError as exc:
             return UpstreamReply.of(exc)
         self.fleet.release(backend)
@@ -145,7 +145,8 @@ class DispatcherCore:
         deadline = time.monotonic() + self.fleet.config.timeouts.total_s
         try:
             backend, (response, events, first) = await self._failover(
-                lambda backend: self._open_once(backend, call, embeds, deadline), deadline)
+                lambda backend: self._open_once(backend, call, embeds, deadline), deadline,
+                call.prefix_key)
         except GatewayError as exc:
             yield UpstreamReply.of(exc)
             return
@@ -241,9 +242,10 @@ class DispatcherCore:
     # ----------------------------------------------------------------- attempts
 
     async def _failover(
-        self, attempt: Callable[[Backend], Awaitable[_T]], deadline: float
+        self, attempt: Callable[[Backend], Awaitable[_T]], deadline: float, key: int | None
     ) -> tuple[Backend, _T]:
-        """Run `attempt` on one backend after another until one succeeds, retrying only
+        """Run `attempt` on one backend after another (the prefix `key`'s choices, in
+        order, under `prefix_affinity`) until one succeeds, retrying only
         failures marked safe to retry. The winner's slot is the caller's to release.
         Each attempt is counted by its backend and outcome, each retry by the backend and
         outcome it moved away from."""
@@ -252,7 +254,7 @@ class DispatcherCore:
         retrying: tuple[str, int | str] | None = None
         for _ in range(self.fleet.config.retry.max_attempts):
             try:
-                backend = await self.fleet.acquire(tried, deadline)
+                backend = await self.fleet.acquire(tried, deadline, key)
             except GatewayError as exc:
                 raise (last or exc) from None
             if retrying is not None:
@@ -280,8 +282,11 @@ class DispatcherCore:
     async def _send(self, backend: Backend, body: list[Buffer]) -> httpx.Response:
         """POST to one backend; its 200 response, unread, or `AttemptFailed`."""
         timeouts = self.fleet.config.timeouts
-        timeout = httpx.Timeout(connect=timeouts.connect_s, read=None,
-                                write=_WRITE_TIMEOUT_S, pool=timeouts.connect_s)
+        # The aiohttp transport applies connect, read and pool only: a body write that
+        # stalls is bounded by the attempt's deadline (`timeouts.total_s` for a whole
+        # answer, `timeouts.first_token_s` for a stream), which wraps this send.
+        timeout = httpx.Timeout(connect=timeouts.connect_s, read=None, write=None,
+                                pool=timeouts.connect_s)
         # The buffers go to the socket one by one; the explicit length keeps the request
         # a plain (not chunked) body, as vLLM and NIM expect.
         headers = {**backend.headers, "content-length": str(sum(map(len, body)))}

@@ -2,9 +2,9 @@
 
 Each backend is `healthy`, `ejected` (cooling down after consecutive failures), `half_open`
 (cooldown over, its probe running) or `retired` (removed by a config change, finishing its
-in-flight requests). Requests go to the less loaded of two healthy backends drawn by weight
-(power of two choices on in-flight / weight). All state is per Dispatcher replica: with R
-replicas a backend may see up to R x `max_in_flight` requests.
+in-flight requests). Among the healthy backends with a free slot, `upstream.routing` picks
+one (`routing`: by prefix affinity under bounded loads, or by load). All state is per
+Dispatcher replica: with R replicas a backend may see up to R x `max_in_flight` requests.
 
 One module for the fleet's one state machine: routing, slots, outcomes and probes all
 read and write the same backend states.
@@ -33,6 +33,7 @@ from serve_app.config import BackendConfig, HealthConfig, UpstreamConfig
 from serve_app.errors import GatewayError
 from serve_app.observability import metrics
 from serve_app.upstream.failures import failure_kind
+from serve_app.upstream.routing import by_affinity, least_loaded
 
 Clock = Callable[[], float]
 
@@ -60,6 +61,9 @@ class Backend:
         self.failures = 0
         """Consecutive failures since the last success."""
         self.ejections = 0
+        self.routed = {"affinity": 0, "spilled_in": 0, "spilled_out": 0}
+        """Keyed requests it took as their first choice, took for a first choice that was
+        full or over its bound, and passed on while being that first choice."""
         self.last_error: str | None = None
         self.ejected_until = 0.0
         self.throttled_until = 0.0
@@ -105,11 +109,6 @@ class Backend:
     @property
     def has_slot(self) -> bool:
         return self.in_flight < self.config.max_in_flight
-
-    @property
-    def load(self) -> float:
-        """In-flight per unit of weight; equal loads (an idle fleet) split by weight."""
-        return self.in_flight / self.config.weight
 
     def succeeded(self) -> None:
         self.failures = 0
@@ -157,11 +156,25 @@ class Backend:
             "weight": self.config.weight,
             "consecutive_failures": self.failures,
             "ejections": self.ejections,
+            "routed_by_affinity": self.routed["affinity"],
+            "spilled_in": self.routed["spilled_in"],
+            "spilled_out": self.routed["spilled_out"],
             "cooldown_remaining_s": round(max(0.0, self.ejected_until - now), 3)
             if self.state is BackendState.EJECTED else 0.0,
             "throttled_remaining_s": round(max(0.0, self.throttled_until - now), 3),
             "last_error": self.last_error,
         }
+
+
+def _count_route(chosen: Backend, first: Backend) -> None:
+    if chosen is first:
+        outcome = "affinity"
+    else:
+        outcome = "spilled_in"
+        first.routed["spilled_out"] += 1
+        metrics.record_upstream_route(first.config.url, "spilled_out")
+    chosen.routed[outcome] += 1
+    metrics.record_upstream_route(chosen.config.url, outcome)
 
 
 class Fleet:
@@ -208,8 +221,10 @@ class Fleet:
 
     # ----------------------------------------------------------------- routing
 
-    async def acquire(self, tried: set[Backend], deadline: float) -> Backend:
-        """A slot on the best untried backend, waiting up to `max_queue_wait_s` for one.
+    async def acquire(self, tried: set[Backend], deadline: float,
+                      key: int | None = None) -> Backend:
+        """A slot on the best untried backend for the request's prefix `key` (None: by
+        load alone), waiting up to `max_queue_wait_s` for one.
 
         Raises 429 when every candidate stays full, and 503 (or 429 when all are throttled)
         when no untried backend can take traffic at all.
@@ -221,9 +236,8 @@ class Fleet:
             candidates = [b for b in self.backends if b not in tried and b.routable(now)]
             if not candidates:
                 raise self._unavailable(tried, now)
-            free = [backend for backend in candidates if backend.has_slot]
-            if free:
-                backend = self._pick(free)
+            backend = self._pick(candidates, key, now)
+            if backend is not None:
                 backend.in_flight += 1
                 return backend
             if now >= queue_deadline:
@@ -240,14 +254,20 @@ class Fleet:
                 self.retired.remove(backend)
         self._wake_one()
 
-    def _pick(self, free: list[Backend]) -> Backend:
-        """Power of two choices: two distinct backends drawn by weight, the less loaded wins."""
-        if len(free) == 1:
-            return free[0]
-        first = self._rng.choices(free, weights=[b.config.weight for b in free])[0]
-        rest = [backend for backend in free if backend is not first]
-        second = self._rng.choices(rest, weights=[b.config.weight for b in rest])[0]
-        return second if second.load < first.load else first
+    def _pick(self, candidates: list[Backend], key: int | None, now: float) -> Backend | None:
+        """The policy's backend among the candidates with a free slot; None when all are full."""
+        free = [backend for backend in candidates if backend.has_slot]
+        routing = self.config.routing
+        if key is None or routing.policy != "prefix_affinity":
+            return least_loaded(free, self._rng) if free else None
+        fleet = [backend for backend in self.backends if backend.routable(now)]
+        chosen, first = by_affinity(key, candidates, fleet, routing.load_bound,
+                                    lambda backend: backend.has_slot)
+        if chosen is None and free:
+            chosen = least_loaded(free, self._rng)
+        if chosen is not None:
+            _count_route(chosen, first)
+        return chosen
 
     def _unavailable(self, tried: set[Backend], now: float) -> GatewayError:
         untried = [backend for backend in self.backends if backend not in tried]

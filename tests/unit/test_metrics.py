@@ -114,7 +114,7 @@ def test_every_getter_makes_one_named_metric(recorded: Recorded) -> None:
     for getter in _getters():
         assert getter() is getter()
     assert {name: made.kind for name, made in recorded.by_name.items()} == defined_metrics()
-    assert len(recorded.by_name) == 16
+    assert len(recorded.by_name) == 17
 
 
 def test_metrics_work_as_no_ops_outside_ray() -> None:
