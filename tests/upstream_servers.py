@@ -2,8 +2,9 @@
 
 `fake`: a small vLLM-compatible `/v1/completions` server that checks the embeddings
 payload is there and decodes as base64, and can be made slow, failing, stalled or killed
-(mid-stream too) through `POST /admin/mode`. Every request, finished answer and client
-disconnect is appended to a JSON-lines log, which outlives a killed process.
+(mid-stream too) through `POST /admin/mode`, and asked to log digests of the rows it got.
+Every request, finished answer and client disconnect is appended to a JSON-lines log,
+which outlives a killed process.
 `reference`: the project's reference upstream on the demo model.
 
     python -m tests.upstream_servers fake --port 9001 --name a --log a.jsonl
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import os
 import socket
@@ -43,6 +45,7 @@ DEFAULT_MODE: dict[str, Any] = {
     "exit_after_events": None,  # the process dies after this many events (mid-stream death)
     "stall_after_events": None,  # goes silent after this many events, connection open
     "health_status": 200,     # status of GET /v1/models and /health
+    "row_digests": 0,         # log a digest of each of the first N rows of the first prompt
 }
 
 
@@ -57,6 +60,8 @@ def create_fake_app(name: str, log: Path) -> Starlette:
     async def set_mode(request: Request) -> Response:
         mode.clear()
         mode.update(DEFAULT_MODE, **(await request.json()))
+        if mode["row_digests"]:
+            import torch  # noqa: F401  here, not on the first request: importing blocks the loop
         return JSONResponse(mode)
 
     async def health(_: Request) -> Response:
@@ -73,6 +78,8 @@ def create_fake_app(name: str, log: Path) -> Starlette:
         if embeds is None or not all(isinstance(item, str) and pybase64.b64decode(
                 item, validate=True) for item in items):
             return JSONResponse({"error": {"message": "prompt embeds missing"}}, 400)
+        if mode["row_digests"]:
+            record("rows", tag=tag, digests=row_digests(items[0], mode["row_digests"]))
         if mode["delay_s"]:
             await asyncio.sleep(mode["delay_s"])
         if mode["status"] != 200:
@@ -121,6 +128,17 @@ def create_fake_app(name: str, log: Path) -> Starlette:
         Route("/health", health),
         Route("/v1/completions", completions, methods=["POST"]),
     ])
+
+
+def row_digests(encoded: str, count: int) -> list[str]:
+    """sha256 of each of the first `count` rows' bytes, as a prefix cache would key them."""
+    import io
+
+    import torch  # only for the tests that ask: it slows the fake's start
+
+    tensor = torch.load(io.BytesIO(pybase64.b64decode(encoded)), weights_only=True)
+    raw = tensor[:count].contiguous().view(torch.uint8).numpy()
+    return [hashlib.sha256(row.tobytes()).hexdigest()[:16] for row in raw]
 
 
 def create_reference() -> Any:

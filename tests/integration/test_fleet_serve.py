@@ -1,7 +1,8 @@
 """The fleet through the real Serve graph: a client that hangs up closes the upstream
 request, a new fleet given as the Dispatcher's `user_config` applies in place while a
-stream runs, the backends' state is visible, and an upstream's 429 reaches the client
-with its Retry-After in the OpenAI shape.
+stream runs, the backends' state is visible, an upstream's 429 reaches the client
+with its Retry-After in the OpenAI shape, and two Dispatcher replicas send prompts that
+share a prefix to one backend.
 """
 
 from __future__ import annotations
@@ -40,14 +41,15 @@ class FleetApp:
         self.url = f"{base_url}{PREFIX}"
         self.plain = AppConfig().model_dump(mode="json")
 
-    def deploy(self, *servers: ServerProcess) -> None:
+    def deploy(self, *servers: ServerProcess, dispatchers: int = 1) -> None:
         from ray import serve
 
         fleet = UpstreamConfig(backends=[BackendConfig(url=s.url) for s in servers],
                                health=HEALTH)
         pinned: dict[str, Any] = {"version": VERSION, "_internal": True}
         embedder = Embedder.options(user_config=self.plain["batching"], **pinned)
-        dispatcher = Dispatcher.options(user_config=fleet.model_dump(mode="json"), **pinned)
+        dispatcher = Dispatcher.options(user_config=fleet.model_dump(mode="json"),
+                                        num_replicas=dispatchers, **pinned)
         gateway = Gateway.options(**pinned).bind(self.plain, embedder.bind(self.plain),
                                                  dispatcher.bind(), {})
         serve.run(gateway, name="fleet", route_prefix=PREFIX)
@@ -145,3 +147,35 @@ async def test_upstream_state_is_visible_and_a_429_keeps_its_retry_after(
     state = fleet_app.upstreams()[fakes["c"].url]
     assert state["state"] == "healthy" and 5 < state["throttled_remaining_s"] <= 7
     assert state["last_error"] == "HTTP 429"
+
+
+async def test_dispatcher_replicas_send_a_shared_prefix_to_one_backend(
+        fleet_app: FleetApp, fakes: dict[str, ServerProcess]) -> None:
+    await asyncio.to_thread(fleet_app.deploy, *fakes.values(), dispatchers=2)
+    try:
+        system = "You answer for the city library, briefly and politely. " * 3
+        questions = ["Opening hours?", "Fines?", "Wifi?", "Printing?", "Maps?", "Parking?"]
+        async with httpx.AsyncClient(timeout=30) as client:
+            for round_ in range(2):
+                for index, question in enumerate(questions):
+                    response = await client.post(
+                        f"{fleet_app.url}/v1/completions",
+                        json={**body(f"serve-affinity-{round_}-{index}", stream=False),
+                              "prompt": system + question})
+                    assert response.status_code == 200, response.text
+            for index in range(12):
+                response = await client.post(
+                    f"{fleet_app.url}/v1/completions",
+                    json={**body(f"serve-spread-{index}", stream=False),
+                          "prompt": f"Question {index} of many. {system}"})
+                assert response.status_code == 200, response.text
+        shared = {name for name, server in fakes.items()
+                  if server.events("request", "serve-affinity-")}
+        spread = {name for name, server in fakes.items()
+                  if server.events("request", "serve-spread-")}
+        assert len(shared) == 1, shared
+        assert len(spread) >= 2, spread
+        rows = fleet_app.upstreams()
+        assert sum(row["routed_by_affinity"] for row in rows.values()) > 0
+    finally:
+        await asyncio.to_thread(fleet_app.deploy, fakes["a"])

@@ -116,6 +116,12 @@ def expected_moves(app: ObservedApp, traffic: Traffic, payload_bytes: int) -> Ex
         series("ray_serve_app_upstream_ejections_total", backend=app.live): 0,
         series("ray_serve_app_upstream_time_to_first_token_seconds_count",
                backend=app.live): 1,
+        # Every prompt is a block or longer, so routed by its prefix key; with the dead
+        # backend out (ejected, or tried), the live one is each key's first choice.
+        series("ray_serve_app_upstream_routes_total", backend=app.live,
+               outcome="affinity"): 6,
+        series("ray_serve_app_upstream_routes_total", backend=app.live,
+               outcome="spilled_in"): 0,
     }
 
 
