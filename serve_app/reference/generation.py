@@ -139,14 +139,18 @@ class TextAssembler:
         self.emitted = 0
         self.hit_stop = False
 
-    def add(self, step: TokenStep) -> bool:
-        """Take one step; True once a stop string has appeared."""
+    def add(self, step: TokenStep, last: bool = False) -> bool:
+        """Take one step; True once a stop string has appeared.
+
+        The `last` step's text is kept for `finish()`: the last token's chunk is the one
+        that carries the finish reason, as vLLM frames its streams.
+        """
         self.ids.append(step.token_id)
         self.pending.append(step)
         text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
         cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
         self.text, self.hit_stop = (text[:cut], True) if cut >= 0 else (text, False)
-        if not self.hit_stop:
+        if not self.hit_stop and not last:
             self._emit(final=False)
         return self.hit_stop
 

@@ -112,7 +112,7 @@ class ReferenceServer:
         eos = self.tokenizer.eos_token_id
         for step in decode_steps(self.model, embeds, params, eos, generator, cancelled):
             tokens += 1
-            if assembler.add(step):
+            if assembler.add(step, last=step.token_id == eos or tokens == params.max_tokens):
                 finish = "stop"
                 break
             if step.token_id == eos:

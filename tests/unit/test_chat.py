@@ -103,6 +103,20 @@ async def test_stream_deltas_join_to_the_message(gateway: httpx.AsyncClient) -> 
     assert usage["choices"] == [] and usage["usage"] == whole["usage"]
 
 
+async def test_stream_last_token_chunk_carries_the_finish_reason(
+    gateway: httpx.AsyncClient,
+) -> None:
+    """vLLM's chat stream framing, relayed from the reference upstream: the chunk of the
+    last token carries finish_reason, with no empty chunk after it."""
+    response = await post(gateway, CHAT, messages=MESSAGES, stream=True, logprobs=True,
+                          **GREEDY)
+    _, *chunks = sse_events(response)  # the first chunk only names the role
+    tokens = [len(c["choices"][0]["logprobs"]["content"]) for c in chunks]
+    assert all(tokens) and sum(tokens) == GREEDY["max_tokens"], tokens
+    finishes = [c["choices"][0]["finish_reason"] for c in chunks]
+    assert finishes == [None] * (len(chunks) - 1) + ["length"]
+
+
 async def test_n_two_gives_indexed_choices(gateway: httpx.AsyncClient) -> None:
     body = await chat(gateway, messages=MESSAGES, n=2, **GREEDY)
     assert [c["index"] for c in body["choices"]] == [0, 1]

@@ -263,6 +263,23 @@ async def test_stream_include_usage(client: httpx.AsyncClient, embed: Any) -> No
     assert texts[0] == texts[1] and len(texts[0]) == 9
 
 
+async def test_last_token_chunk_carries_the_finish_reason(
+    client: httpx.AsyncClient, embed: Any
+) -> None:
+    """vLLM's stream framing: the chunk of a choice's last token carries its finish_reason
+    (no extra empty chunk after it), and usage comes alone in a chunk with `choices: []`."""
+    _, b64 = embed(JAPAN)
+    response = await complete(client, prompt_embeds=b64, temperature=0, max_tokens=7, n=2,
+                              logprobs=0, stream=True, stream_options={"include_usage": True})
+    *chunks, usage, done = parse_sse(response.text)
+    assert done == "[DONE]" and usage["choices"] == [] and usage["usage"]
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        tokens = [len(choice["logprobs"]["tokens"]) for choice in mine]
+        assert all(tokens) and sum(tokens) == 7, tokens  # every chunk brings a token
+        assert [c["finish_reason"] for c in mine] == [None] * (len(mine) - 1) + ["length"]
+
+
 async def test_stream_validation_error_is_http_error(
     client: httpx.AsyncClient, embed: Any
 ) -> None:
