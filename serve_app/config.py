@@ -452,6 +452,15 @@ class EmbeddingModelConfig(StrictModel):
     truncate: bool = Field(
         False, description="Cut over-long inputs (at the end) instead of refusing them."
     )
+    chat_template: str | None = Field(
+        None, description="Jinja chat template (the text, or a path to a file holding it) "
+        "for `messages` on /v1/embeddings; the tokenizer's own by default.",
+    )
+    calibration_file: str | None = Field(
+        None, description="UTF-8 texts, one a line (the first 1000 are read), whose "
+        "embeddings give the per-dimension ranges of Cohere's `int8` and `uint8`; a built-in "
+        "sample of 128 sentences by default.",
+    )
     batching: EncoderBatchingConfig = EncoderBatchingConfig()
     autoscaling: AutoscalingConfig = Field(
         AutoscalingConfig(), description="This model's Encoder replicas.")

@@ -17,14 +17,15 @@ from __future__ import annotations
 import inspect
 import re
 import secrets
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from jinja2 import TemplateError
 
 from serve_app.errors import GatewayError
-from serve_app.protocol import ChatCompletionRequest, ChatMessage, EmbedsPart
+from serve_app.protocol import ChatMessage, EmbedsPart
 
 PART_SEPARATOR = "\n"
 """Content parts of one message are joined with this, as vLLM joins text parts."""
@@ -52,6 +53,21 @@ class RenderedChat:
         return sum(len(segment) for segment in self.segments if isinstance(segment, list))
 
 
+class ChatRequest(Protocol):
+    """What rendering reads of a request: a chat completion's, or a chat to embed."""
+
+    @property
+    def messages(self) -> Sequence[ChatMessage]: ...
+    @property
+    def add_generation_prompt(self) -> bool: ...
+    @property
+    def continue_final_message(self) -> bool: ...
+    @property
+    def add_special_tokens(self) -> bool: ...
+    @property
+    def chat_template_kwargs(self) -> dict[str, Any] | None: ...
+
+
 # Template variables the tokenizer or Jinja environment sets: a client may not replace them.
 _TEMPLATE_NAMES = {"messages", "tools", "documents", "add_generation_prompt",
                    "continue_final_message", "raise_exception", "strftime_now",
@@ -74,7 +90,7 @@ class ChatTemplate:
         self.special_index = {text: index for index, text in enumerate(self.specials)}
         self.special_pattern = re.compile("|".join(map(re.escape, self.specials)) or "(?!)")
 
-    def render(self, request: ChatCompletionRequest) -> RenderedChat:
+    def render(self, request: ChatRequest) -> RenderedChat:
         if not self.available:
             raise GatewayError(
                 "This model has no chat template; set model.chat_template in the gateway "

@@ -7,36 +7,130 @@ from typing import Annotated, Any, ClassVar, Literal
 
 import numpy as np
 import numpy.typing as npt
-from pydantic import ConfigDict, Field, GetCoreSchemaHandler, GetJsonSchemaHandler, field_validator
+from pydantic import (
+    ConfigDict,
+    Field,
+    GetCoreSchemaHandler,
+    GetJsonSchemaHandler,
+    field_validator,
+    model_validator,
+)
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, core_schema
+from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
-from serve_app.protocol.base import RequestModel, TokenIds, token_id_shape
+from serve_app.errors import GatewayError
+from serve_app.protocol.base import RequestModel, TokenIds, shown, token_id_shape
+from serve_app.protocol.chat import ChatMessage
 from serve_app.protocol.common import ResponseModel
+
+# vLLM's `serial_utils` names, in its order.
+EncodingFormat = Literal["float", "base64", "bytes", "bytes_only"]
+EmbedDType = Literal["float32", "float16", "bfloat16", "fp8_e4m3", "fp8_e5m2"]
+Endianness = Literal["native", "big", "little"]
+
+
+class EmbeddingMessage(ChatMessage):
+    """A chat message to embed: text parts only (an encoder has no use for a
+    `prompt_embeds` part, and images are not served)."""
+
+    @field_validator("content", mode="before")
+    @classmethod
+    def _known_part_types(cls, content: Any) -> Any:
+        for part in content if isinstance(content, list) else []:
+            kind = part.get("type") if isinstance(part, dict) else None
+            if kind != "text":
+                raise PydanticCustomError(
+                    "content_part",
+                    "content part type {kind} is not supported on /v1/embeddings; send "
+                    "`text` parts", {"kind": shown(repr(kind))})
+        return content
+
+
+# Options that shape how `messages` are templated; `input` has no template to shape.
+_CHAT_OPTIONS = ("add_generation_prompt", "continue_final_message", "chat_template_kwargs")
 
 
 class EmbeddingRequest(RequestModel):
     # Ordered as in https://platform.openai.com/docs/api-reference/embeddings/create
-    input: str | list[str] | TokenIds | list[TokenIds]
+    input: str | list[str] | TokenIds | list[TokenIds] | None = None
     model: str
     dimensions: int | None = Field(None, ge=1)
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: EncodingFormat = "float"
     user: str | None = Field(None, description="Ignored: an end-user id.")
 
     # --- extras (vLLM) ---
     truncate_prompt_tokens: int | None = Field(
         None, ge=-1,
-        description="Keep only the first N tokens of each input (-1: the model's limit).",
+        description="Keep only the first N tokens of each input (-1: the model's limit); "
+                    "more than the model's limit is a 400.",
     )
+    embed_dtype: EmbedDType = Field(
+        "float32", description="The element type of base64 and bytes answers.")
+    endianness: Endianness = Field(
+        "native", description="The byte order of base64 and bytes answers (native: the "
+                              "server's).")
+    use_activation: bool | None = Field(
+        None, description="False: the pooled vectors, not normalised (None: the model's "
+                          "default).")
+    normalize: bool | None = Field(
+        None, description="vLLM's older name for use_activation; it wins when both are set.")
+    messages: list[EmbeddingMessage] | None = Field(
+        None, min_length=1, description="Instead of `input`: one chat, templated with the "
+        "model's chat template and embedded as one input (vLLM's chat embeddings).")
+    add_generation_prompt: bool = Field(
+        False, description="With `messages`: end with the template's assistant header.")
+    continue_final_message: bool = Field(
+        False, description="With `messages`: leave the last message open.")
+    add_special_tokens: bool | None = Field(
+        None, description="With `messages`: add the tokenizer's special tokens (CLS and SEP, "
+        "or BOS) around the templated chat (default false). With `input` they are always "
+        "added: false is a 400.")
+    chat_template_kwargs: dict[str, Any] | None = Field(
+        None, description="With `messages`: extra variables for the chat template.")
+
+    refused: ClassVar[dict[str, str]] = {
+        "chat_template": "chat templates are the server's own "
+                         "(embedding_models[].chat_template)",
+        "mm_processor_kwargs": "multimodal inputs are not supported by this gateway",
+        "media_io_kwargs": "multimodal inputs are not supported by this gateway",
+    }
 
     @field_validator("input", mode="before")
     @classmethod
     def _input_shape(cls, value: Any) -> Any:
         return token_id_shape(value, "input")
 
+    @model_validator(mode="after")
+    def _input_or_messages(self) -> EmbeddingRequest:
+        if (self.input is None) == (self.messages is None):
+            raise GatewayError("Send either input or messages.", 400,
+                               param="input" if self.input is None else "messages")
+        if self.messages is not None:
+            if self.add_generation_prompt and self.continue_final_message:
+                raise GatewayError("add_generation_prompt and continue_final_message exclude "
+                                   "each other.", 400, param="continue_final_message")
+            return self
+        chat_only = [name for name in _CHAT_OPTIONS if name in self.model_fields_set]
+        if self.add_special_tokens is False:
+            chat_only.append("add_special_tokens")
+        if chat_only:
+            raise GatewayError(f"{chat_only[0]} applies only to messages.", 400,
+                               param=chat_only[0], code="unsupported_parameter")
+        return self
+
+    def normalises(self, model_default: bool) -> bool:
+        """Whether the vectors are L2-normalised, as vLLM's `get_use_activation` decides:
+        `normalize` when set, then `use_activation`, else the model's default."""
+        for choice in (self.normalize, self.use_activation):
+            if choice is not None:
+                return choice
+        return model_default
+
     def inputs(self) -> list[str] | list[TokenIds]:
         """`input` as a list of texts or of token-id lists (maybe empty)."""
         value: Any = self.input
+        if value is None:
+            return []
         if isinstance(value, str) or (value and isinstance(value[0], int)):
             return [value]
         return list(value)
@@ -116,12 +210,14 @@ class Embedding(ResponseModel):
     object: Literal["embedding"] = "embedding"
     index: int
     embedding: str | Float32Vector
-    """Base64 of little-endian float32 (`encoding_format: base64`), or the floats."""
+    """Base64 of the vector in `embed_dtype` and `endianness` (by default float32 in the
+    server's order, little-endian here: what the OpenAI SDK decodes), or the floats."""
 
 
 class EmbeddingUsage(ResponseModel):
     prompt_tokens: int
     total_tokens: int
+    completion_tokens: int = Field(0, description="Always 0, as vLLM's UsageInfo sends it.")
 
 
 class EmbeddingResponse(ResponseModel):
@@ -132,13 +228,16 @@ class EmbeddingResponse(ResponseModel):
 
 
 class CohereEmbeddings(ResponseModel):
-    """One array per asked type, a row per text; int8 / uint8 are refused before any vector
-    is made. Types not asked for are left out of the answer, as Cohere leaves them."""
+    """One array per asked type, a row per text (int8 / uint8 quantized with the model's
+    calibrated ranges: `sentence.quantize`). Types not asked for are left out of the
+    answer, as Cohere leaves them."""
 
     # `float` is a builtin's name: the field is `float_`, sent as `float`.
     model_config = ConfigDict(extra="forbid", populate_by_name=True, serialize_by_alias=True)
 
     float_: Float32Rows | None = Field(None, alias="float")
+    int8: Int8Rows | None = None
+    uint8: UInt8Rows | None = None
     binary: Int8Rows | None = None
     ubinary: UInt8Rows | None = None
     base64: list[str] | None = None

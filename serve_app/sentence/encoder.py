@@ -1,9 +1,12 @@
-"""EncoderCore: token ids -> encoder forward -> pooled, normalised sentence embeddings.
+"""EncoderCore: token ids -> encoder forward -> pooled sentence embeddings.
 
 Pooling follows the checkpoint's sentence-transformers files when present (`modules.json`,
-the Pooling module's config, a Normalize module), else the config's choice, so vectors
-match `SentenceTransformer(path).encode(...)`. Plain Python (no Ray): the Serve deployment
-in `deployments.py` batches calls into it by token budget.
+the Pooling module's config, a Normalize module), else the config's choice. The vectors
+come back pooled, not normalised: whether to normalise is a per-request choice (vLLM's
+`use_activation`), made after Matryoshka truncation by the service, where `spec.normalize`
+is the default that makes vectors equal `SentenceTransformer(path).encode(...)`. Plain
+Python (no Ray): the Serve deployment in `deployments.py` batches calls into it by token
+budget.
 """
 
 from __future__ import annotations
@@ -153,7 +156,8 @@ class EncoderCore:
         return cls(model, spec, pad, config.batching.max_batch_tokens)
 
     def encode(self, batch: Sequence[Sequence[Sequence[int]]]) -> list[torch.Tensor]:
-        """Vectors for each request's inputs: one float32 `(inputs, hidden)` tensor each.
+        """Pooled vectors for each request's inputs: one float32 `(inputs, hidden)` tensor
+        each.
 
         All sequences of the batch are sorted by length, so each forward pass pads little,
         and grouped so that no pass exceeds `max_batch_tokens` padded tokens.
@@ -194,8 +198,6 @@ class EncoderCore:
             hidden = self.model(input_ids=ids.to(device),
                                 attention_mask=mask.to(device)).last_hidden_state
             pooled = _pool(hidden.float(), mask.to(device), self.spec.pooling)
-            if self.spec.normalize:
-                pooled = torch.nn.functional.normalize(pooled, p=2, dim=1)
         return pooled.cpu()
 
 

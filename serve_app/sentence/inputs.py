@@ -1,17 +1,21 @@
 """One sentence-embedding model's inputs: tokenized with its prompt, refused or truncated
-to its limit before and after tokenizing, and token ids checked against its vocabulary."""
+to its limit before and after tokenizing, and token ids checked against its vocabulary;
+and what its other inputs need: the chat template for `messages`, the calibration for
+int8 / uint8."""
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from serve_app.errors import GatewayError
+from serve_app.prompts.chat_template import ChatTemplate
 from serve_app.prompts.text_budget import TextBudget
 from serve_app.protocol import TokenIds
 from serve_app.sentence.encoder import SentenceSpec
+from serve_app.sentence.quantize import Calibration
 
 Truncation = Literal["START", "END"] | None
 
@@ -22,6 +26,11 @@ class SentenceModel:
     spec: SentenceSpec
     tokenizer: Any
     truncate_by_default: bool
+    chat_template: str | None = None
+    """The configured template for `messages`; None: the tokenizer's own, if any."""
+    chat_parses_special_tokens: bool = False
+    """`tokenization.chat_special_tokens: parse`, as for chat completions."""
+    calibration: Calibration = field(default_factory=Calibration)
 
     def __post_init__(self) -> None:
         # One tokenizer per truncation side: a call never changes another's settings.
@@ -30,6 +39,9 @@ class SentenceModel:
             self.truncating[side] = copy.deepcopy(self.tokenizer)
             self.truncating[side].truncation_side = hf_side
         self.budget = TextBudget.of(self.tokenizer)
+        self.chat = ChatTemplate(self.tokenizer, self.chat_template,
+                                 special_tokens_as_text=not self.chat_parses_special_tokens)
+        self.chat_budget = TextBudget.of(self.tokenizer, self.chat_parses_special_tokens)
 
     def _within_budget(self, text: str, truncation: Truncation, limit: int, param: str) -> str:
         """Length before work: an input that cannot fit is refused (or, when truncated,

@@ -2,8 +2,10 @@
 
 The ingress tokenizes (with the model's sentence-transformers prompt for the input type),
 checks lengths, packs inputs into chunks no longer than the model's limit and sends them to
-the encoder deployment; the vectors come back normalised and are shaped here (Matryoshka
-truncation, float / base64 / binary encodings).
+the encoder deployment; the vectors come back pooled and are shaped here (Matryoshka
+truncation, then normalisation unless the request turns it off, then float / base64 /
+bytes / binary encodings). Cohere's int8 / uint8 use each model's calibrated ranges
+(`quantize`); vLLM's `messages` become one input through the model's chat template (`chat`).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ from serve_app.endpoint import answer
 from serve_app.errors import GatewayError, model_not_found
 from serve_app.limits import check_items
 from serve_app.observability import access
+from serve_app.prompts.chat_template import load_chat_template
 from serve_app.prompts.checkpoint import load_tokenizer, tokenize_off_loop_if_large
 from serve_app.protocol import CohereEmbedRequest, EmbeddingRequest, ModelCard, TokenIds
 from serve_app.protocol.embeddings import (
@@ -38,6 +41,7 @@ from serve_app.protocol.embeddings import (
     EmbeddingResponse,
     EmbeddingUsage,
 )
+from serve_app.sentence.chat import chat_token_ids
 from serve_app.sentence.encoder import (
     EncoderCore,
     SentenceSpec,
@@ -45,8 +49,11 @@ from serve_app.sentence.encoder import (
     resolve_encoder_dir,
 )
 from serve_app.sentence.inputs import SentenceModel, Truncation
+from serve_app.sentence.quantize import CalibrationCache, calibration_for, quantize
+from serve_app.sentence.vector_bytes import base64_rows, bytes_answer, vector_bytes
 
-_UNSUPPORTED_COHERE_TYPES = ("int8", "uint8")
+_QUANTIZED_TYPES = {"int8", "uint8"}
+_COHERE_INPUT_TYPES = ("search_query", "search_document", "classification", "clustering")
 
 
 class EncoderClient(Protocol):
@@ -74,6 +81,7 @@ class SentenceService:
         self.encoders = encoders
         self.other_models = set(other_models)
         self.limits = limits or LimitsConfig()
+        self.calibrations = CalibrationCache()
 
     @classmethod
     def from_config(cls, config: AppConfig, encoders: EncoderClient) -> SentenceService:
@@ -82,8 +90,11 @@ class SentenceService:
             model_dir = resolve_encoder_dir(model_config)
             tokenizer = load_tokenizer(model_dir)
             spec = read_sentence_spec(model_dir, model_config, tokenizer)
-            models[model_config.name] = SentenceModel(model_config.name, spec, tokenizer,
-                                                       model_config.truncate)
+            models[model_config.name] = SentenceModel(
+                model_config.name, spec, tokenizer, model_config.truncate,
+                chat_template=load_chat_template(model_config.chat_template),
+                chat_parses_special_tokens=config.tokenization.chat_special_tokens == "parse",
+                calibration=calibration_for(model_config, model_dir, spec))
         return cls(models, encoders, [config.model.name], config.limits)
 
     def model_cards(self) -> list[ModelCard]:
@@ -117,7 +128,8 @@ class SentenceService:
     @staticmethod
     def _resize(model: SentenceModel, vectors: torch.Tensor, size: int | None,
                 param: str) -> torch.Tensor:
-        """Matryoshka truncation, renormalised; a 400 for models not trained for it."""
+        """Matryoshka truncation (normalising comes after it, as in vLLM's pooler head);
+        a 400 for models not trained for it."""
         if size is None or size == model.spec.hidden_size:
             return vectors
         allowed = model.spec.matryoshka_dimensions
@@ -129,8 +141,7 @@ class SentenceService:
             sizes = ", ".join(map(str, allowed or [model.spec.hidden_size]))
             raise GatewayError(f"{param} must be one of {sizes} for `{model.name}`.", 400,
                                param=param)
-        cut = vectors[:, :size]
-        return torch.nn.functional.normalize(cut, p=2, dim=1) if model.spec.normalize else cut
+        return vectors[:, :size]
 
     async def _tokenize(self, model: SentenceModel, texts: Sequence[str], prompt: str,
                         truncation: Truncation, limit: int, param: str) -> list[list[int]]:
@@ -145,20 +156,22 @@ class SentenceService:
 
     async def _openai(self, request: EmbeddingRequest) -> Response:
         model = self._model(request.model)
-        inputs = request.inputs()
+        inputs = await self._chat_ids(model, request) if request.messages else request.inputs()
         if not inputs:
             raise GatewayError("input must not be empty.", 400, param="input")
         check_items(len(inputs), self.limits, "input")
         ids = await self._openai_ids(model, request, inputs)
         vectors = self._resize(model, await self._vectors(model, ids), request.dimensions,
                                "dimensions")
-        rows = _float32_rows(vectors)
-        as_base64 = request.encoding_format == "base64"
-        tokens = sum(len(i) for i in ids)
-        return _numpy_json(EmbeddingResponse(
-            data=[Embedding(index=i, embedding=_b64(row) if as_base64 else row)
-                  for i, row in enumerate(rows)],
-            model=model.name, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)))
+        rows = _float32_rows(_normalised(vectors, request.normalises(model.spec.normalize)))
+        return _openai_answer(model.name, request, rows, sum(len(i) for i in ids))
+
+    async def _chat_ids(self, model: SentenceModel,
+                        request: EmbeddingRequest) -> list[TokenIds]:
+        """`messages` as one input of token ids, which then go where given ids go."""
+        texts = [text for message in request.messages or [] for text in message.texts()]
+        return [await tokenize_off_loop_if_large(sum(map(len, texts)), chat_token_ids, model,
+                                                 request, self.limits)]
 
     async def _openai_ids(self, model: SentenceModel, request: EmbeddingRequest,
                           inputs: list[str] | list[TokenIds]) -> list[list[int]]:
@@ -167,8 +180,14 @@ class SentenceService:
         truncation: Truncation = "END" if (
             asked is not None or model.truncate_by_default) else None
         limit = model.spec.max_seq_length
+        if asked is not None and asked > limit:
+            # vLLM refuses it rather than truncating to less than asked.
+            raise GatewayError(
+                f"truncate_prompt_tokens value ({asked}) is greater than max_model_len "
+                f"({limit}). Please, select a smaller truncation size.", 400,
+                param="truncate_prompt_tokens")
         if asked is not None and asked > 0:
-            limit = min(limit, asked)
+            limit = asked
         if isinstance(inputs[0], str):
             texts = [t for t in inputs if isinstance(t, str)]
             return await self._tokenize(model, texts, model.spec.prompt(None), truncation,
@@ -181,43 +200,100 @@ class SentenceService:
     async def _cohere(self, request: CohereEmbedRequest) -> Response:
         model = self._model(request.model)
         check_items(len(request.texts), self.limits, "texts")
-        _check_cohere_types(request.embedding_types)
         truncation: Truncation = None if request.truncate == "NONE" else request.truncate
         prompt = model.spec.prompt(_prompt_name(model.spec, request.input_type))
         ids = await self._tokenize(model, request.texts, prompt, truncation,
                                    model.spec.max_seq_length, "texts")
-        vectors = self._resize(model, await self._vectors(model, ids),
-                               request.output_dimension, "output_dimension")
-        rows = _float32_rows(vectors)
+        rows = self._cohere_rows(model, await self._vectors(model, ids),
+                                 request.output_dimension)
+        ranges = await self._ranges(model, request.embedding_types, request.output_dimension)
         tokens = sum(len(i) for i in ids)
         embeddings = CohereEmbeddings.model_validate(
-            {kind: _cohere_encoding(rows, kind) for kind in request.embedding_types})
+            {kind: _cohere_encoding(rows, kind, ranges) for kind in request.embedding_types})
         # Cohere sends only the embedding types asked for, and no null fields.
         return _numpy_json(CohereEmbedResponse(
             id=str(uuid.uuid4()), embeddings=embeddings, texts=request.texts,
             meta=CohereMeta(billed_units=CohereBilledUnits(input_tokens=tokens))),
             exclude_none=True)
 
+    def _cohere_rows(self, model: SentenceModel, vectors: torch.Tensor,
+                     size: int | None) -> npt.NDArray[np.float32]:
+        """The answer's float32 rows: Matryoshka size, then the model's normalisation. The
+        int8 calibration shapes its vectors with this too, so ranges fit the rows."""
+        vectors = self._resize(model, vectors, size, "output_dimension")
+        return _float32_rows(_normalised(vectors, model.spec.normalize))
 
-def _check_cohere_types(kinds: list[CohereEmbeddingType]) -> None:
-    unsupported = [kind for kind in kinds if kind in _UNSUPPORTED_COHERE_TYPES]
-    if unsupported:
-        raise GatewayError(f"embedding_types {unsupported[0]} is not supported; use float, "
-                           "binary, ubinary or base64.", 400, param="embedding_types")
+    async def _ranges(self, model: SentenceModel, kinds: Sequence[CohereEmbeddingType],
+                      size: int | None) -> npt.NDArray[np.float32] | None:
+        """int8 / uint8 ranges for vectors of `size`, when asked for: the model's
+        calibration vectors are made once, the ranges once per size."""
+        if not _QUANTIZED_TYPES & set(kinds):
+            return None
+
+        async def embed(texts: Sequence[str]) -> torch.Tensor:
+            # As a request's texts: the default prompt, cut (not refused) at the limit.
+            ids = await self._tokenize(model, texts, model.spec.prompt(None), "END",
+                                       model.spec.max_seq_length, "texts")
+            return await self._vectors(model, ids)
+
+        return await self.calibrations.ranges(
+            model.name, model.calibration, embed,
+            lambda vectors: self._cohere_rows(model, vectors, size), size)
 
 
 def _prompt_name(spec: SentenceSpec, input_type: str | None) -> str | None:
-    """Cohere's input_type -> the checkpoint's prompt name (search_query -> query, ...)."""
-    if not input_type:
+    """Cohere's input_type -> the checkpoint's prompt name (search_query -> query, ...).
+
+    One that names no prompt of the checkpoint is a 400, as vLLM answers it: silently
+    embedding without the prompt gives vectors from another space than the caller's index.
+    """
+    if input_type is None:
         return None
+    name = _resolved(spec.prompts, input_type)
+    if name is None:
+        raise GatewayError(_unsupported_input_type(spec.prompts), 400, param="input_type")
+    return name
+
+
+def _resolved(prompts: dict[str, str], input_type: str) -> str | None:
     candidates = [input_type, input_type.removeprefix("search_")]
     if input_type == "search_document":
         candidates.append("passage")
-    return next((c for c in candidates if c in spec.prompts), None)
+    return next((c for c in candidates if c in prompts), None)
+
+
+def _unsupported_input_type(prompts: dict[str, str]) -> str:
+    """vLLM's message, without the value sent (errors name fields, never echo them)."""
+    if not prompts:
+        return ("Unsupported input_type. This model does not define any input_type task "
+                "instructions.")
+    names = set(prompts) | {t for t in _COHERE_INPUT_TYPES if _resolved(prompts, t)}
+    return f"Unsupported input_type. Supported values: {', '.join(sorted(names))}"
+
+
+def _normalised(vectors: torch.Tensor, normalise: bool) -> torch.Tensor:
+    return torch.nn.functional.normalize(vectors, p=2, dim=1) if normalise else vectors
+
+
+def _openai_answer(model: str, request: EmbeddingRequest, rows: npt.NDArray[np.float32],
+                   tokens: int) -> Response:
+    """The rows in the asked encoding: JSON floats or base64 items, or vLLM's raw bytes."""
+    if request.encoding_format in ("bytes", "bytes_only"):
+        return bytes_answer(vector_bytes(rows, request.embed_dtype, request.endianness),
+                            request.embed_dtype, request.endianness, model, tokens,
+                            with_metadata=request.encoding_format == "bytes")
+    embeddings: list[str] | npt.NDArray[np.float32] = rows
+    if request.encoding_format == "base64":
+        embeddings = base64_rows(vector_bytes(rows, request.embed_dtype, request.endianness))
+    return _numpy_json(EmbeddingResponse(
+        data=[Embedding(index=i, embedding=e) for i, e in enumerate(embeddings)],
+        model=model, usage=EmbeddingUsage(prompt_tokens=tokens, total_tokens=tokens)))
 
 
 def _float32_rows(vectors: torch.Tensor) -> npt.NDArray[np.float32]:
-    return vectors.numpy().astype("<f4", copy=False)
+    # Contiguous: a Matryoshka cut that is not renormalised is a strided view, which
+    # orjson refuses to write.
+    return np.ascontiguousarray(vectors.numpy(), dtype="<f4")
 
 
 def _b64(row: npt.NDArray[np.float32]) -> str:
@@ -225,10 +301,13 @@ def _b64(row: npt.NDArray[np.float32]) -> str:
     return pybase64.b64encode(row.tobytes()).decode("ascii")
 
 
-def _cohere_encoding(rows: npt.NDArray[np.float32],
-                     kind: CohereEmbeddingType) -> npt.NDArray[Any] | list[str]:
+def _cohere_encoding(rows: npt.NDArray[np.float32], kind: CohereEmbeddingType,
+                     ranges: npt.NDArray[np.float32] | None) -> npt.NDArray[Any] | list[str]:
     if kind == "float":
         return rows
+    if kind == "int8" or kind == "uint8":
+        assert ranges is not None  # `_ranges` calibrates whenever these are asked for
+        return quantize(rows, ranges, kind)
     if kind == "base64":
         return [_b64(row) for row in rows]
     packed = np.packbits(rows > 0, axis=-1)

@@ -5,10 +5,13 @@ from __future__ import annotations
 import asyncio
 from typing import Any
 
+import cohere
 import httpx
 import numpy as np
 import openai
 import pytest
+
+from serve_app.sentence.quantize import BUILTIN_TEXTS
 
 pytestmark = pytest.mark.integration
 
@@ -85,3 +88,45 @@ def test_cohere_embed(serve_graph, sentence_transformer) -> None:  # type: ignor
     assert body["texts"] == TEXTS and body["meta"]["billed_units"]["input_tokens"] > 0
     missing = httpx.post(f"{serve_graph.base_url}/v2/embed", json={"model": "x", "texts": ["a"]})
     assert missing.status_code == 404 and set(missing.json()) == {"error"}
+
+
+def quantized(rows: np.ndarray, precision: str, ranges: np.ndarray) -> np.ndarray:
+    from sentence_transformers.util.quantization import quantize_embeddings
+
+    return np.asarray(quantize_embeddings(rows, precision=precision, ranges=ranges))
+
+
+@pytest.mark.parametrize("size", [None, 16])
+def test_cohere_sdk_gets_every_type(  # type: ignore[no-untyped-def]
+    serve_graph, sentence_transformer, size: int | None
+) -> None:
+    client = cohere.ClientV2(base_url=serve_graph.base_url, api_key="EMPTY", timeout=120)
+    kinds = ["float", "int8", "uint8", "binary", "ubinary", "base64"]
+    answer = client.embed(model=EMBED, texts=TEXTS, input_type="search_document",
+                          embedding_types=kinds, output_dimension=size)
+    got = answer.embeddings
+    floats = np.asarray(got.float_, dtype=np.float32)
+    expected = sentence_transformer.encode(TEXTS, prompt_name="document", truncate_dim=size)
+    expected /= np.linalg.norm(expected, axis=1, keepdims=True)
+    assert np.allclose(floats, expected, atol=1e-5)
+    # int8 / uint8: sentence-transformers' quantization with ranges from the same model's
+    # vectors of the built-in calibration texts (default prompt, same dimensions).
+    calibration = sentence_transformer.encode(list(BUILTIN_TEXTS), truncate_dim=size)
+    calibration /= np.linalg.norm(calibration, axis=1, keepdims=True)
+    ranges = np.vstack((calibration.min(0), calibration.max(0)))
+    for precision in ("int8", "uint8"):
+        values = np.asarray(getattr(got, precision), dtype=np.int16)
+        diff = np.abs(values - quantized(expected, precision, ranges).astype(np.int16))
+        assert diff.max() <= 1 and (diff == 0).mean() >= 0.99  # float error at bucket edges
+    packed = np.packbits(floats > 0, axis=-1)
+    assert np.array_equal(np.asarray(got.ubinary), packed)
+    assert np.array_equal(np.asarray(got.binary), packed.astype(np.int16) - 128)
+    assert len(got.base64) == len(TEXTS)
+
+
+def test_openai_sdk_chat_embeddings_need_a_template(client) -> None:  # type: ignore[no-untyped-def]
+    # vLLM's documented way to send `messages` with the SDK; the demo encoder has no template.
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.post("/embeddings", cast_to=openai.types.CreateEmbeddingResponse, body={
+            "model": EMBED, "messages": [{"role": "user", "content": "Paris"}]})
+    assert refused.value.param == "messages"

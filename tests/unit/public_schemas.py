@@ -248,6 +248,8 @@ class Embedding(Strict):
 class EmbeddingUsage(Strict):
     prompt_tokens: int
     total_tokens: int
+    # vLLM: its UsageInfo sends completion_tokens 0 for embeddings too.
+    completion_tokens: Literal[0]
 
 
 class CreateEmbeddingResponse(Strict):
@@ -358,6 +360,7 @@ VLLM_EXTRAS: dict[type[Strict], frozenset[str]] = {
     ChatChoice: frozenset({"stop_reason"}),
     ChatChunkChoice: frozenset({"stop_reason"}),
     Model: frozenset({"max_model_len"}),
+    EmbeddingUsage: frozenset({"completion_tokens"}),
     # Not vLLM's: the gateway's request id, to quote in a ticket (docs/observability.md).
     ErrorObject: frozenset({"request_id"}),
 }

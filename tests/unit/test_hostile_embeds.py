@@ -63,6 +63,8 @@ CORPUS: dict[str, Callable[[Path], str]] = {
     "sparse CSR, out-of-range indices": lambda _: b64_of_save(torch.sparse_csr_tensor(
         torch.tensor([0, 1, 2]), torch.tensor([0, 10_000]), torch.ones(2), (2, HIDDEN),
         check_invariants=False)),
+    # Well-formed: vLLM checks and densifies it; the gateway refuses every sparse tensor.
+    "sparse COO, well-formed": lambda _: b64_of_save(torch.randn(4, HIDDEN).to_sparse()),
     "code-running pickle": lambda tmp: b64_of_save(RunsCode(tmp / "pwned")),
     "huge declared shape, tiny payload": lambda _: b64_of_save(
         torch.zeros(1, HIDDEN).expand(10_000_000, HIDDEN)),

@@ -178,8 +178,9 @@ async def test_openai_embeddings(gateway: httpx.AsyncClient, encoding: str,
         assert isinstance(vector, list) and len(vector) == body.get("dimensions", 32)
 
 
-@pytest.mark.parametrize("kinds", [["float"], ["binary"], ["ubinary"], ["base64"],
-                                   ["float", "binary", "ubinary", "base64"]])
+@pytest.mark.parametrize("kinds", [["float"], ["int8"], ["uint8"], ["binary"], ["ubinary"],
+                                   ["base64"],
+                                   ["float", "int8", "uint8", "binary", "ubinary", "base64"]])
 async def test_cohere_embed(gateway: httpx.AsyncClient, kinds: list[str]) -> None:
     texts = ["Paris", FRANCE, "Tokyo"]
     response = await gateway.post("/v2/embed", json={
@@ -193,7 +194,7 @@ async def test_cohere_embed(gateway: httpx.AsyncClient, kinds: list[str]) -> Non
     for kind in kinds:
         rows = sent[kind]
         assert len(rows) == len(texts)
-        width = {"float": 32, "binary": 4, "ubinary": 4}.get(kind)
+        width = {"float": 32, "int8": 32, "uint8": 32, "binary": 4, "ubinary": 4}.get(kind)
         if width is not None:
             assert all(len(row) == width for row in rows)
     assert answer.meta is not None and answer.meta.billed_units is not None
@@ -228,7 +229,7 @@ BAD_REQUESTS = [
     ("/v1/embeddings", {"model": EMBED, "input": []}, 400),
     ("/v1/embeddings", {"model": EMBED, "input": "x", "dimensions": 12}, 400),
     ("/v1/embeddings", {"model": "nope", "input": "x"}, 404),
-    ("/v2/embed", {"model": EMBED, "texts": ["x"], "embedding_types": ["int8"]}, 400),
+    ("/v2/embed", {"model": EMBED, "texts": ["x"], "embedding_types": ["int4"]}, 400),
     ("/v2/embed", {"model": "nope", "texts": ["x"]}, 404),
 ]
 

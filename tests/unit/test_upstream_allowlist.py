@@ -126,6 +126,7 @@ async def test_unknown_fields_are_refused_by_name(
         ("/v1/completions", "logits_processors", [CANARY]),
         ("/v1/completions", "request_id", CANARY),
         ("/v1/completions", "truncate_prompt_tokens", 4),
+        (CHAT, "truncate_prompt_tokens", 4),
         (CHAT, "documents", [{"title": "t", "text": CANARY}]),
         (CHAT, "chat_template", "{{ '" + CANARY + "' }}"),
         (CHAT, "mm_processor_kwargs", {"x": CANARY}),
