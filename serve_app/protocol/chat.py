@@ -22,16 +22,16 @@ from serve_app.protocol.sampling import (
 )
 
 
-def _strings(value: Any) -> Iterator[str]:
-    """Every string in a JSON value."""
+def json_strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value: template variables are client text too."""
     if isinstance(value, str):
         yield value
     elif isinstance(value, dict):
         for item in value.values():
-            yield from _strings(item)
+            yield from json_strings(item)
     elif isinstance(value, list):
         for item in value:
-            yield from _strings(item)
+            yield from json_strings(item)
 
 _CONTENT_PART_TYPES = ("text", "prompt_embeds")
 
@@ -165,7 +165,7 @@ class ChatCompletionRequest(OpenAISampling, VllmSampling, StructuredOutputs):
     def texts(self) -> list[str]:
         """Every client text the template will render: messages, names, template variables."""
         return [text for message in self.messages for text in message.texts()] + list(
-            _strings(self.chat_template_kwargs))
+            json_strings(self.chat_template_kwargs))
 
     @property
     def completion_max_tokens(self) -> int | None:

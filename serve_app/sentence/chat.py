@@ -5,7 +5,7 @@ vLLM."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +13,7 @@ from serve_app.config import LimitsConfig
 from serve_app.errors import GatewayError
 from serve_app.limits import check_items
 from serve_app.protocol import ChatMessage
+from serve_app.protocol.chat import json_strings
 from serve_app.protocol.embeddings import EmbeddingRequest
 from serve_app.sentence.inputs import SentenceModel
 
@@ -47,7 +48,7 @@ def chat_token_ids(model: SentenceModel, request: EmbeddingRequest,
                            "embedding_models[].chat_template in the gateway config, or send "
                            "input.", 400, param="messages")
     texts = [text for message in messages for text in message.texts()]
-    texts += list(_strings(request.chat_template_kwargs))
+    texts += list(json_strings(request.chat_template_kwargs))
     truncating = request.truncate_prompt_tokens is not None or model.truncate_by_default
     limit = model.spec.max_seq_length
     if truncating:
@@ -76,15 +77,3 @@ def _special_frame(tokenizer: Any) -> tuple[list[int], list[int]]:
         if framed[start : start + len(plain)] == plain:
             return framed[:start], framed[start + len(plain):]
     return [], []
-
-
-def _strings(value: Any) -> Iterator[str]:
-    """Every string in a JSON value: template variables are client text too."""
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for item in value.values():
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
