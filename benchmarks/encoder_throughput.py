@@ -61,6 +61,7 @@ import torch
 try:
     from serve_app import envs
     from serve_app.config import EmbeddingModelConfig
+    from serve_app.demo.encoder import write_sentence_files
     from serve_app.demo.model import build_once
     from serve_app.prompts.checkpoint import load_tokenizer
     from serve_app.sentence.encoder import EncoderCore
@@ -176,11 +177,6 @@ def build_tokenizer(words: list[str]) -> Any:
         sep_token="[SEP]", mask_token="[MASK]", model_max_length=MAX_POSITIONS)
 
 
-def _write_json(path: Path, value: object) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(value, indent=2) + "\n")
-
-
 def build_checkpoint(target: Path, shape: Shape) -> Path:
     """Weights, tokenizer and bge-base's sentence-transformers files (CLS, Normalize)."""
     from transformers import BertConfig, BertModel
@@ -195,23 +191,7 @@ def build_checkpoint(target: Path, shape: Shape) -> Path:
         torch.manual_seed(0)
         model = BertModel(config).eval()
     model.save_pretrained(target, safe_serialization=True)
-    _write_json(target / "modules.json", [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling",
-         "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize",
-         "type": "sentence_transformers.models.Normalize"},
-    ])
-    _write_json(target / "sentence_bert_config.json",
-                {"max_seq_length": MAX_POSITIONS, "do_lower_case": True})
-    _write_json(target / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": shape.hidden, "pooling_mode_cls_token": True,
-        "pooling_mode_mean_tokens": False, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False,
-    })
-    (target / "2_Normalize").mkdir(exist_ok=True)
-    _write_json(target / "config_sentence_transformers.json",
-                {"prompts": {}, "default_prompt_name": None, "similarity_fn_name": "cosine"})
+    write_sentence_files(target, shape.hidden, MAX_POSITIONS, "cls", {}, lower_case=True)
     return target
 
 
@@ -473,9 +453,9 @@ def main() -> None:
     text = markdown(facts, settings, cells)
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.md").write_text(text)
-    _write_json(args.out / f"{args.name}.json", {
+    (args.out / f"{args.name}.json").write_text(json.dumps({
         "machine": facts, "settings": settings, "cells": [asdict(c) for c in cells],
-        "published": [asdict(p) for p in PUBLISHED]})
+        "published": [asdict(p) for p in PUBLISHED]}, indent=2) + "\n")
     print(text)
 
 

@@ -13,6 +13,7 @@ import argparse
 import json
 import re
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -42,6 +43,31 @@ def _write_json(path: Path, value: object) -> None:
     path.write_text(json.dumps(value, indent=2) + "\n")
 
 
+def write_sentence_files(target: Path, hidden: int, max_seq_length: int,
+                         pooling: Literal["mean", "cls", "lasttoken"], prompts: dict[str, str],
+                         lower_case: bool) -> None:
+    """sentence-transformers' files beside a saved BERT: Transformer, Pooling, Normalize."""
+    _write_json(target / "modules.json", [
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling",
+         "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize",
+         "type": "sentence_transformers.models.Normalize"},
+    ])
+    _write_json(target / "sentence_bert_config.json",
+                {"max_seq_length": max_seq_length, "do_lower_case": lower_case})
+    _write_json(target / "1_Pooling" / "config.json", {
+        "word_embedding_dimension": hidden, "pooling_mode_cls_token": pooling == "cls",
+        "pooling_mode_mean_tokens": pooling == "mean", "pooling_mode_max_tokens": False,
+        "pooling_mode_mean_sqrt_len_tokens": False,
+        "pooling_mode_lasttoken": pooling == "lasttoken",
+    })
+    (target / "2_Normalize").mkdir(exist_ok=True)
+    _write_json(target / "config_sentence_transformers.json", {
+        "prompts": prompts, "default_prompt_name": None, "similarity_fn_name": "cosine",
+    })
+
+
 def build_demo_encoder(target: Path) -> Path:
     """Write the demo encoder (config, safetensors, tokenizer, sentence-transformers files)."""
     from transformers import BertConfig, BertModel, BertTokenizer
@@ -60,24 +86,7 @@ def build_demo_encoder(target: Path) -> Path:
         model = BertModel(config).eval()
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)
-    _write_json(target / "modules.json", [
-        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
-        {"idx": 1, "name": "1", "path": "1_Pooling",
-         "type": "sentence_transformers.models.Pooling"},
-        {"idx": 2, "name": "2", "path": "2_Normalize",
-         "type": "sentence_transformers.models.Normalize"},
-    ])
-    _write_json(target / "sentence_bert_config.json",
-                {"max_seq_length": MAX_SEQ_LENGTH, "do_lower_case": False})
-    _write_json(target / "1_Pooling" / "config.json", {
-        "word_embedding_dimension": HIDDEN, "pooling_mode_cls_token": False,
-        "pooling_mode_mean_tokens": True, "pooling_mode_max_tokens": False,
-        "pooling_mode_mean_sqrt_len_tokens": False, "pooling_mode_lasttoken": False,
-    })
-    (target / "2_Normalize").mkdir(exist_ok=True)
-    _write_json(target / "config_sentence_transformers.json", {
-        "prompts": PROMPTS, "default_prompt_name": None, "similarity_fn_name": "cosine",
-    })
+    write_sentence_files(target, HIDDEN, MAX_SEQ_LENGTH, "mean", PROMPTS, lower_case=False)
     return target
 
 
