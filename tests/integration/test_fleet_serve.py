@@ -54,6 +54,17 @@ class FleetApp:
                                                  dispatcher.bind(), {})
         serve.run(gateway, name="fleet", route_prefix=PREFIX)
 
+    def redeploy(self, *servers: ServerProcess, dispatchers: int = 1) -> None:
+        """`deploy` on new replicas: no backend state carries over from earlier tests.
+
+        A Dispatcher replica keeps a backend's state across `reconfigure` (a config change
+        must not forget a Retry-After), so a replica that served an earlier test can hold a
+        throttle or an ejection that a replica started for this one never saw."""
+        from ray import serve
+
+        serve.delete("fleet")
+        self.deploy(*servers, dispatchers=dispatchers)
+
     def upstreams(self) -> dict[str, dict[str, Any]]:
         rows = httpx.get(f"{self.url}/health/upstreams", timeout=10).json()["data"]
         return {row["url"]: row for row in rows}
@@ -151,7 +162,10 @@ async def test_upstream_state_is_visible_and_a_429_keeps_its_retry_after(
 
 async def test_dispatcher_replicas_send_a_shared_prefix_to_one_backend(
         fleet_app: FleetApp, fakes: dict[str, ServerProcess]) -> None:
-    await asyncio.to_thread(fleet_app.deploy, *fakes.values(), dispatchers=2)
+    # Both replicas start from one fleet state: the 429 test before this one leaves its
+    # backend throttled for up to 7 s in the replica it ran on, which then routes that
+    # backend's prefixes to their next choice while a new replica does not.
+    await asyncio.to_thread(fleet_app.redeploy, *fakes.values(), dispatchers=2)
     try:
         system = "You answer for the city library, briefly and politely. " * 3
         questions = ["Opening hours?", "Fines?", "Wifi?", "Printing?", "Maps?", "Parking?"]
