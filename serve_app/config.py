@@ -399,10 +399,13 @@ class AuthConfig(StrictModel):
     """Bearer keys for the ingress: never in this file, only where to find them."""
 
     api_keys_env: str | None = Field(
-        None, description="Environment variable holding the accepted keys (comma-separated)."
+        None, description="Environment variable holding the accepted keys, comma-separated; "
+        "whitespace around a key is ignored, whitespace inside one stops the start.",
     )
     api_keys_file: str | None = Field(
-        None, description="File (e.g. a mounted secret) holding the accepted keys, one a line."
+        None, description="File (e.g. a mounted secret) holding the accepted keys, one per "
+        "line; blank lines and `#` comment lines are skipped, and a line with whitespace "
+        "inside stops the start (its number is named, never its content).",
     )
 
     @property

@@ -136,9 +136,9 @@ async def test_streams_pass_through_the_check(guarded: httpx.AsyncClient) -> Non
 
 
 def test_keys_from_environment_and_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("GATEWAY_KEYS", "sk-a, sk-b  sk-a")
+    monkeypatch.setenv("GATEWAY_KEYS", " sk-a, sk-b,,sk-a,\n")
     key_file = tmp_path / "keys"
-    key_file.write_text("sk-c\n\nsk-d\n")
+    key_file.write_text("sk-c\n\n  sk-d\t\r\n")
     assert envs.api_keys("GATEWAY_KEYS", None) == ("sk-a", "sk-b")
     assert envs.api_keys(None, str(key_file)) == ("sk-c", "sk-d")
     assert envs.api_keys("GATEWAY_KEYS", str(key_file)) == ("sk-a", "sk-b", "sk-c", "sk-d")
@@ -156,6 +156,30 @@ def test_a_named_source_without_keys_refuses_to_start(
         envs.api_keys(None, str(tmp_path / "empty"))
     with pytest.raises(ValueError, match="cannot be read"):
         envs.api_keys(None, str(tmp_path / "missing"))
+
+
+def test_comment_lines_in_the_key_file_are_not_keys(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("# client keys, rotated by ops\nsk-live\n   # old: sk-gone\n\n")
+    assert envs.api_keys(None, str(key_file)) == ("sk-live",)
+
+
+def test_a_key_file_line_with_inner_whitespace_refuses_to_start(tmp_path: Path) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("sk-first\n# note\nsk-secret-half other-half\n")
+    with pytest.raises(ValueError, match="line 3 has whitespace") as refused:
+        envs.api_keys(None, str(key_file))
+    assert "sk-secret-half" not in str(refused.value)
+    assert "other-half" not in str(refused.value)
+
+
+def test_an_environment_item_with_inner_whitespace_refuses_to_start(
+    monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("GATEWAY_KEYS", "sk-a,sk-b sk-c")
+    with pytest.raises(ValueError, match="GATEWAY_KEYS: item 2 has whitespace") as refused:
+        envs.api_keys("GATEWAY_KEYS", None)
+    assert "sk-b" not in str(refused.value)
 
 
 def test_keys_cannot_be_written_into_the_config() -> None:
