@@ -50,7 +50,12 @@ from serve_app.sentence.encoder import (
 )
 from serve_app.sentence.inputs import SentenceModel, Truncation
 from serve_app.sentence.quantize import CalibrationCache, calibration_for, quantize
-from serve_app.sentence.vector_bytes import base64_rows, bytes_answer, vector_bytes
+from serve_app.sentence.vector_bytes import (
+    base64_rows,
+    bytes_answer,
+    check_metadata_fits,
+    vector_bytes,
+)
 
 _QUANTIZED_TYPES = {"int8", "uint8"}
 _COHERE_INPUT_TYPES = ("search_query", "search_document", "classification", "clustering")
@@ -160,6 +165,8 @@ class SentenceService:
         if not inputs:
             raise GatewayError("input must not be empty.", 400, param="input")
         check_items(len(inputs), self.limits, "input")
+        if request.encoding_format == "bytes":
+            check_metadata_fits(len(inputs))
         ids = await self._openai_ids(model, request, inputs)
         vectors = self._resize(model, await self._vectors(model, ids), request.dimensions,
                                "dimensions")

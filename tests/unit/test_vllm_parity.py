@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from serve_app.sentence.service import SentenceService
+from serve_app.sentence.vector_bytes import METADATA_MAX_INPUTS, bytes_answer
 from tests.unit.gateway_client import error_of
 
 EMBED = "serve-app-demo-embed"
@@ -172,6 +173,31 @@ async def test_bytes_only_has_no_header_and_a_fixed_layout(gateway: httpx.AsyncC
     for i, row in enumerate(expected):
         got = decoded(response.content[i * size:(i + 1) * size], "bfloat16", "big")
         assert torch.equal(got.view(torch.uint8), cast(row, "bfloat16").view(torch.uint8))
+
+
+async def test_bytes_refuses_more_inputs_than_its_header_carries(
+    gateway: httpx.AsyncClient
+) -> None:
+    """The `metadata` header grows with every input; past `METADATA_MAX_INPUTS` a 400 points
+    to the formats that carry no header, which still answer every input."""
+    texts = [f"input {i}" for i in range(METADATA_MAX_INPUTS + 1)]
+    at_the_bound = await embeddings(gateway, input=texts[:-1], encoding_format="bytes")
+    assert at_the_bound.status_code == 200, at_the_bound.text
+    assert len(json.loads(at_the_bound.headers["metadata"])["data"]) == METADATA_MAX_INPUTS
+    error = error_of(await embeddings(gateway, input=texts, encoding_format="bytes"), 400)
+    assert error["param"] == "encoding_format"
+    assert "bytes_only" in error["message"] and "base64" in error["message"]
+    for headerless in ("bytes_only", "base64"):
+        response = await embeddings(gateway, input=texts, encoding_format=headerless)
+        assert response.status_code == 200, response.text
+
+
+def test_the_metadata_header_of_the_most_inputs_fits_an_8_kb_header_line() -> None:
+    """The bound's reason, at wide vectors and a long model name: the header, name and
+    value, fits Apache's 8,190-byte line and nginx's 8k buffer with room for the others."""
+    rows = np.zeros((METADATA_MAX_INPUTS, 8192), np.int32)
+    answer = bytes_answer(rows, "float32", "native", "m" * 64, 10**6, with_metadata=True)
+    assert len("metadata: ") + len(answer.headers["metadata"]) < 7800
 
 
 # --------------------------------------------------------------------------- normalisation
