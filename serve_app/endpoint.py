@@ -3,7 +3,8 @@ the handler, and map whatever fails to an OpenAI-shaped error; and the same mapp
 failures outside the routes.
 
 Routes read their bodies as bytes (the guard middleware has already read them whole) and
-parse them with orjson: fast, and every parse or validation failure stays OpenAI-shaped.
+parse them with orjson, refusing repeated keys (`json_body`): fast, and every parse or
+validation failure stays OpenAI-shaped.
 """
 
 from __future__ import annotations
@@ -11,12 +12,12 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
-import orjson
 from fastapi import FastAPI, Request
 from pydantic import BaseModel
 from starlette.exceptions import HTTPException
 from starlette.responses import Response
 
+from serve_app import json_body
 from serve_app.errors import GatewayError, to_gateway_error
 
 RequestT = TypeVar("RequestT", bound=BaseModel)
@@ -32,7 +33,7 @@ async def answer(body: bytes, model: type[RequestT],
                  handler: Callable[[RequestT], Awaitable[Response]]) -> Response:
     """`handler`'s response to the request in `body`, or the error it comes to."""
     try:
-        return await handler(model.model_validate(orjson.loads(body)))
+        return await handler(model.model_validate(json_body.loads(body)))
     except Exception as exc:
         return to_gateway_error(exc).to_response()
 

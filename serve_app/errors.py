@@ -44,6 +44,11 @@ _TYPE_BY_STATUS = {
 }
 
 
+def shown(name: str) -> str:
+    """A client's field name as an error quotes it: bounded, never a whole payload."""
+    return name if len(name) <= 64 else name[:61] + "..."
+
+
 class GatewayError(Exception):
     """A request failure with its HTTP status and OpenAI error fields."""
 

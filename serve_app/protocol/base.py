@@ -13,7 +13,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from serve_app.errors import GatewayError
+from serve_app.errors import GatewayError, shown
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -22,11 +22,6 @@ TokenIds = list[TokenId]
 Int64 = Annotated[int, Field(ge=INT64_MIN, le=INT64_MAX)]
 
 TEXT_UPSTREAM = "it would carry client text to the upstream"
-
-
-def shown(name: str) -> str:
-    """A client's field name as an error quotes it: bounded, never a whole payload."""
-    return name if len(name) <= 64 else name[:61] + "..."
 
 
 class RequestModel(BaseModel):

@@ -9,8 +9,8 @@ from typing import Annotated, Any, ClassVar, Literal
 from pydantic import Field, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from serve_app.errors import GatewayError
-from serve_app.protocol.base import TEXT_UPSTREAM, RequestModel, shown
+from serve_app.errors import GatewayError, shown
+from serve_app.protocol.base import TEXT_UPSTREAM, RequestModel
 from serve_app.protocol.common import ResponseModel, UsageInfo
 from serve_app.protocol.sampling import (
     FORWARDED,

@@ -18,8 +18,8 @@ from pydantic import (
 from pydantic.json_schema import JsonSchemaValue
 from pydantic_core import CoreSchema, PydanticCustomError, core_schema
 
-from serve_app.errors import GatewayError
-from serve_app.protocol.base import RequestModel, TokenIds, shown, token_id_shape
+from serve_app.errors import GatewayError, shown
+from serve_app.protocol.base import RequestModel, TokenIds, token_id_shape
 from serve_app.protocol.chat import ChatMessage
 from serve_app.protocol.common import ResponseModel
 

@@ -16,6 +16,7 @@ LAYERS: dict[str, float] = {
     # the ground, in its own order
     "serve_app.config": 0, "serve_app.envs": 0, "serve_app.errors": 0, "serve_app.demo": 0,
     "serve_app.observability": -1,  # under the ground (errors uses its request ids): ray, stdlib
+    "serve_app.json_body": 0.2,
     "serve_app.protocol": 0.3, "serve_app.endpoint": 0.3, "serve_app.limits": 0.6,
     "serve_app.prompts": 1,
     "serve_app.upstream": 2, "serve_app.sentence": 2, "serve_app.reference": 2,
