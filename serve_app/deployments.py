@@ -173,6 +173,10 @@ class Dispatcher:
     def upstream_status(self) -> list[dict[str, Any]]:
         return self._ready().status()
 
+    async def upstream_ready(self) -> bool:
+        """False until the fleet is configured, then `DispatcherCore.ready`."""
+        return self.core is not None and await self.core.ready()
+
 
 @serve.deployment(ray_actor_options=_PAYLOAD, max_queued_requests=512,
                   backpressure_config=_INGRESS_BACKPRESSURE,

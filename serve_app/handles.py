@@ -108,3 +108,7 @@ class ServePipeline:
     async def upstream_status(self) -> list[dict[str, Any]]:
         status: list[dict[str, Any]] = await self.by_reference.dispatcher.upstream_status.remote()
         return status
+
+    async def upstream_ready(self) -> bool:
+        ready: bool = await self.by_reference.dispatcher.upstream_ready.remote()
+        return ready

@@ -12,6 +12,7 @@ from starlette.responses import Response
 from serve_app.api.completions import CompletionsService
 from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware
 from serve_app.api.openapi import document_request_bodies, route_answers
+from serve_app.api.readiness import Readiness, starting
 from serve_app.api.request_log import RequestLogMiddleware
 from serve_app.endpoint import add_error_handlers
 from serve_app.errors import model_not_found
@@ -56,10 +57,20 @@ def create_gateway_app(service: CompletionsService,
 
     privacy = {"transform": describe_transform(service.privacy.transform)}
 
-    @app.get("/health")
-    async def health() -> dict[str, Any]:
-        """Liveness, and the prompt transform the embeddings get (never its key)."""
+    readiness = Readiness(service.pipeline.upstream_ready)
+
+    @app.get("/health", response_model=None, responses={
+        503: {"description": "Starting: no upstream backend has answered yet."}})
+    async def health() -> dict[str, Any] | Response:
+        """Readiness (503 until an upstream backend has answered), and the prompt transform
+        the embeddings get (never its key)."""
+        if not await readiness.check():
+            return starting()
         return {"status": "ok", "privacy": privacy}
+
+    # A load balancer's HEAD check: the same status, no body.
+    app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False,
+                      response_model=None)
 
     @app.get("/health/upstreams")
     async def upstreams() -> dict[str, Any]:

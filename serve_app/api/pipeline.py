@@ -29,6 +29,10 @@ class Pipeline(Protocol):
 
     async def upstream_status(self) -> list[dict[str, Any]]: ...
 
+    async def upstream_ready(self) -> bool:
+        """Whether the fleet has a backend that has answered and is healthy."""
+        ...
+
 
 class InProcessPipeline:
     """The embedder and dispatcher cores called directly, for running without Ray."""
@@ -50,3 +54,6 @@ class InProcessPipeline:
 
     async def upstream_status(self) -> list[dict[str, Any]]:
         return self.dispatcher.status()
+
+    async def upstream_ready(self) -> bool:
+        return await self.dispatcher.ready()

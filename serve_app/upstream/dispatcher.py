@@ -69,6 +69,10 @@ class DispatcherCore:
     def status(self) -> list[dict[str, Any]]:
         return self.fleet.status()
 
+    async def ready(self) -> bool:
+        """Whether a backend has answered and is healthy (`Fleet.ready`)."""
+        return await self.fleet.ready()
+
     async def aclose(self) -> None:
         await self.fleet.close()
         await self.client.aclose()

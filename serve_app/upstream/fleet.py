@@ -58,6 +58,8 @@ class Backend:
         self.configure(config, health)
         self.state = BackendState.HEALTHY
         self.in_flight = 0
+        self.answered = False
+        """Whether it has passed a probe or answered a request: until then it is starting."""
         self.failures = 0
         """Consecutive failures since the last success."""
         self.ejections = 0
@@ -112,6 +114,7 @@ class Backend:
 
     def succeeded(self) -> None:
         self.failures = 0
+        self.answered = True
 
     def failed(self, reason: str, now: float) -> None:
         self.failures += 1
@@ -124,15 +127,23 @@ class Backend:
         self.last_error = "HTTP 429"
 
     def probed(self, ok: bool, reason: str, now: float) -> bool:
-        """Record a probe; True when it readmits the backend."""
-        if self.state is BackendState.HALF_OPEN:
+        """Record a probe; True when it readmits the backend.
+
+        Before its first answer a backend is starting, not failing (a fleet and its
+        gateway start together): its cooldown does not grow, and any passed probe
+        readmits it, so it takes traffic as soon as it is up."""
+        starting = not self.answered
+        self.answered |= ok
+        if self.state is BackendState.HALF_OPEN or (
+                starting and ok and self.state is BackendState.EJECTED):
             if ok:
                 self.state = BackendState.HEALTHY
                 self.failures = 0
                 self.cooldown_s = self.health.cooldown_s
                 return True
             self.last_error = reason
-            self.cooldown_s = min(self.cooldown_s * 2, self.health.max_cooldown_s)
+            if not starting:
+                self.cooldown_s = min(self.cooldown_s * 2, self.health.max_cooldown_s)
             self._eject("probe_failed", now)
         elif not ok and self.state is BackendState.HEALTHY:
             self.failed(reason, now)
@@ -191,6 +202,8 @@ class Fleet:
         self._waiters: deque[asyncio.Future[None]] = deque()
         self._probes: dict[Backend, asyncio.Task[None]] = {}
         self._gauges: asyncio.Task[None] | None = None
+        self._readiness_probes: asyncio.Task[None] | None = None
+        self._next_readiness_probes = 0.0
         self._rng = random.Random()
         self._closed = False
         with contextlib.suppress(RuntimeError):  # else on first use, once a loop runs
@@ -325,6 +338,39 @@ class Fleet:
         now = self.clock()
         return [backend.status(now) for backend in self.backends + self.retired]
 
+    # ----------------------------------------------------------------- readiness
+
+    async def ready(self) -> bool:
+        """Whether a backend has answered and is healthy: the gateway's readiness.
+
+        While none has, a check probes the backends that have not answered at once, at
+        most every `probe_interval_s` (checks in between share the last round), so
+        readiness follows a starting fleet within seconds and no caller's checks reach
+        the upstream faster than the probes do."""
+        if self._has_answered():
+            return True
+        now = self.clock()
+        if self._readiness_probes is None or (
+                self._readiness_probes.done() and now >= self._next_readiness_probes):
+            self._next_readiness_probes = now + self.config.health.probe_interval_s
+            self._readiness_probes = asyncio.get_running_loop().create_task(
+                self._probe_unanswered(), name="readiness probes")
+        # Not cancelled with this caller: later checks read the round's outcome.
+        await asyncio.wait({self._readiness_probes})
+        return self._has_answered()
+
+    def _has_answered(self) -> bool:
+        return any(backend.answered and backend.state is BackendState.HEALTHY
+                   for backend in self.backends)
+
+    async def _probe_unanswered(self) -> None:
+        backends = [backend for backend in self.backends if not backend.answered]
+        outcomes = await asyncio.gather(*(self._probe(backend) for backend in backends))
+        for backend, (ok, reason) in zip(backends, outcomes, strict=True):
+            if backend.state is not BackendState.RETIRED and backend.probed(
+                    ok, reason, self.clock()):
+                self._wake_all()
+
     # ----------------------------------------------------------------- health probes
 
     def start_probes(self) -> None:
@@ -347,7 +393,8 @@ class Fleet:
         # Probers also stop at their next turn: Python 3.11's `wait_for` drops a
         # cancellation that arrives as its inner wait ends (an ejection sets `changed`).
         self._closed = True
-        tasks = [*self._probes.values(), *([self._gauges] if self._gauges else [])]
+        tasks = [*self._probes.values(),
+                 *(task for task in (self._gauges, self._readiness_probes) if task)]
         self._probes.clear()
         for task in tasks:
             task.cancel()

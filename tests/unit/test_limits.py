@@ -89,7 +89,8 @@ async def test_at_the_limits_requests_pass(limited: httpx.AsyncClient) -> None:
 
 
 class SlowTransport(httpx.AsyncBaseTransport):
-    """The reference upstream, answering only once `release` is set."""
+    """The reference upstream, answering completions only once `release` is set (its
+    health probes pass at once: the gateway is ready)."""
 
     def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
         self.inner = inner
@@ -97,8 +98,9 @@ class SlowTransport(httpx.AsyncBaseTransport):
         self.release = asyncio.Event()
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        self.arrived.set()
-        await self.release.wait()
+        if request.method == "POST":
+            self.arrived.set()
+            await self.release.wait()
         return await self.inner.handle_async_request(request)
 
 
