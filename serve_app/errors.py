@@ -107,6 +107,13 @@ def model_not_found(name: str) -> GatewayError:
                         code="model_not_found")
 
 
+def model_on_other_api(name: str, serves: str, routes: str) -> GatewayError:
+    """The 400 for a served model asked for on an API it does not serve: it exists, so
+    this is not `model_not_found`'s 404."""
+    return GatewayError(f"The model `{name}` serves {serves} only; send it to {routes}.", 400,
+                        param="model", code="model_not_supported")
+
+
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 

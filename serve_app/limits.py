@@ -7,14 +7,19 @@ request as bytes (body size, body deadline, concurrency) are ASGI middleware, in
 
 from __future__ import annotations
 
+from collections.abc import Collection
+
 from serve_app.config import LimitsConfig, PrivacyConfig
-from serve_app.errors import GatewayError, model_not_found
+from serve_app.errors import GatewayError, model_not_found, model_on_other_api
 from serve_app.protocol import ChatCompletionRequest, CompletionRequest
 
 SamplingRequest = CompletionRequest | ChatCompletionRequest
 
 
-def check_model(model: str, served_name: str) -> None:
+def check_model(model: str, served_name: str, embedding_models: Collection[str] = ()) -> None:
+    """The generative model's name; one of the `embedding_models` exists, but elsewhere."""
+    if model in embedding_models:
+        raise model_on_other_api(model, "embeddings", "/v1/embeddings or /v2/embed")
     if model != served_name:
         raise model_not_found(model)
 

@@ -61,6 +61,7 @@ class CompletionsService:
         chat_template: str | None = None,
     ) -> None:
         self.served_name = config.model.name
+        self.embedding_models = {model.name for model in config.embedding_models}
         self.tokenizer = tokenizer
         self.model = model
         self.embeds_spec = model.embeds_spec(config.limits.max_embeds_bytes)
@@ -171,7 +172,7 @@ class CompletionsService:
     async def _prepare(
         self, request: CompletionRequest
     ) -> tuple[UpstreamCall, list[PromptInput]]:
-        check_model(request.model, self.served_name)
+        check_model(request.model, self.served_name, self.embedding_models)
         prompts, client_embeds = request.text_prompts(), request.embeds_list()
         check_items(len(prompts) + len(client_embeds), self.limits, "prompt")
         self._check_sampling(request, request.max_tokens, request.logprobs)
@@ -219,7 +220,7 @@ class CompletionsService:
     async def _prepare_chat(
         self, request: ChatCompletionRequest
     ) -> tuple[UpstreamCall, list[PromptInput]]:
-        check_model(request.model, self.served_name)
+        check_model(request.model, self.served_name, self.embedding_models)
         parts = sum(len(m.content) if isinstance(m.content, list) else 1
                     for m in request.messages)
         check_items(parts, self.limits, "messages")

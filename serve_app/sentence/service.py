@@ -25,7 +25,7 @@ from starlette.responses import Response
 
 from serve_app.config import AppConfig, LimitsConfig
 from serve_app.endpoint import answer
-from serve_app.errors import GatewayError, model_not_found
+from serve_app.errors import GatewayError, model_not_found, model_on_other_api
 from serve_app.limits import check_items
 from serve_app.observability import access
 from serve_app.prompts.chat_template import load_chat_template
@@ -113,8 +113,8 @@ class SentenceService:
                 record.model = name
             return self.models[name]
         if name in self.other_models:
-            raise GatewayError(f"The model `{name}` does not serve embeddings.", 400,
-                               param="model")
+            raise model_on_other_api(name, "completions",
+                                     "/v1/completions or /v1/chat/completions")
         raise model_not_found(name)
 
     async def _vectors(self, model: SentenceModel, ids: list[list[int]]) -> torch.Tensor:

@@ -12,6 +12,7 @@ import pybase64
 import pytest
 import torch
 
+from serve_app.config import EmbeddingModelConfig
 from tests.unit.gateway_client import (
     CANARY,
     FRANCE,
@@ -184,6 +185,33 @@ async def test_invalid_base64(gateway: httpx.AsyncClient) -> None:
 async def test_unknown_model(gateway: httpx.AsyncClient, recorder: RecordingASGITransport) -> None:
     error = error_of(await post(gateway, model="gpt-4o", prompt=FRANCE), 404)
     assert error["code"] == "model_not_found"
+    assert recorder.bodies == []
+
+
+EMBED_MODEL = "serve-app-demo-embed"
+
+
+@pytest.mark.parametrize(("path", "body", "serves"), [
+    ("/v1/completions", {"model": EMBED_MODEL, "prompt": FRANCE, "max_tokens": 4},
+     "embeddings"),
+    ("/v1/chat/completions", {"model": EMBED_MODEL, "max_tokens": 4,
+                              "messages": [{"role": "user", "content": FRANCE}]},
+     "embeddings"),
+    ("/v1/embeddings", {"model": MODEL, "input": FRANCE}, "completions"),
+    ("/v2/embed", {"model": MODEL, "texts": [FRANCE], "embedding_types": ["float"],
+                   "input_type": "classification"}, "completions"),
+])
+async def test_a_model_asked_on_the_other_api_exists_there(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport, path: str,
+    body: dict[str, Any], serves: str
+) -> None:
+    """Both models are listed: asking one on the other's API is a 400 that says where it
+    is served, not a 404 saying it does not exist."""
+    gateway = make_gateway(recorder, embedding_models=[EmbeddingModelConfig()])
+    error = error_of(await gateway.post(path, json=body), 400)
+    assert (error["code"], error["param"], error["type"]) == (
+        "model_not_supported", "model", "BadRequestError")
+    assert f"`{body['model']}` serves {serves} only" in error["message"]
     assert recorder.bodies == []
 
 
