@@ -98,6 +98,21 @@ def test_megabytes_of_colons_are_counted_exactly(text: str, repeated: bool) -> N
             assert json_body.loads(body) == {"n": 2, "content": text}
 
 
+@pytest.mark.parametrize("colons", [62, 63, 64, 65, 200])
+@pytest.mark.parametrize("repeated", [False, True])
+def test_the_count_is_exact_where_finding_turns_to_counting(colons: int, repeated: bool) -> None:
+    """Colons are found one by one, then counted in bulk: around the turn, too."""
+    pairs = [f'"k{i}": "{":" * (i % 3)}"' for i in range(colons // 2)]
+    pairs += [f'"run": "{":" * colons}"'] + ['"k0": 1'] * repeated
+    body = ("{" + ", ".join(pairs) + "}").encode()
+    if repeated:
+        with pytest.raises(GatewayError, match="repeats the key `k0`"):
+            json_body.loads(body)
+    else:
+        with mock.patch.object(json_body, "_refuse_repeated_keys", side_effect=AssertionError):
+            assert json_body.loads(body)["run"] == ":" * colons
+
+
 def test_the_refusal_names_the_key_bounded() -> None:
     long_key = "k" * 500
     with pytest.raises(GatewayError) as refused:
