@@ -6,7 +6,7 @@ hook for repeated keys, and the standard library's `object_pairs_hook` parses a 
 token ids about twice as slowly, so the check counts instead: every key of the text is
 followed by exactly one colon outside the strings, so a body whose colons, less those
 inside its parsed strings, outnumber its parsed keys repeats a key. Only then (or where a
-colon written as `\u003a` defeats the count) does the standard library parse it again, to
+colon written as `\\u003a` defeats the count) does the standard library parse it again, to
 name the key. `benchmarks/json_body.py` measures the check: a tenth of orjson's parse on a
 22 MB `prompt_embeds` body, half of it on 20 MB of text full of colons.
 """
