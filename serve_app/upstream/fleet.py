@@ -9,8 +9,8 @@ Dispatcher replica: with R replicas a backend may see up to R x `max_in_flight` 
 One module for the fleet's one state machine: routing, slots, outcomes and probes all
 read and write the same backend states.
 
-Everything here runs on the replica's event loop; only `acquire` and the probes await.
-Each backend's state, in-flight count and ejections are exported as metrics, labelled by
+Everything here runs on the replica's event loop; only `acquire`, `ready` and the probes
+await. Each backend's state, in-flight count and ejections are exported as metrics, labelled by
 its configured url (`observability.metrics`).
 """
 
