@@ -57,7 +57,7 @@ def create_gateway_app(service: CompletionsService,
 
     privacy = {"transform": describe_transform(service.privacy.transform)}
 
-    readiness = Readiness(service.pipeline.upstream_ready)
+    readiness = Readiness(service.pipeline)
 
     @app.get("/health", response_model=None, responses={
         503: {"description": "Starting: no upstream backend has answered yet."}})

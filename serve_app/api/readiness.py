@@ -14,9 +14,10 @@ upstream itself, and only until the latch closes. Concurrent checks share one ca
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
 
 from starlette.responses import JSONResponse
+
+from serve_app.api.pipeline import Pipeline
 
 WAIT_S = 1.0
 """How long `/health` waits for a check under way before it answers `starting`; within a
@@ -26,9 +27,9 @@ CHECK_TIMEOUT_S = 10.0
 
 
 class Readiness:
-    def __init__(self, upstream_ready: Callable[[], Awaitable[bool]],
-                 wait_s: float = WAIT_S, check_timeout_s: float = CHECK_TIMEOUT_S) -> None:
-        self._upstream_ready = upstream_ready
+    def __init__(self, pipeline: Pipeline, wait_s: float = WAIT_S,
+                 check_timeout_s: float = CHECK_TIMEOUT_S) -> None:
+        self.pipeline = pipeline
         self.wait_s = wait_s
         self.check_timeout_s = check_timeout_s
         self.ready = False
@@ -40,7 +41,7 @@ class Readiness:
             return True
         if self._check is None:
             self._check = asyncio.get_running_loop().create_task(
-                asyncio.wait_for(self._upstream_ready(), self.check_timeout_s))
+                asyncio.wait_for(self.pipeline.upstream_ready(), self.check_timeout_s))
             self._check.add_done_callback(self._checked)
         # Not cancelled with this caller: the check goes on for the next one.
         await asyncio.wait({self._check}, timeout=self.wait_s)

@@ -83,6 +83,9 @@ class FailingPipeline:
     async def upstream_status(self) -> list[dict[str, Any]]:
         return []
 
+    async def upstream_ready(self) -> bool:
+        return True
+
 
 FAILURES = {
     # An unexpected exception: its message may quote the request, so it is never sent.
