@@ -130,8 +130,9 @@ class Backend:
         """Record a probe; True when it readmits the backend.
 
         Before its first answer a backend is starting, not failing (a fleet and its
-        gateway start together): its cooldown does not grow, and any passed probe
-        readmits it, so it takes traffic as soon as it is up."""
+        gateway start together): its cooldown does not grow, and a passed probe readmits
+        it even while ejected (readiness probes come before the cooldown ends), so it
+        takes traffic as soon as it is up."""
         starting = not self.answered
         self.answered |= ok
         if self.state is BackendState.HALF_OPEN or (

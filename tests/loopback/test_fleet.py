@@ -271,8 +271,14 @@ async def test_recovered_backend_is_ejected_then_readmitted(fakes, make_core) ->
 
 
 async def test_failed_half_open_probe_doubles_the_cooldown(fakes, make_core) -> None:
-    fakes["a"].set_mode(health_status=503)
+    """Once the backend has answered: before that it is starting, and its cooldown stays."""
     core = make_core(fakes["a"], fakes["b"])
+    [backend] = [b for b in core.fleet.backends if b.config.url == fakes["a"].url]
+    start = time.monotonic()
+    while not backend.answered:  # its first probe passes
+        assert time.monotonic() - start < 3
+        await asyncio.sleep(0.01)
+    fakes["a"].set_mode(health_status=503)
     await wait_for_state(core, fakes["a"], "ejected")
     assert backend_status(core, fakes["a"])["last_error"] == "probe answered HTTP 503"
     # The half-open probe after the 0.5 s cooldown fails: ejected again for 1 s.
