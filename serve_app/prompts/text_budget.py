@@ -1,32 +1,39 @@
-"""Length before work: text too long for the context is refused before it is tokenized.
+"""Length before work: how much text a token limit allows, known from the text's length.
 
-A token covers at most `chars_per_token` characters of text, its tokenizer's longest
-vocabulary entry, so a text of more than `limit × chars_per_token` characters cannot fit in
-`limit` tokens and is refused from its length alone. That bound holds for tokenizers that
-keep every character in some token (byte-level BPE, SentencePiece); where the normalizer or
-pre-tokenizer can drop characters (BERT's whitespace split, accent stripping) there is no
-such bound. Either way, text longer than `limit × WINDOWED_ABOVE` characters is then counted
-window by window, stopping once the count passes the limit, so the tokenizer never works on
-much more than a context's worth of text for a request it refuses. A text that fits is
-tokenized whole, as before.
+`TextBudget.chars_per_token` is the most characters the gateway lets one token stand for:
+the bound the tokenizer's own pipeline gives (its longest vocabulary entry, for pipelines
+that keep every character: byte-level BPE, SentencePiece) where that is lower, else
+`MEASURED_CHARS_PER_TOKEN`. A text of more than `limit × chars_per_token` characters is
+refused before it is tokenized; where truncation is asked, it is cut to
+`(limit + CUT_SLACK) × chars_per_token` characters first. So the tokenizer never reads more
+than a context's worth of text at that density for one text, however long the text is;
+`limits.max_text_chars` (`limits.check_text_chars`) bounds the sum over a request's texts.
+
+Text denser than `MEASURED_CHARS_PER_TOKEN` (runs of whitespace, which BERT's pre-tokenizer
+drops; a character repeated, which a BPE merges; words past WordPiece's
+`max_input_chars_per_word`, each one `[UNK]`) is refused or cut as if it were that dense:
+a truncated input of such text keeps fewer tokens than the limit.
 """
 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any, Literal
 
 from serve_app.errors import GatewayError
 
-WINDOWED_ABOVE = 8
-"""Count window by window above this many characters per token of the limit: ordinary text
-runs at 3 to 5, so a prompt that fits is never counted twice."""
-WINDOW_CHARS = 16384
-WINDOW_SLACK = 4
-"""Tokens one window cut can add to a count (a word split in two, a prepended space):
-subtracted per window, so a windowed count never exceeds the true one."""
+MEASURED_CHARS_PER_TOKEN = 16
+"""Characters per token where the tokenizer's pipeline gives no bound, or a looser one.
+Measured with `python benchmarks/chars_per_token.py` (benchmarks/results/chars_per_token.md):
+the densest 128-token window of prose, source code, indented JSON, URLs, digits, Japanese,
+accented text, emoji, base64 and hex runs at 1 to 4.7 characters per token on the demo
+encoder's WordPiece and at 1 to 6.9 on a 65,000-entry byte-level BPE (whose own bound is
+4096); this is more than twice the densest."""
+CUT_SLACK = 4
+"""Tokens past the limit that a truncating cut keeps room for: the word the cut splits,
+which may tokenize differently in two, then lies past the tokens that are kept."""
 
 # Pieces of a tokenizer.json pipeline that keep every character of the text.
 # (`Sequence`s are walked into their members.)
@@ -93,71 +100,33 @@ def chars_per_token(tokenizer: Any, parse_special: bool) -> int | None:
     return longest * factor
 
 
-def _windows(text: str, from_end: bool = False) -> Iterator[str]:
-    """`text` in pieces of about WINDOW_CHARS (the last ones first with `from_end`), each
-    cut before a space, where pre-tokenizers cut too, or hard where none is near."""
-    start, end = 0, len(text)
-    while end - start > WINDOW_CHARS:
-        if from_end:
-            cut = text.find(" ", end - WINDOW_CHARS, end - WINDOW_CHARS * 3 // 4)
-            piece_start = cut if cut > start else end - WINDOW_CHARS
-            yield text[piece_start:end]
-            end = piece_start
-        else:
-            cut = text.rfind(" ", start + WINDOW_CHARS * 3 // 4, start + WINDOW_CHARS)
-            piece_end = cut if cut > start else start + WINDOW_CHARS
-            yield text[start:piece_end]
-            start = piece_end
-    yield text[start:end]
-
-
 @dataclass(frozen=True)
 class TextBudget:
-    """What one tokenizer allows a text of a given token budget to cost."""
+    """What one tokenizer allows a text of a given token limit to cost."""
 
-    tokenizer: Any
-    chars_per_token: int | None
+    chars_per_token: int
 
     @classmethod
     def of(cls, tokenizer: Any, parse_special: bool = True) -> TextBudget:
-        return cls(tokenizer, chars_per_token(tokenizer, parse_special))
+        bound = chars_per_token(tokenizer, parse_special)
+        return cls(MEASURED_CHARS_PER_TOKEN if bound is None
+                   else min(bound, MEASURED_CHARS_PER_TOKEN))
 
     def exceeds(self, texts: Sequence[str], limit: int) -> bool:
-        """True only when `texts` together certainly hold more than `limit` tokens."""
-        chars = sum(map(len, texts))
-        if self.chars_per_token is not None and chars > limit * self.chars_per_token:
-            return True
-        if chars <= limit * WINDOWED_ABOVE:
-            return False
-        counted = 0
-        for text in texts:
-            for window in _windows(text):
-                ids = self.tokenizer(window, add_special_tokens=False).input_ids
-                counted += max(0, len(ids) - WINDOW_SLACK)
-                if counted > limit:
-                    return True
-        return False
+        """True when `texts` together have more characters than `limit` tokens may hold."""
+        return sum(map(len, texts)) > limit * self.chars_per_token
+
+    def kept_chars(self, limit: int) -> int:
+        """The most characters of a text truncation to `limit` tokens tokenizes."""
+        return (limit + CUT_SLACK) * self.chars_per_token
 
     def truncated(self, text: str, limit: int, side: Literal["START", "END"]) -> str:
-        """`text` cut to what its first (END) or last (START) `limit` tokens can cover,
-        with a window to spare, so truncating a huge text tokenizes little of it."""
-        keep = self._chars_for(text, limit, from_end=side == "START")
+        """`text` cut to what its first (END) or last (START) `limit` tokens may cover, so
+        truncating a huge text tokenizes little of it."""
+        keep = self.kept_chars(limit)
         if keep >= len(text):
             return text
         return text[:keep] if side == "END" else text[len(text) - keep:]
-
-    def _chars_for(self, text: str, limit: int, from_end: bool) -> int:
-        if self.chars_per_token is not None:
-            return (limit + WINDOW_SLACK) * self.chars_per_token + WINDOW_CHARS
-        if len(text) <= limit * WINDOWED_ABOVE:
-            return len(text)
-        counted = taken = 0
-        for window in _windows(text, from_end):
-            taken += len(window)
-            counted += len(self.tokenizer(window, add_special_tokens=False).input_ids)
-            if counted > limit + WINDOW_SLACK:
-                return taken + WINDOW_CHARS
-        return len(text)
 
 
 def too_long(chars: int, room: int, context: int, max_tokens: int | None,
@@ -166,5 +135,5 @@ def too_long(chars: int, room: int, context: int, max_tokens: int | None,
     left = f"the {room} tokens max_tokens {max_tokens} leaves" if max_tokens else f"{room} tokens"
     return GatewayError(
         f"This model's maximum context length is {context} tokens; the prompt's {chars} "
-        f"characters cannot fit in {left}.", 400,
+        f"characters are more than {left} may hold.", 400,
         param="max_tokens" if max_tokens else param, code="context_length_exceeded")

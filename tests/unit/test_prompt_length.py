@@ -1,5 +1,5 @@
-"""Length before work: text that cannot fit is refused before it is tokenized, and the
-tokenizer never works on much more than a context's worth of text for such a request."""
+"""Length before work: text that cannot fit is refused before it is tokenized, and
+truncated text is cut before it is tokenized."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from serve_app.prompts.text_budget import WINDOW_CHARS, WINDOWED_ABOVE, TextBudget, chars_per_token
+from serve_app.prompts.text_budget import MEASURED_CHARS_PER_TOKEN, TextBudget, chars_per_token
 from tests.unit.gateway_client import (
     GREEDY,
     GatewayFactory,
@@ -56,9 +56,11 @@ def test_bounds_of_the_demo_tokenizers(demo_tokenizer: Any, demo_encoder_dir: An
     # Byte-level: one byte per token, but a parsed special-token string covers up to 5.
     assert chars_per_token(demo_tokenizer, parse_special=False) == 1
     assert chars_per_token(demo_tokenizer, parse_special=True) == len("<pad>")
-    # WordPiece drops whitespace: no bound from length alone.
+    assert TextBudget.of(demo_tokenizer, parse_special=True).chars_per_token == len("<pad>")
+    # WordPiece drops whitespace: no bound from length alone, so the measured one.
     encoder = PreTrainedTokenizerFast.from_pretrained(demo_encoder_dir)
     assert chars_per_token(encoder, parse_special=True) is None
+    assert TextBudget.of(encoder).chars_per_token == MEASURED_CHARS_PER_TOKEN
 
 
 def sentencepiece_like(normalizer: Any) -> PreTrainedTokenizerFast:
@@ -83,12 +85,17 @@ def test_bounds_follow_the_pipeline() -> None:
     assert chars_per_token(sentencepiece_like(normalizers.Replace("  ", " ")), True) is None
     assert chars_per_token(sentencepiece_like(
         normalizers.Replace(Regex(" +"), " ")), True) is None
+    # A bound looser than the measured density gives way to it.
+    assert chars_per_token(sentencepiece_like(normalizers.NFKC()), True) == 20
+    assert TextBudget.of(sentencepiece_like(normalizers.NFKC())).chars_per_token == 16
 
 
 @settings(max_examples=30, deadline=None)
 @given(count=st.integers(1, 12000), seed=st.integers(0, 1000), limit=st.integers(1, 600))
 def test_a_refusal_is_never_wrong(demo_tokenizer: Any, demo_encoder_dir: Any, count: int,
                                   seed: int, limit: int) -> None:
+    """For text within the measured density (these words are), a refusal from length
+    alone is never wrong."""
     encoder = _encoder(demo_encoder_dir)
     text = words(count, seed)
     for tokenizer, parse in ((demo_tokenizer, True), (demo_tokenizer, False), (encoder, True)):
@@ -100,8 +107,7 @@ def test_a_refusal_is_never_wrong(demo_tokenizer: Any, demo_encoder_dir: Any, co
             assert tokens > limit
         # And it refuses what its bound rules out: a budget that never refused would pass
         # the check above whatever it was given.
-        if budget.chars_per_token is not None and len(text) > limit * budget.chars_per_token:
-            assert refused
+        assert refused == (len(text) > limit * budget.chars_per_token)
 
 
 _ENCODERS: dict[str, Any] = {}
@@ -113,25 +119,13 @@ def _encoder(path: Any) -> Any:
     return _ENCODERS[str(path)]
 
 
-def test_windowed_counting_stops_early(demo_encoder_dir: Any, tokenized: list[int]) -> None:
-    encoder = _encoder(demo_encoder_dir)
-    budget = TextBudget.of(encoder)
-    assert budget.chars_per_token is None
-    assert budget.exceeds([words(400_000)], 128)
-    assert sum(tokenized) <= WINDOW_CHARS  # one window held more than 128 tokens
-    tokenized.clear()
-    short = words(100)
-    assert not budget.exceeds([short], 128 * 10)
-    assert tokenized == []  # short text: no counting at all
-
-
 @pytest.mark.parametrize("side", ["END", "START"])
 def test_truncation_tokenizes_only_what_it_keeps(demo_encoder_dir: Any, side: str) -> None:
     encoder = _encoder(demo_encoder_dir)
     budget = TextBudget.of(encoder)
     text = words(300_000, seed=3)
     cut = budget.truncated(text, 100, side)  # type: ignore[arg-type]
-    assert len(cut) <= 2 * WINDOW_CHARS + 100 * WINDOWED_ABOVE
+    assert len(cut) == budget.kept_chars(100) == 104 * MEASURED_CHARS_PER_TOKEN
     whole = encoder(text, add_special_tokens=False).input_ids
     kept = encoder(cut, add_special_tokens=False).input_ids
     if side == "END":
@@ -165,7 +159,7 @@ async def test_over_long_text_is_refused_before_it_is_tokenized(
     body.setdefault("model", "serve-app-demo")
     error = error_of(await post(gateway, path, **body), 400)
     assert error["code"] == "context_length_exceeded" and error["param"] == param
-    assert sum(tokenized) <= 2 * WINDOW_CHARS  # nowhere near the whole text
+    assert tokenized == []  # refused from its length alone
     assert recorder.bodies == []
 
 
@@ -192,4 +186,4 @@ async def test_a_huge_input_is_truncated_without_tokenizing_it_whole(
     assert response.status_code == 200, response.text
     whole, head = (item["embedding"] for item in response.json()["data"])
     assert whole == head  # both cut to the same first tokens
-    assert max(tokenized) <= 2 * WINDOW_CHARS + 128 * WINDOWED_ABOVE
+    assert max(tokenized) <= 132 * MEASURED_CHARS_PER_TOKEN  # the model's 128 tokens, and 4
