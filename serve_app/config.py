@@ -276,6 +276,14 @@ class LimitsConfig(StrictModel):
         2048, ge=1,
         description="Most prompts / embeddings / messages / embedding inputs in one request.",
     )
+    max_text_chars: int = Field(
+        2 << 20, ge=1,
+        description="Most characters of text one request may have the gateway tokenize, "
+        "over all its prompts, messages, embedding inputs and template variables, counted "
+        "after truncation has cut them (prompts.text_budget); beyond, a 400 before any is "
+        "tokenized. Tokenizing runs at roughly 0.1 to 1 MB/s a core: the default bounds "
+        "one request to seconds of ingress CPU (benchmarks/results/worst_request_*.md).",
+    )
     max_n: int = Field(16, ge=1, description="Most samples (`n`) per prompt.")
     max_concurrent_requests: int = Field(
         256, ge=1,

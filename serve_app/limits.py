@@ -2,7 +2,8 @@
 
 Each refusal is an OpenAI-shaped 400 naming the field and the limit. The limits on the
 request as bytes (body size, body deadline, concurrency) are ASGI middleware, in
-`api.middleware`; the limits on text before it is tokenized are in `prompts.text_budget`.
+`api.middleware`. Text is bounded before it is tokenized: each text by its model's token
+limit (`prompts.text_budget`), a request's texts together by `limits.max_text_chars`.
 """
 
 from __future__ import annotations
@@ -47,6 +48,15 @@ def check_items(count: int, limits: LimitsConfig, param: str) -> None:
     if count > limits.max_items:
         raise GatewayError(f"{param} has {count} items; at most {limits.max_items} are "
                            "accepted in one request.", 400, param=param)
+
+
+def check_text_chars(chars: int, limits: LimitsConfig, param: str) -> None:
+    """The request's text, as it will be tokenized (truncated texts cut first), within
+    `limits.max_text_chars`."""
+    if chars > limits.max_text_chars:
+        raise GatewayError(f"The request's text comes to {chars} characters to tokenize; at "
+                           f"most {limits.max_text_chars} are accepted in one request "
+                           "(limits.max_text_chars).", 400, param=param, code="too_much_text")
 
 
 def check_sampling(request: SamplingRequest, max_tokens: int | None, logprobs: int | None,

@@ -29,6 +29,7 @@ from serve_app.limits import (
     check_items,
     check_model,
     check_sampling,
+    check_text_chars,
 )
 from serve_app.observability import access, request_id
 from serve_app.prompts.chat_template import ChatTemplate, RenderedChat, load_chat_template
@@ -114,6 +115,7 @@ class CompletionsService:
             self._check_text_length(self.completion_budget, [text], max_tokens, "prompt")
         if self.completion_budget.exceeds(texts, self.max_prompt_tokens):
             raise self._over_request_budget(sum(map(len, texts)), "characters")
+        check_text_chars(sum(map(len, texts)), self.limits, "prompt")
         encoded = self.tokenizer(texts, add_special_tokens=add_special_tokens,
                                  split_special_tokens=self.split_special_tokens)
         return list(encoded.input_ids)
@@ -215,6 +217,7 @@ class CompletionsService:
                 max_tokens: int | None) -> RenderedChat:
         """The templated, tokenized chat, refused first if its text cannot fit."""
         self._check_text_length(self.chat_budget, texts, max_tokens, "messages")
+        check_text_chars(sum(map(len, texts)), self.limits, "messages")
         return self.chat.render(request)
 
     async def _prepare_chat(

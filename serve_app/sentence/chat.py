@@ -11,7 +11,7 @@ from typing import Any
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import GatewayError
-from serve_app.limits import check_items
+from serve_app.limits import check_items, check_text_chars
 from serve_app.protocol import ChatMessage
 from serve_app.protocol.chat import json_strings
 from serve_app.protocol.embeddings import EmbeddingRequest
@@ -57,6 +57,7 @@ def chat_token_ids(model: SentenceModel, request: EmbeddingRequest,
         raise GatewayError(
             f"The messages have {sum(map(len, texts))} characters, more than {limit} tokens "
             "can hold.", 400, param="messages", code="context_length_exceeded")
+    check_text_chars(sum(map(len, texts)), limits, "messages")
     rendered = model.chat.render(_Chat(messages, request.add_generation_prompt,
                                        request.continue_final_message,
                                        request.chat_template_kwargs))

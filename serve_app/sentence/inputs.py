@@ -55,6 +55,18 @@ class SentenceModel:
                 code="context_length_exceeded")
         return text
 
+    def text_chars(self, texts: Sequence[str], prompt: str, truncation: Truncation,
+                   limit: int, param: str) -> int:
+        """The characters tokenizing `texts` reads: each text with the prompt, cut first
+        when truncated. An input that cannot fit, untruncated, is refused here."""
+        kept = self.budget.kept_chars(limit)
+        chars = 0
+        for text in texts:
+            if truncation is None:
+                self._within_budget(text, None, limit, param)
+            chars += len(prompt) + (len(text) if truncation is None else min(len(text), kept))
+        return chars
+
     def tokenize(self, texts: Sequence[str], prompt: str, truncation: Truncation,
                  limit: int, param: str) -> list[list[int]]:
         prompted = [prompt + self._within_budget(t, truncation, limit, param) for t in texts]

@@ -26,7 +26,7 @@ from starlette.responses import Response
 from serve_app.config import AppConfig, LimitsConfig
 from serve_app.endpoint import answer
 from serve_app.errors import GatewayError, model_not_found, model_on_other_api
-from serve_app.limits import check_items
+from serve_app.limits import check_items, check_text_chars
 from serve_app.observability import access
 from serve_app.prompts.chat_template import load_chat_template
 from serve_app.prompts.checkpoint import load_tokenizer, tokenize_off_loop_if_large
@@ -150,8 +150,12 @@ class SentenceService:
 
     async def _tokenize(self, model: SentenceModel, texts: Sequence[str], prompt: str,
                         truncation: Truncation, limit: int, param: str) -> list[list[int]]:
-        return await tokenize_off_loop_if_large(sum(len(t) for t in texts), model.tokenize,
-                                                texts, prompt, truncation, limit, param)
+        """A request's texts as token ids: each refused or cut to its limit, and all of
+        them within `limits.max_text_chars`, before any is tokenized."""
+        chars = model.text_chars(texts, prompt, truncation, limit, param)
+        check_text_chars(chars, self.limits, param)
+        return await tokenize_off_loop_if_large(chars, model.tokenize, texts, prompt,
+                                                truncation, limit, param)
 
     async def openai(self, body: bytes) -> Response:
         return await answer(body, EmbeddingRequest, self._openai)

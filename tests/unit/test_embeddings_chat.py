@@ -155,6 +155,21 @@ async def test_messages_are_held_to_the_chat_limits(
     assert recorder.bodies == []  # chat embeddings never go upstream
 
 
+async def test_truncated_messages_are_held_to_max_text_chars(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport,
+) -> None:
+    """Truncation lets a chat's text run to `limits.max_prompt_tokens`' worth; the
+    request's text stays within `limits.max_text_chars`, template variables included."""
+    gateway = make_gateway(recorder, limits=LimitsConfig(max_text_chars=5_000))
+    messages = [{"role": "user", "content": "paris " * 400}]  # 2,400 characters
+    ok = await chat(gateway, messages=messages * 2, truncate_prompt_tokens=-1)
+    assert ok.status_code == 200, ok.text
+    for over in ({"messages": messages * 3},
+                 {"messages": messages * 2, "chat_template_kwargs": {"topic": "x" * 300}}):
+        error = error_of(await chat(gateway, truncate_prompt_tokens=-1, **over), 400)
+        assert error["code"] == "too_much_text" and error["param"] == "messages"
+
+
 async def test_special_token_strings_in_messages_stay_text(
     gateway: httpx.AsyncClient, sentence_transformer: Any
 ) -> None:

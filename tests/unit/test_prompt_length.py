@@ -1,10 +1,12 @@
-"""Length before work: text that cannot fit is refused before it is tokenized, and
-truncated text is cut before it is tokenized."""
+"""Length before work: text that cannot fit is refused before it is tokenized, truncated
+text is cut before it is tokenized, and no request makes the tokenizer read more than
+`limits.max_text_chars` characters."""
 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -15,6 +17,7 @@ from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
+from serve_app.config import LimitsConfig
 from serve_app.prompts.text_budget import MEASURED_CHARS_PER_TOKEN, TextBudget, chars_per_token
 from tests.unit.gateway_client import (
     GREEDY,
@@ -166,8 +169,6 @@ async def test_over_long_text_is_refused_before_it_is_tokenized(
 async def test_many_prompts_that_each_fit_are_bounded_together(
     make_gateway: GatewayFactory, recorder: RecordingASGITransport,
 ) -> None:
-    from serve_app.config import LimitsConfig
-
     gateway = make_gateway(recorder, limits=LimitsConfig(max_prompt_tokens=1000))
     error = error_of(await post(gateway, prompt=["x" * 400] * 3, **GREEDY), 400)
     assert error["code"] == "too_many_tokens" and "limits.max_prompt_tokens" in error["message"]
@@ -187,3 +188,83 @@ async def test_a_huge_input_is_truncated_without_tokenizing_it_whole(
     whole, head = (item["embedding"] for item in response.json()["data"])
     assert whole == head  # both cut to the same first tokens
     assert max(tokenized) <= 132 * MEASURED_CHARS_PER_TOKEN  # the model's 128 tokens, and 4
+
+
+# --------------------------------------------------------------------------- per request
+
+LONG = 14_600
+"""Characters of a text past any cut: 2,048 of them in one Cohere request are 30 MB."""
+FITS = ("the capital of france is paris " * 16)[:496]
+"""A demo-encoder input that fits its 128 tokens untruncated (96 tokens)."""
+
+
+@dataclass(frozen=True)
+class Case:
+    """A route and option whose texts each fit, or are cut to fit: `over` of them come to
+    more than `budget` characters to tokenize, `within` of them to less."""
+
+    path: str
+    body: Callable[[int], dict[str, Any]]
+    param: str
+    budget: int
+    over: int
+    within: int
+
+
+def _embed(**body: Any) -> dict[str, Any]:
+    return {"model": "serve-app-demo-embed", **body}
+
+
+def _chat(count: int, chars: int) -> list[dict[str, str]]:
+    return [{"role": "user", "content": "x" * chars}] * count
+
+
+PROSE = words(3000, seed=7)[:LONG]
+CASES = {
+    "completions": Case("/v1/completions",
+                        lambda n: {"prompt": ["x" * 400] * n, "max_tokens": 1},
+                        "prompt", 60_000, 160, 10),
+    # The demo model's 512-token context holds little chat text: a budget below it.
+    "chat": Case("/v1/chat/completions",
+                 lambda n: {"messages": _chat(n, 100), "max_tokens": 1}, "messages", 350, 4, 2),
+    "embeddings": Case("/v1/embeddings", lambda n: _embed(input=[FITS] * n), "input",
+                       60_000, 130, 60),
+    "embeddings truncated": Case(
+        "/v1/embeddings", lambda n: _embed(input=[PROSE] * n, truncate_prompt_tokens=-1),
+        "input", 60_000, 30, 15),
+    "embeddings truncated to 5": Case(
+        "/v1/embeddings", lambda n: _embed(input=[PROSE] * n, truncate_prompt_tokens=5),
+        "input", 60_000, 420, 200),
+    "cohere (truncate END)": Case("/v2/embed", lambda n: _embed(texts=[PROSE] * n), "texts",
+                                  60_000, 30, 15),
+    "cohere truncate START": Case(
+        "/v2/embed", lambda n: _embed(texts=[PROSE] * n, truncate="START"), "texts",
+        60_000, 30, 15),
+    "cohere truncate NONE": Case(
+        "/v2/embed", lambda n: _embed(texts=[FITS] * n, truncate="NONE"), "texts",
+        60_000, 130, 60),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
+async def test_a_request_over_max_text_chars_is_refused_before_tokenizing(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport, tokenized: list[int],
+    case: Case,
+) -> None:
+    gateway = make_gateway(recorder, limits=LimitsConfig(max_text_chars=case.budget))
+    error = error_of(await post(gateway, case.path, **case.body(case.over)), 400)
+    assert error["code"] == "too_much_text" and error["param"] == case.param
+    assert "limits.max_text_chars" in error["message"]
+    assert tokenized == []
+    assert recorder.bodies == []
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=list(CASES))
+async def test_a_request_within_max_text_chars_is_served_and_reads_no_more(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport, tokenized: list[int],
+    case: Case,
+) -> None:
+    gateway = make_gateway(recorder, limits=LimitsConfig(max_text_chars=case.budget))
+    response = await post(gateway, case.path, **case.body(case.within))
+    assert response.status_code == 200, response.text
+    assert 0 < sum(tokenized) <= case.budget
