@@ -41,7 +41,7 @@ from serve_app.prompts.embedder import BatchStats, EmbedderCore, PromptInput
 from serve_app.prompts.transforms import log_transform
 from serve_app.reference.app import create_reference_app
 from serve_app.reference.server import ReferenceServer
-from serve_app.sentence.encoder import EncoderCore, resolve_encoder_dir
+from serve_app.sentence.encoder import EncoderCore, chunks, resolve_encoder_dir
 from serve_app.sentence.service import SentenceService
 from serve_app.upstream.call import StreamItem, UpstreamCall, UpstreamReply
 from serve_app.upstream.dispatcher import DispatcherCore
@@ -125,11 +125,20 @@ class Encoder:
             raise ValueError(f"max_batch_tokens must be at least the model's max sequence "
                              f"length, {self.core.spec.max_seq_length}")
         self.core.max_batch_tokens = batching.max_batch_tokens
-        self.encode.set_max_batch_size(batching.max_batch_tokens)
-        self.encode.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+        self._batched.set_max_batch_size(batching.max_batch_tokens)
+        self._batched.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+
+    async def encode(self, chunk: list[list[int]]) -> torch.Tensor:
+        """One chunk's pooled vectors. The gateway sizes chunks by the config's token
+        budget; a `deployments:` override may give this replica a smaller one, and a batch
+        refuses any item over it, so a larger chunk is queued in pieces."""
+        pieces = chunks(chunk, self.core.max_batch_tokens)
+        if len(pieces) == 1:
+            return await self._batched(chunk)
+        return torch.cat(await asyncio.gather(*(self._batched(piece) for piece in pieces)))
 
     @serve.batch(max_batch_size=8192, batch_wait_timeout_s=0.005, batch_size_fn=_batch_tokens)
-    async def encode(self, batch: list[list[list[int]]]) -> list[torch.Tensor]:
+    async def _batched(self, batch: list[list[list[int]]]) -> list[torch.Tensor]:
         return await asyncio.to_thread(self.core.encode, batch)
 
 

@@ -131,6 +131,20 @@ def read_sentence_spec(model_dir: Path, config: EmbeddingModelConfig,
     )
 
 
+def chunks(sequences: Sequence[Sequence[int]], max_tokens: int) -> list[list[list[int]]]:
+    """`sequences` packed in order into chunks of at most `max_tokens` tokens (a longer
+    sequence alone in its chunk): each chunk is one Encoder call."""
+    packed: list[list[list[int]]] = [[]]
+    used = 0
+    for sequence in sequences:
+        if packed[-1] and used + len(sequence) > max_tokens:
+            packed.append([])
+            used = 0
+        packed[-1].append(list(sequence))
+        used += len(sequence)
+    return packed
+
+
 class EncoderCore:
     """Holds the encoder; pads, forwards and pools groups of sequences within a token budget."""
 

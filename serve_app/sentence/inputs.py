@@ -31,6 +31,8 @@ class SentenceModel:
     chat_parses_special_tokens: bool = False
     """`tokenization.chat_special_tokens: parse`, as for chat completions."""
     calibration: Calibration = field(default_factory=Calibration)
+    chunk_tokens: int = 8192
+    """Tokens per Encoder call: its `batching.max_batch_tokens`, one batch's worth."""
 
     def __post_init__(self) -> None:
         # One tokenizer per truncation side: a call never changes another's settings.

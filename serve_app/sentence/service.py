@@ -45,6 +45,7 @@ from serve_app.sentence.chat import chat_token_ids
 from serve_app.sentence.encoder import (
     EncoderCore,
     SentenceSpec,
+    chunks,
     read_sentence_spec,
     resolve_encoder_dir,
 )
@@ -56,6 +57,11 @@ from serve_app.sentence.vector_bytes import (
     check_metadata_fits,
     vector_bytes,
 )
+
+ENCODER_CALLS_PER_REQUEST = 4
+"""Encoder calls one request keeps in flight. An Encoder replica runs one batch while the
+next waits, so a few calls keep it (or a few replicas) busy; and another request's call
+waits behind at most this many calls of each large request, not behind all of them."""
 
 _QUANTIZED_TYPES = {"int8", "uint8"}
 _COHERE_INPUT_TYPES = ("search_query", "search_document", "classification", "clustering")
@@ -99,7 +105,8 @@ class SentenceService:
                 model_config.name, spec, tokenizer, model_config.truncate,
                 chat_template=load_chat_template(model_config.chat_template),
                 chat_parses_special_tokens=config.tokenization.chat_special_tokens == "parse",
-                calibration=calibration_for(model_config, model_dir, spec))
+                calibration=calibration_for(model_config, model_dir, spec),
+                chunk_tokens=max(model_config.batching.max_batch_tokens, spec.max_seq_length))
         return cls(models, encoders, [config.model.name], config.limits)
 
     def model_cards(self) -> list[ModelCard]:
@@ -118,17 +125,26 @@ class SentenceService:
         raise model_not_found(name)
 
     async def _vectors(self, model: SentenceModel, ids: list[list[int]]) -> torch.Tensor:
-        """Pack inputs in order into chunks of at most the model's limit; encode concurrently."""
-        chunks: list[list[list[int]]] = [[]]
-        used = 0
-        for sequence in ids:
-            if chunks[-1] and used + len(sequence) > model.spec.max_seq_length:
-                chunks.append([])
-                used = 0
-            chunks[-1].append(sequence)
-            used += len(sequence)
-        parts = await asyncio.gather(*(self.encoders.encode(model.name, c) for c in chunks))
-        return torch.cat(list(parts))
+        """The inputs' pooled vectors, in order: packed into chunks of one Encoder batch's
+        worth of tokens, at most ENCODER_CALLS_PER_REQUEST of them in flight at once, so a
+        request within `limits.max_items` never floods the Encoder's queue and other
+        requests' calls are served between its own."""
+        packed = chunks(ids, model.chunk_tokens)
+        parts: list[torch.Tensor] = [torch.empty(0)] * len(packed)
+        pending = iter(enumerate(packed))
+
+        async def caller() -> None:
+            for index, chunk in pending:
+                parts[index] = await self.encoders.encode(model.name, chunk)
+
+        callers = [asyncio.ensure_future(caller())
+                   for _ in range(min(ENCODER_CALLS_PER_REQUEST, len(packed)))]
+        try:
+            await asyncio.gather(*callers)
+        finally:  # a failed call stops the others: the request has failed
+            for task in callers:
+                task.cancel()
+        return torch.cat(parts)
 
     @staticmethod
     def _resize(model: SentenceModel, vectors: torch.Tensor, size: int | None,

@@ -76,6 +76,22 @@ async def test_concurrent_requests_keep_their_vectors(  # type: ignore[no-untype
         assert_same_directions(got, expected)
 
 
+def test_a_max_items_request_of_640_character_texts_is_served(  # type: ignore[no-untyped-def]
+    client, serve_graph, sentence_transformer
+) -> None:
+    """2,048 inputs (limits.max_items) of 640 characters on the idle gateway: a few
+    Encoder calls at a time fill no queue, so no 429 (the client does not retry)."""
+    texts = [f"{i} " + ("paris tokyo rome " * 38)[: 640 - len(f"{i} ")] for i in range(2048)]
+    response = client.embeddings.create(model=EMBED, input=texts, encoding_format="float")
+    assert len(response.data) == 2048
+    picks = [0, 1024, 2047]
+    got = np.array([response.data[i].embedding for i in picks])
+    assert_same_directions(got, sentence_transformer.encode([texts[i] for i in picks]))
+    cohere_answer = httpx.post(f"{serve_graph.base_url}/v2/embed", timeout=120, json={
+        "model": EMBED, "texts": texts, "embedding_types": ["float"]})
+    assert cohere_answer.status_code == 200, cohere_answer.text[:300]
+
+
 def test_cohere_embed(serve_graph, sentence_transformer) -> None:  # type: ignore[no-untyped-def]
     response = httpx.post(f"{serve_graph.base_url}/v2/embed", timeout=60, json={
         "model": EMBED, "texts": TEXTS, "input_type": "search_query",
