@@ -468,9 +468,10 @@ class EmbeddingModelConfig(StrictModel):
         "for `messages` on /v1/embeddings; the tokenizer's own by default.",
     )
     calibration_file: str | None = Field(
-        None, description="UTF-8 texts, one a line (the first 1000 are read), whose "
-        "embeddings give the per-dimension ranges of Cohere's `int8` and `uint8`; a built-in "
-        "sample of 128 sentences by default.",
+        None, description="UTF-8 texts, one a line (2 to 1000 non-blank lines, at most 4 MiB; "
+        "else the gateway does not start), whose embeddings give the per-dimension ranges of "
+        "Cohere's `int8` and `uint8`, computed in the background from the gateway's start; "
+        "a built-in sample of 128 sentences by default.",
     )
     batching: EncoderBatchingConfig = EncoderBatchingConfig()
     autoscaling: AutoscalingConfig = Field(

@@ -3,7 +3,8 @@ the completions and sentence-embeddings services."""
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import AsyncIterator, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -39,12 +40,19 @@ def create_gateway_app(service: CompletionsService,
 
     `echo_request_id=False` where a proxy in front already returns the request's id
     (Serve's does), so the response does not carry it twice."""
+    sentence = sentence or SentenceService({}, InProcessEncoderClient({}),
+                                           [service.served_name])
+    calibrate = sentence.calibrate
+
+    @asynccontextmanager
+    async def start(_: FastAPI) -> AsyncIterator[None]:
+        calibrate()  # int8 / uint8 ranges, in the background: the replica is ready at once
+        yield
+
     app = FastAPI(title="serve_app gateway",
                   description="OpenAI-compatible completions and chat over prompt embeddings, "
                               "and sentence embeddings (OpenAI and Cohere APIs).",
-                  redoc_url=None, swagger_ui_oauth2_redirect_url=None)
-    sentence = sentence or SentenceService({}, InProcessEncoderClient({}),
-                                           [service.served_name])
+                  redoc_url=None, swagger_ui_oauth2_redirect_url=None, lifespan=start)
     # The last added is outermost: the request gets its id, then the key is checked, then
     # the body is read (under its cap and deadline), then the request takes a slot.
     app.add_middleware(RequestGuardMiddleware, limits=service.limits)

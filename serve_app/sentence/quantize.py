@@ -6,13 +6,20 @@ with `ranges` the per-dimension minimum and maximum of the calibration vectors, 
 the request's vectors are (Matryoshka-truncated, then normalised when the model
 normalises): so the ranges are per dimension count, and a query and a document quantize
 onto one scale, whatever their `input_type`.
+
+Calibration is bounded and off the request path: the texts are capped at start (file size
+and count), the vectors are computed in the background from the gateway's start with the
+Encoder calls any request makes (a few at a time, so other requests' calls are served
+between them), and a cache file is used only when its digest, shape and values check out.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import io
 import json
+import logging
 import os
 import re
 from collections.abc import Awaitable, Callable, Sequence
@@ -28,13 +35,18 @@ from serve_app import envs
 from serve_app.config import EmbeddingModelConfig
 from serve_app.sentence.encoder import SentenceSpec
 
+logger = logging.getLogger(__name__)
+
 Precision = Literal["int8", "uint8"]
 
 CALIBRATION_MAX_TEXTS = 1000
-"""Calibration texts read per model: enough for stable ranges, few enough that computing
-them stays a fraction of a second per 100 on a CPU (each text is cut to the model's limit)."""
+"""Calibration texts per model: enough for stable ranges, few enough that their vectors
+cost the Encoder at most this many inputs of the model's limit."""
+CALIBRATION_MAX_BYTES = 4 << 20
+"""Largest `calibration_file`: 1000 passages of 4 KB. Each text is cut to what the model's
+limit may cover before it is tokenized, so tokenizing them costs seconds at most."""
 
-_CACHE_VERSION = 1  # bump when what the cache file holds changes
+_CACHE_VERSION = 2  # bump when what the cache file holds changes
 
 _TOPICS = (
     "the capital of France", "photosynthesis in plants", "a recipe for tomato soup",
@@ -60,40 +72,47 @@ registers (questions, passages, notes, queries)."""
 
 @dataclass(frozen=True)
 class Calibration:
-    """One model's calibration texts, and the file its calibration vectors are kept in
-    (None: kept in memory only)."""
+    """One model's calibration texts, the file its calibration vectors are kept in (None:
+    kept in memory only), and what a kept file must match: the digest of everything the
+    vectors depend on, and their width."""
 
     texts: tuple[str, ...] = BUILTIN_TEXTS
     cache_file: Path | None = None
+    digest: str = ""
+    hidden_size: int = 0
 
 
 def read_calibration_texts(path: str | None) -> tuple[str, ...]:
-    """The non-blank lines of `path` (the first `CALIBRATION_MAX_TEXTS`), or the built-in
-    sample; an unreadable or too small file stops the start, naming the field."""
+    """The non-blank lines of `path`, or the built-in sample. A file that cannot be read,
+    is over CALIBRATION_MAX_BYTES, or holds fewer than 2 or more than
+    CALIBRATION_MAX_TEXTS texts stops the start, naming the field."""
     if path is None:
         return BUILTIN_TEXTS
-    texts: list[str] = []
+    field = "embedding_models[].calibration_file"
     try:
-        with Path(path).expanduser().open(encoding="utf-8") as lines:
-            for line in lines:
-                if line.strip():
-                    texts.append(line.rstrip("\r\n"))
-                if len(texts) == CALIBRATION_MAX_TEXTS:
-                    break
+        with Path(path).expanduser().open("rb") as file:
+            raw = file.read(CALIBRATION_MAX_BYTES + 1)  # never more, whatever the file is
+        if len(raw) > CALIBRATION_MAX_BYTES:
+            raise ValueError(f"{field} is over {CALIBRATION_MAX_BYTES} bytes; give at most "
+                             f"{CALIBRATION_MAX_TEXTS} texts in at most that much")
+        # Lines as a file opened in text mode splits them (at \n, \r\n or \r).
+        lines = io.StringIO(raw.decode("utf-8"), newline=None).read().split("\n")
     except (OSError, UnicodeDecodeError) as exc:
-        raise ValueError(f"embedding_models[].calibration_file cannot be read "
-                         f"({type(exc).__name__})") from None
+        raise ValueError(f"{field} cannot be read ({type(exc).__name__})") from None
+    texts = tuple(line for line in lines if line.strip())
+    if len(texts) > CALIBRATION_MAX_TEXTS:
+        raise ValueError(f"{field} has {len(texts)} non-blank lines; at most "
+                         f"{CALIBRATION_MAX_TEXTS} are accepted")
     if len(texts) < 2:  # one vector's minimum is its maximum: no range to quantize over
-        raise ValueError("embedding_models[].calibration_file needs at least 2 non-blank "
-                         "lines")
-    return tuple(texts)
+        raise ValueError(f"{field} needs at least 2 non-blank lines")
+    return texts
 
 
 def calibration_for(config: EmbeddingModelConfig, model_dir: Path,
                     spec: SentenceSpec) -> Calibration:
-    """The model's calibration, its cache file named by everything its vectors depend on:
-    the checkpoint's files (path, sizes, modification times), the spec, the dtype, the
-    texts. A new checkpoint or calibration file is calibrated afresh."""
+    """The model's calibration, its cache file named by the digest of everything its
+    vectors depend on: the checkpoint's files (path, sizes, modification times), the spec,
+    the dtype, the texts. A new checkpoint or calibration file is calibrated afresh."""
     texts = read_calibration_texts(config.calibration_file)
     files = sorted((str(p.relative_to(model_dir)), p.stat().st_size, p.stat().st_mtime_ns)
                    for p in model_dir.rglob("*") if p.is_file())
@@ -102,9 +121,10 @@ def calibration_for(config: EmbeddingModelConfig, model_dir: Path,
         "files": files, "spec": asdict(spec), "dtype": config.dtype,
         "texts": hashlib.sha256("\n".join(texts).encode()).hexdigest(),
     }, sort_keys=True)
-    digest = hashlib.sha256(identity.encode()).hexdigest()[:16]
+    digest = hashlib.sha256(identity.encode()).hexdigest()
     name = re.sub(r"[^A-Za-z0-9._-]", "_", config.name)
-    return Calibration(texts, envs.cache_dir() / "calibration" / f"{name}-{digest}.npy")
+    return Calibration(texts, envs.cache_dir() / "calibration" / f"{name}-{digest[:16]}.npz",
+                       digest, spec.hidden_size)
 
 
 def quantization_ranges(rows: npt.NDArray[np.float32]) -> npt.NDArray[np.float32]:
@@ -127,24 +147,40 @@ def quantize(rows: npt.NDArray[np.float32], ranges: npt.NDArray[np.float32],
     return (buckets - 128).astype(np.int8)
 
 
-def _load(path: Path | None) -> torch.Tensor | None:
+def read_cache(calibration: Calibration) -> torch.Tensor | None:
+    """The kept vectors, if the file holds exactly what this calibration makes: its
+    digest, one finite float32 row of the model's width per text. Anything else (torn,
+    foreign, stale, corrupted) is None: calibrate again and replace it."""
+    path = calibration.cache_file
     if path is None or not path.is_file():
         return None
     try:
-        return torch.from_numpy(np.load(path, allow_pickle=False))
-    except (OSError, ValueError):
-        return None  # a torn or foreign file: calibrate again and replace it
+        with np.load(path, allow_pickle=False) as kept:
+            if set(kept.files) != {"vectors", "digest"}:
+                return None
+            digest, vectors = str(kept["digest"]), kept["vectors"]
+    except (OSError, ValueError, EOFError):  # zipfile.BadZipFile is an OSError
+        return None
+    shape = (len(calibration.texts), calibration.hidden_size)
+    if (digest != calibration.digest or vectors.dtype != np.float32 or vectors.shape != shape
+            or not np.isfinite(vectors).all()):
+        logger.warning("calibration cache %s does not match its model; calibrating again",
+                       path.name)
+        return None
+    return torch.from_numpy(vectors)
 
 
-def _store(path: Path | None, vectors: torch.Tensor) -> None:
+def write_cache(calibration: Calibration, vectors: torch.Tensor) -> None:
     """Written to a private name, then renamed: replicas calibrating at once never read
     half a file."""
+    path = calibration.cache_file
     if path is None:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     partial = path.with_name(f"{path.name}.{os.getpid()}.partial")
     with partial.open("wb") as out:
-        np.save(out, vectors.numpy(), allow_pickle=False)
+        np.savez(out, vectors=vectors.numpy().astype(np.float32),
+                 digest=np.array(calibration.digest))
     os.replace(partial, path)
 
 
@@ -154,32 +190,47 @@ Shape = Callable[[torch.Tensor], npt.NDArray[np.float32]]
 """The request's shaping of vectors (Matryoshka size, normalisation) into float32 rows."""
 
 
+async def _calibration_vectors(calibration: Calibration, embed: Embed) -> torch.Tensor:
+    vectors = await asyncio.to_thread(read_cache, calibration)
+    if vectors is None:
+        vectors = await embed(calibration.texts)
+        await asyncio.to_thread(write_cache, calibration, vectors)
+    return vectors
+
+
 class CalibrationCache:
-    """Each model's calibration vectors, read from its cache file or computed once (on its
-    first int8 / uint8 request, one computation however many arrive at once), and their
-    ranges per shape."""
+    """Each model's calibration vectors, one computation per model however many requests
+    wait for it, started in the background (`start`, at the gateway's start; a request
+    that finds none started starts it), and their ranges per shape. A failed computation
+    is tried again by the next request that needs it."""
 
     def __init__(self) -> None:
-        self._vectors: dict[str, torch.Tensor] = {}
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._vectors: dict[str, asyncio.Future[torch.Tensor]] = {}
         self._ranges: dict[tuple[str, int | None], npt.NDArray[np.float32]] = {}
+
+    def start(self, model: str, calibration: Calibration,
+              embed: Embed) -> asyncio.Future[torch.Tensor]:
+        """`model`'s calibration vectors, computing (or read back) in the background."""
+        running = self._vectors.get(model)
+        if running is None or (running.done() and (running.cancelled()
+                                                   or running.exception() is not None)):
+            running = asyncio.ensure_future(_calibration_vectors(calibration, embed))
+            running.add_done_callback(lambda done: _log_failure(model, done))
+            self._vectors[model] = running
+        return running
 
     async def ranges(self, model: str, calibration: Calibration, embed: Embed, shape: Shape,
                      size: int | None) -> npt.NDArray[np.float32]:
         """The ranges for `model`'s vectors of `size` dimensions (None: all)."""
         key = (model, size)
         if key not in self._ranges:
-            vectors = await self._calibration_vectors(model, calibration, embed)
+            # Shielded: a request that goes away does not cancel what others wait for.
+            vectors = await asyncio.shield(self.start(model, calibration, embed))
             self._ranges[key] = quantization_ranges(shape(vectors))
         return self._ranges[key]
 
-    async def _calibration_vectors(self, model: str, calibration: Calibration,
-                                   embed: Embed) -> torch.Tensor:
-        async with self._locks.setdefault(model, asyncio.Lock()):
-            if model not in self._vectors:
-                vectors = await asyncio.to_thread(_load, calibration.cache_file)
-                if vectors is None:
-                    vectors = await embed(calibration.texts)
-                    await asyncio.to_thread(_store, calibration.cache_file, vectors)
-                self._vectors[model] = vectors
-        return self._vectors[model]
+
+def _log_failure(model: str, done: asyncio.Future[torch.Tensor]) -> None:
+    if not done.cancelled() and done.exception() is not None:
+        logger.warning("calibration of %s failed (%s); its next int8 / uint8 request tries "
+                       "again", model, type(done.exception()).__name__)

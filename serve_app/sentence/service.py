@@ -11,6 +11,7 @@ bytes / binary encodings). Cohere's int8 / uint8 use each model's calibrated ran
 from __future__ import annotations
 
 import asyncio
+import functools
 import uuid
 from collections.abc import Sequence
 from typing import Any, Protocol
@@ -250,21 +251,30 @@ class SentenceService:
         vectors = self._resize(model, vectors, size, "output_dimension")
         return _float32_rows(_normalised(vectors, model.spec.normalize))
 
+    def calibrate(self) -> None:
+        """Start every model's int8 / uint8 calibration in the background (the gateway's
+        start), so that requests wait for their own model's at most."""
+        for model in self.models.values():
+            self.calibrations.start(model.name, model.calibration,
+                                    functools.partial(self._calibration_vectors, model))
+
+    async def _calibration_vectors(self, model: SentenceModel,
+                                   texts: Sequence[str]) -> torch.Tensor:
+        """Vectors of the calibration texts, made as a request's are (the default prompt,
+        cut at the limit), off the event loop; the texts are the operator's, capped when
+        read (`quantize.read_calibration_texts`), so `limits.max_text_chars` is not theirs."""
+        ids = await asyncio.to_thread(model.tokenize, texts, model.spec.prompt(None), "END",
+                                      model.spec.max_seq_length, "texts")
+        return await self._vectors(model, ids)
+
     async def _ranges(self, model: SentenceModel, kinds: Sequence[CohereEmbeddingType],
                       size: int | None) -> npt.NDArray[np.float32] | None:
         """int8 / uint8 ranges for vectors of `size`, when asked for: the model's
         calibration vectors are made once, the ranges once per size."""
         if not _QUANTIZED_TYPES & set(kinds):
             return None
-
-        async def embed(texts: Sequence[str]) -> torch.Tensor:
-            # As a request's texts: the default prompt, cut (not refused) at the limit.
-            ids = await self._tokenize(model, texts, model.spec.prompt(None), "END",
-                                       model.spec.max_seq_length, "texts")
-            return await self._vectors(model, ids)
-
         return await self.calibrations.ranges(
-            model.name, model.calibration, embed,
+            model.name, model.calibration, functools.partial(self._calibration_vectors, model),
             lambda vectors: self._cohere_rows(model, vectors, size), size)
 
 
