@@ -1,6 +1,6 @@
 """What one request can make the ingress spend: CPU, peak memory, and memory kept after.
 
-    python benchmarks/worst_request.py [--source DIR] [--out DIR] [--timeout-s 120]
+    python benchmarks/worst_request.py [--source DIR] [--only TEXT] [--out DIR] [--timeout-s 120]
 
 Each case runs in a fresh process: the gateway app in-process on the demo model and demo
 encoder (the ingress's own work: parsing, checks, tokenizing), its upstream a stub that
@@ -11,11 +11,14 @@ request `--repeats` times in all: freed memory that glibc keeps for reuse shows 
 first, a leak in the growth to the second. The allocator is glibc's default; the Gateway's
 replicas keep up to 512 MiB of freed heap on purpose (`serve_app/allocator.py`).
 
-The baseline, measured in the same run, is the costliest request the gateway should take:
-a prompt that fills the demo model's context (512 tokens). `--source DIR` runs the same
-cases against another checkout's `serve_app` (for example the previous commit, in a
-`git worktree`), so a change's before and after are measured the same way.
-Writes `worst_request_<commit>.md` and `.json` under `--out`.
+The baseline, measured in the same run, is a prompt that fills the demo model's context
+(512 tokens). The embeddings cases run the demo encoder in the same process, so their CPU
+includes its forward passes. The costliest requests the gateway accepts are those whose
+text fills `limits.max_text_chars` (2 Mi characters by default) after truncation cuts each
+text: they are the "worst accepted" rows. `--source DIR` runs the same cases against
+another checkout's `serve_app` (for example the previous commit, in a `git worktree`), so
+a change's before and after are measured the same way; `--only TEXT` runs the cases whose
+name contains TEXT. Writes `worst_request_<commit>.md` and `.json` under `--out`.
 """
 
 from __future__ import annotations
@@ -32,7 +35,11 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1_000_000
 
-# (name, route, body builder argument): the body is made in the child from these.
+# (name, route, body builder argument): the body is made in the child from these. `chars`
+# is one text's length; `items` makes a list of that many texts; `truncate` asks for
+# truncation (vLLM's truncate_prompt_tokens: -1; Cohere truncates at END by default and
+# `"truncate": "NONE"` turns it off); `kind` is the text: prose, or base64 (slower to
+# tokenize for the demo encoder, whose vocabulary is mostly single characters).
 CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("baseline: a context-filling prompt (500 chars)", "/v1/completions", {"chars": 500}),
     ("completions, 1 MB prompt", "/v1/completions", {"chars": 1 * MB}),
@@ -42,6 +49,18 @@ CASES: list[tuple[str, str, dict[str, Any]]] = [
     ("embeddings, 30 MB input", "/v1/embeddings", {"chars": 30 * MB}),
     ("embeddings, 30 MB input, truncated", "/v1/embeddings", {"chars": 30 * MB,
                                                                "truncate": True}),
+    ("embeddings, 2,048 inputs of 14.6 KB (30 MB), truncated", "/v1/embeddings",
+     {"chars": 14_600, "items": 2048, "truncate": True}),
+    ("Cohere, 2,048 texts of 14.6 KB (30 MB), truncate END", "/v2/embed",
+     {"chars": 14_600, "items": 2048, "truncate": True}),
+    ("embeddings, 2,048 inputs of 640 chars (max_items)", "/v1/embeddings",
+     {"chars": 640, "items": 2048, "words": True}),
+    ("embeddings, 1,000 inputs of 2,048 chars, too long once tokenized", "/v1/embeddings",
+     {"chars": 2048, "items": 1000}),
+    ("worst accepted: Cohere, 990 texts of 14.6 KB, truncate END (each cut to 2,112 chars)",
+     "/v2/embed", {"chars": 14_600, "items": 990, "truncate": True}),
+    ("worst accepted, base64 text: Cohere, 990 texts of 14.6 KB, truncate END", "/v2/embed",
+     {"chars": 14_600, "items": 990, "truncate": True, "kind": "base64"}),
 ]
 
 CHILD = r'''
@@ -91,21 +110,35 @@ encoder = EncoderCore.from_checkpoint(resolve_encoder_dir(model), model)
 embeddings = SentenceService.from_config(config, InProcessEncoderClient({model.name: encoder}))
 app = create_gateway_app(service, embeddings)
 
-def body(chars: int) -> bytes:
-    text = ("The capital of France is Paris. " * (chars // 32 + 1))[:chars]
+def text(chars: int) -> str:
+    if spec.get("kind") == "base64":
+        import base64, random
+        return base64.b64encode(random.Random(0).randbytes(chars))[:chars].decode()
+    # Words of the demo encoder's vocabulary (an input that fits its 128 tokens), or prose.
+    unit = "paris tokyo rome " if spec.get("words") else "The capital of France is Paris. "
+    return (unit * (chars // len(unit) + 1))[:chars]
+
+def body(chars: int, items: int | None = None) -> bytes:
+    one = text(chars)
+    items = items or spec.get("items")
+    texts = one if items is None else [one] * items
     if route == "/v1/completions":
-        return orjson.dumps({"model": "serve-app-demo", "prompt": text, "max_tokens": 4})
+        return orjson.dumps({"model": "serve-app-demo", "prompt": texts, "max_tokens": 4})
     if route == "/v1/chat/completions":
         return orjson.dumps({"model": "serve-app-demo", "max_tokens": 4,
-                             "messages": [{"role": "user", "content": text}]})
+                             "messages": [{"role": "user", "content": one}]})
+    if route == "/v2/embed":
+        extra = {} if spec.get("truncate") else {"truncate": "NONE"}
+        return orjson.dumps({"model": "serve-app-demo-embed", "texts": texts,
+                             "embedding_types": ["float"], **extra})
     extra = {"truncate_prompt_tokens": -1} if spec.get("truncate") else {}
-    return orjson.dumps({"model": "serve-app-demo-embed", "input": text, **extra})
+    return orjson.dumps({"model": "serve-app-demo-embed", "input": texts, **extra})
 
 async def main() -> dict:
     async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://gw",
                                  timeout=None) as client:
         headers = {"content-type": "application/json"}
-        await client.post(route, content=body(200), headers=headers)  # warm-up
+        await client.post(route, content=body(200, items=1), headers=headers)  # warm-up
         payload = body(spec["chars"])
         gc.collect()
         reset_peak()
@@ -154,6 +187,8 @@ def main() -> None:
                         help="checkout whose serve_app is measured (default: this one)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     parser.add_argument("--timeout-s", type=float, default=120.0)
+    parser.add_argument("--only", default="",
+                        help="run only the cases whose name contains this text")
     parser.add_argument("--repeats", type=int, default=3,
                         help="times each request is sent (the last column is after them)")
     args = parser.parse_args()
@@ -161,6 +196,8 @@ def main() -> None:
                             capture_output=True, text=True).stdout.strip()
     rows = []
     for name, route, spec in CASES:
+        if args.only not in name:
+            continue
         spec = {**spec, "repeats": args.repeats}
         row = {"case": name, **run_case(args.source.resolve(), route, spec, args.timeout_s)}
         print(json.dumps(row), flush=True)
