@@ -10,6 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from serve_app.config import EncoderBatchingConfig
 from serve_app.errors import GatewayError
 from serve_app.prompts.chat_template import ChatTemplate
 from serve_app.prompts.text_budget import TextBudget
@@ -31,7 +32,7 @@ class SentenceModel:
     chat_parses_special_tokens: bool = False
     """`tokenization.chat_special_tokens: parse`, as for chat completions."""
     calibration: Calibration = field(default_factory=Calibration)
-    chunk_tokens: int = 8192
+    chunk_tokens: int = EncoderBatchingConfig().max_batch_tokens
     """Tokens per Encoder call: its `batching.max_batch_tokens`, one batch's worth."""
 
     def __post_init__(self) -> None:

@@ -1,10 +1,10 @@
 """Sentence embeddings: OpenAI `/v1/embeddings` and Cohere `/v2/embed` on the encoder replicas.
 
 The ingress tokenizes (with the model's sentence-transformers prompt for the input type),
-checks lengths, packs inputs into chunks no longer than the model's limit and sends them to
-the encoder deployment; the vectors come back pooled and are shaped here (Matryoshka
-truncation, then normalisation unless the request turns it off, then float / base64 /
-bytes / binary encodings). Cohere's int8 / uint8 use each model's calibrated ranges
+checks lengths, packs inputs into chunks of one Encoder batch's tokens and sends them to
+the encoder deployment a few at a time; the vectors come back pooled and are shaped here
+(Matryoshka truncation, then normalisation unless the request turns it off, then float /
+base64 / bytes / binary encodings). Cohere's int8 / uint8 use each model's calibrated ranges
 (`quantize`); vLLM's `messages` become one input through the model's chat template (`chat`).
 """
 
