@@ -2,9 +2,10 @@
 access-log line and its metrics at the end, whatever answered it (a guard, a route, the
 error handlers).
 
-The id is the client's well-formed `X-Request-Id` or a fresh one, and goes back on the
+The id is the client's one well-formed `X-Request-Id` or a fresh one, and goes back on the
 response. Under Serve, the proxy already echoes the id it forwarded; the app then adds the
-header only when it had to replace a malformed one (docs/observability.md).
+header only when it had to replace what the proxy forwarded, which `serve_app.proxy_guard`
+in the proxy prevents (docs/observability.md).
 """
 
 from __future__ import annotations
@@ -42,12 +43,12 @@ class RequestLogMiddleware:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        sent_id = MutableHeaders(scope=scope).get(request_id.HEADER)
-        rid = request_id.accept_or_make(sent_id)
+        sent = request_id.sent(scope.get("headers") or [])
+        rid = request_id.of_sent(sent)
         request_id.bind(rid)
         # Route templates only (`metrics.route_label`): no label value comes from a request.
         record = access.start(rid, metrics.route_label(app_path(scope)))
-        echo = self.echo_request_id or rid != sent_id
+        echo = self.echo_request_id or sent != [rid.encode()]
         error_body = bytearray()
 
         async def send_and_note(message: Message) -> None:

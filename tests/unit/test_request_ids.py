@@ -12,7 +12,8 @@ from typing import Any
 import httpx
 import pytest
 
-from serve_app.observability import access, metrics
+from serve_app.api.request_log import RequestLogMiddleware
+from serve_app.observability import access, metrics, request_id
 from serve_app.observability.request_id import accept_or_make, well_formed
 from tests.unit.gateway_client import (
     CANARY,
@@ -59,6 +60,55 @@ async def test_every_answer_carries_its_id(gateway: httpx.AsyncClient) -> None:
     replaced = await gateway.get("/v1/models", headers={"x-request-id": "bad id"})
     assert HEX_ID.fullmatch(replaced.headers["x-request-id"])
     assert made.headers["x-request-id"] != replaced.headers["x-request-id"]
+
+
+@pytest.mark.parametrize("sent", [
+    [b"first", b"second"], [b"\xff\xfe"], [b"a" * 129], [b"a" * (8 * 1024 * 1024)],
+], ids=["two", "undecodable", "129 characters", "8MB"])
+async def test_one_fresh_id_replaces_any_other(
+    gateway: httpx.AsyncClient, access_lines: list[dict[str, Any]], sent: list[bytes],
+) -> None:
+    response = await gateway.post("/v1/completions", json={"model": "nope", "prompt": "x"},
+                                  headers=[(b"x-request-id", value) for value in sent])
+    [rid] = response.headers.get_list("x-request-id")
+    assert HEX_ID.fullmatch(rid) and response.json()["error"]["request_id"] == rid
+    assert [line["request_id"] for line in access_lines] == [rid]
+
+
+class SeenBelow:
+    """An app that notes the ids the gateway's code and Serve's log filter would see."""
+
+    def __init__(self) -> None:
+        self.ids: tuple[str | None, str] | None = None
+
+    async def __call__(self, scope: Any, receive: Any, send: Any) -> None:
+        from ray.serve.context import _get_serve_request_context
+
+        self.ids = (request_id.current(), _get_serve_request_context().request_id)
+        await send({"type": "http.response.start", "status": 200, "headers": []})
+        await send({"type": "http.response.body", "body": b""})
+
+
+@pytest.mark.parametrize(("forwarded", "replaced"), [("ticket-11", False),
+                                                    ("x fake 200 OK user=root", True)])
+async def test_under_serve_the_gateways_id_is_serves_too(forwarded: str, replaced: bool) -> None:
+    """Serve's proxy forwards an id and puts it in the request's Serve context, which
+    Serve's log filter stamps on the gateway's lines and handle calls carry on; the
+    gateway's id takes its place there, and is echoed only when it is not the proxy's."""
+    from ray.serve.context import _RequestContext, _serve_request_context
+
+    below = SeenBelow()
+    app = RequestLogMiddleware(below, echo_request_id=False)
+    client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://serve")
+    _serve_request_context.set(_RequestContext(route="/v1/models", request_id=forwarded))
+    try:
+        response = await client.get("/v1/models", headers={"x-request-id": forwarded})
+    finally:
+        _serve_request_context.set(None)
+    assert below.ids is not None
+    rid, serves = below.ids
+    assert serves == rid and (rid == forwarded) is not replaced
+    assert response.headers.get_list("x-request-id") == ([rid] if replaced else [])
 
 
 @pytest.mark.parametrize("request_kwargs", [
