@@ -2,7 +2,8 @@
 
 Layers, each importing only from those below it (docs/architecture.md):
 - edge: `deployments` (Serve shells, app builders, deployment options), `handles` (the
-  pipeline over deployment handles), `allocator`;
+  pipeline over deployment handles), `allocator`, `proxy_guard` (what a client may not
+  tell Serve's proxy);
 - `api`: the FastAPI app, guards, routes, and the completions service;
 - `upstream` (Dispatcher and fleet), `sentence` (sentence embeddings) and `reference` (the
   embedded upstream), side by side;

@@ -24,7 +24,8 @@ LAYERS: dict[str, float] = {
     "serve_app.privacy": 3.5,  # the offline audit (loads the whole model); nothing imports it
     "serve_app.client": 3.5,
     # the edge
-    "serve_app.handles": 4, "serve_app.allocator": 4, "serve_app.deployments": 5,
+    "serve_app.handles": 4, "serve_app.allocator": 4, "serve_app.proxy_guard": 4,
+    "serve_app.deployments": 5,
     "serve_app.deploy": 6,
 }
 
