@@ -19,6 +19,7 @@ from typing import Any
 import jsonschema
 import pytest
 import ray
+import tomllib
 import yaml
 from pydantic import ValidationError
 from ray.autoscaler._private.util import validate_config as validate_launcher_config
@@ -26,7 +27,7 @@ from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
 from ray.serve._private.build_app import build_app as build_serve_app
 from ray.serve.schema import ServeDeploySchema
 
-from serve_app import deployments
+from serve_app import deployments, proxy_guard
 from serve_app.config import AppConfig, ReferenceConfig
 from serve_app.deploy import cluster_config
 from serve_app.deploy.cluster_config import render_gpu_config, validate_serve_config
@@ -561,10 +562,16 @@ def test_one_image_and_one_ray_version_everywhere(
 
 
 SERVE_MODE = {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1", "RAY_SERVE_ENABLE_HA_PROXY": "1"}
+HAPROXY_WRAPPER = "/home/ray/serve-app-haproxy"
+PROXY_GUARD = {proxy_guard.CALLBACK_ENV: proxy_guard.CALLBACK,
+               proxy_guard.HAPROXY_BINARY_ENV: HAPROXY_WRAPPER}
+"""docs/security.md "Serve's proxy": Serve's proxy, ingress replicas and HAProxy manager
+read these when they start, on whichever node they run."""
 
 
-def test_every_rayservice_container_runs_serve_in_haproxy_mode(
-    rayservice: dict[str, Any]
+@pytest.mark.parametrize("settings", [SERVE_MODE, PROXY_GUARD], ids=["haproxy mode", "guard"])
+def test_every_rayservice_container_runs_serve_in_haproxy_mode_with_the_guard(
+    rayservice: dict[str, Any], settings: dict[str, str],
 ) -> None:
     """The mode the H200 benchmark favours (docs/performance.md); every Ray process of every
     node must read the same values."""
@@ -572,13 +579,26 @@ def test_every_rayservice_container_runs_serve_in_haproxy_mode(
     for group in [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]:
         for container in group["template"]["spec"]["containers"]:
             env = {item["name"]: item.get("value") for item in container.get("env", [])}
-            assert {name: env.get(name) for name in SERVE_MODE} == SERVE_MODE, container["name"]
+            assert {name: env.get(name) for name in settings} == settings, container["name"]
 
 
-def test_launcher_runs_serve_in_haproxy_mode(launcher: dict[str, Any]) -> None:
+@pytest.mark.parametrize("settings", [SERVE_MODE, PROXY_GUARD], ids=["haproxy mode", "guard"])
+def test_launcher_runs_serve_in_haproxy_mode_with_the_guard(
+    launcher: dict[str, Any], settings: dict[str, str],
+) -> None:
     options = launcher["docker"]["run_options"]
-    for name, value in SERVE_MODE.items():
+    for name, value in settings.items():
         assert f"-e {name}={value}" in options
+
+
+def test_image_puts_the_haproxy_wrapper_where_the_manifests_say() -> None:
+    scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts["serve-app-haproxy"] == "serve_app.proxy_guard.haproxy:main"
+    dockerfile = (CLUSTER / "Dockerfile").read_text()
+    assert f'ln -s "$(command -v serve-app-haproxy)" {HAPROXY_WRAPPER}' in dockerfile
+    # Serve's HTTP callback is imported by its proxy, where the image installs serve_app.
+    module, _, name = proxy_guard.CALLBACK.partition(":")
+    assert callable(getattr(importlib.import_module(module), name))
 
 
 def test_image_installs_the_haproxy_binary() -> None:
