@@ -5,8 +5,9 @@ Serve 2.60 renders its HAProxy config from a fixed template that takes no rules 
 own (`haproxy_templates.HAPROXY_CONFIG_TEMPLATE`; `HAProxyConfig.custom_global` and
 `custom_defaults` are never rendered), answers `/-/routes` from that frontend, and starts
 `<binary> -db -f <config> ...` at every start and reload. The wrapper adds the rules to
-the file in place, under the lock Serve writes it with, and then becomes the real HAProxy
-with the same arguments: the process and its command line are the ones Serve expects.
+the file in place, under the lock Serve writes it with, turns off request splicing (which
+loses client aborts; `guard_config`), and then becomes the real HAProxy with the same
+arguments: the process and its command line are the ones Serve expects.
 A config without the frontend stops HAProxy from starting, so a Ray upgrade that changes
 the template fails loudly instead of running unguarded.
 """
@@ -43,8 +44,21 @@ def guard_lines() -> list[str]:
     ]
 
 
+SPLICE_REQUEST = "option splice-request"
+NO_SPLICE_REQUEST = (f"    no {SPLICE_REQUEST}  {MARKER}: with the request spliced, HAProxy "
+                     "2.8 often misses a client's going away before the answer\n")
+
+
 def guard_config(text: str) -> str:
-    """`text` with the rules after the HTTP frontend's `bind` line (once)."""
+    """`text` with the rules after the HTTP frontend's `bind` line, and without request
+    splicing (once).
+
+    Serve's template turns on `option abortonclose`, which closes a replica's connection
+    when its client goes away before the answer, so that Serve cancels the request (and
+    the gateway its upstream call); but with `option splice-request` beside it, HAProxy
+    2.8 passes on only about half of such aborts (benchmarks/haproxy_client_aborts.py),
+    and the upstream keeps generating for nobody. The defaults section sets it for every
+    proxy, so that is where it goes."""
     if MARKER in text:
         return text
     lines = text.splitlines(keepends=True)
@@ -54,8 +68,9 @@ def guard_config(text: str) -> str:
                     if lines[i].split(maxsplit=1)[:1] == ["bind"])
     except StopIteration:
         raise TemplateChanged(f"no `{FRONTEND}` with a `bind` line") from None
-    return "".join([*lines[:bind + 1], *(line + "\n" for line in guard_lines()),
-                    *lines[bind + 1:]])
+    lines[bind + 1:bind + 1] = [line + "\n" for line in guard_lines()]
+    return "".join(NO_SPLICE_REQUEST if line.strip() == SPLICE_REQUEST else line
+                   for line in lines)
 
 
 def guard_file(path: Path) -> None:

@@ -188,6 +188,19 @@ def test_haproxy_gets_the_rules_first_in_its_frontend(serve_haproxy_config: Path
     assert haproxy.guard_config(guarded) == guarded  # once only
 
 
+def test_haproxy_forwards_client_aborts_without_request_splicing(
+    serve_haproxy_config: Path,
+) -> None:
+    """Serve's defaults splice requests, which loses client aborts (`guard_config`)."""
+    original = serve_haproxy_config.read_text().splitlines()
+    guarded = haproxy.guard_config(serve_haproxy_config.read_text()).splitlines()
+    assert "    option splice-request" in original
+    defaults = guarded[guarded.index("defaults"):]
+    assert "option abortonclose" in [line.strip() for line in defaults]
+    assert [line.split("#")[0].strip() for line in guarded if "splice" in line] == [
+        "no option splice-request", "option splice-response"]
+
+
 def test_the_wrapper_guards_the_file_and_runs_the_real_haproxy(
     serve_haproxy_config: Path, tmp_path: Path,
 ) -> None:
