@@ -1,4 +1,5 @@
-"""One local Ray + Serve for the whole integration session, deployed from serve_config.yaml.
+"""One local Ray + Serve for the whole integration session, deployed from serve_config.yaml
+with the proxy settings the cluster manifests ship (`serve_app.proxy_guard`).
 
 The gateway's upstream is pointed at a recording proxy in this process that forwards to
 the reference upstream, so tests can inspect every byte the upstream received.
@@ -9,6 +10,7 @@ from __future__ import annotations
 import http.server
 import io
 import os
+import sys
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -97,17 +99,32 @@ TRANSFORM_KEY_ENV = "SERVE_APP_TEST_TRANSFORM_KEY"
 TRANSFORM_KEY = "integration-key-5d1c9e-never-logged"
 
 
+def haproxy_wrapper(folder: Path) -> Path:
+    """`serve-app-haproxy`, the console script the image installs, run from this tree."""
+    script = folder / "serve-app-haproxy"
+    script.write_text(f"#!/bin/sh\nPYTHONPATH={ROOT} exec {sys.executable} "
+                      '-m serve_app.proxy_guard.haproxy "$@"\n')
+    script.chmod(0o755)
+    return script
+
+
 @pytest.fixture(scope="session")
-def serve_graph(cache_dir: Path, demo_model_dir: Path) -> Iterator[ServeGraph]:
+def serve_graph(cache_dir: Path, demo_model_dir: Path,
+                tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServeGraph]:
     import ray
     from ray import serve
     from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
     from ray.serve._private.utils import import_attr
 
-    from serve_app import envs
+    from serve_app import envs, proxy_guard
 
     port = free_port()
     os.environ[TRANSFORM_KEY_ENV] = TRANSFORM_KEY
+    # Read by Serve's proxy, its replicas and its HAProxy manager when they start, as the
+    # manifests set them in every container (docs/security.md).
+    os.environ[proxy_guard.CALLBACK_ENV] = proxy_guard.CALLBACK
+    os.environ[proxy_guard.HAPROXY_BINARY_ENV] = str(
+        haproxy_wrapper(tmp_path_factory.mktemp("haproxy")))
     # Logical CPUs above the real two: replicas ask for fractions, the reference upstream more.
     ray.init(num_cpus=8, include_dashboard=False, log_to_driver=False,
              runtime_env={"env_vars": {envs.CACHE_DIR_ENV: str(cache_dir)}})
