@@ -16,7 +16,7 @@ REQUEST_TIMEOUT = "x-request-timeout-seconds"
 request; `0` or less turns the timeout off."""
 DISCONNECT_DISABLED = "x-request-disconnect-disabled"
 """`SERVE_HTTP_REQUEST_DISCONNECT_DISABLED_HEADER`: `?1` makes Serve ignore the client's
-going away, so the request (and its upstream generation) runs to the end."""
+going away, so the request (and its upstream generation) runs on without it."""
 MULTIPLEXED_MODEL_ID = "serve_multiplexed_model_id"
 """`SERVE_MULTIPLEXED_MODEL_ID`: routes the request by model id (`-` or `_`, any case)."""
 SESSION_ID = os.environ.get("RAY_SERVE_SESSION_ID_HEADER_KEY", "x-session-id")
