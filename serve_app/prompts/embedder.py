@@ -21,6 +21,7 @@ import torch
 from serve_app.config import ModelConfig, TransformConfig
 from serve_app.prompts.checkpoint import load_input_embeddings, read_model_spec, select_device
 from serve_app.prompts.codec import EncodedPromptEmbeds, encode_prompt_embeds
+from serve_app.prompts.tenants import SHARED_TENANT
 from serve_app.prompts.transforms import PromptTransform, build_transform, client_row_contents
 
 
@@ -118,15 +119,17 @@ class EmbedderCore:
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
 
-    def embed_batch(self, batch: Sequence[PromptInput]) -> list[EncodedPromptEmbeds]:
-        return [encode_prompt_embeds(rows) for rows in self.rows(batch)]
+    def embed_batch(self, batch: Sequence[PromptInput],
+                    tenants: Sequence[str] | None = None) -> list[EncodedPromptEmbeds]:
+        """Each prompt's rows (`rows`), encoded for the upstream."""
+        return [encode_prompt_embeds(rows) for rows in self.rows(batch, tenants)]
 
     def embed_measured(
-        self, batch: Sequence[PromptInput]
+        self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None
     ) -> tuple[list[EncodedPromptEmbeds], BatchStats]:
         """`embed_batch`, and what the batch cost."""
         clock = StageClock(self.weight.device)
-        rows = self.rows(batch, clock)
+        rows = self.rows(batch, tenants, clock)
         encoded = [encode_prompt_embeds(prompt_rows) for prompt_rows in rows]
         clock.lap("encode")
         stats = BatchStats(prompts=len(batch), rows=sum(int(r.shape[0]) for r in rows),
@@ -134,10 +137,17 @@ class EmbedderCore:
                            payload_bytes=sum(item.nbytes for item in encoded))
         return encoded, stats
 
-    def rows(self, batch: Sequence[PromptInput],
+    def rows(self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None,
              clock: StageClock | None = None) -> list[torch.Tensor]:
         """What goes upstream: each prompt's rows, transformed; one CPU tensor per prompt.
-        With a `clock`, the lookup and transform stages are timed on it."""
+
+        `tenants` names each prompt's tenant, in the batch's order (`prompts.tenants`:
+        `api_key_tenant(key)`, or `SHARED_TENANT`); None puts every prompt in the shared
+        one. Only a keyed transform reads them. With a `clock`, the lookup and transform
+        stages are timed on it."""
+        tenants = [SHARED_TENANT] * len(batch) if tenants is None else list(tenants)
+        if len(tenants) != len(batch):
+            raise ValueError("rows() takes one tenant per prompt")
         if self.transform is None or not any(map(self._transforms, batch)):
             looked_up = self.lookup(batch)
             if clock:
@@ -151,9 +161,11 @@ class EmbedderCore:
                 clock.lap("lookup")
             if all(not isinstance(prompt, SplicedPrompt) for prompt in batch):
                 lengths = [prompt_rows(prompt) for prompt in batch]
-                out = list(_to_host(self.transform(flat, ids, lengths)).split(lengths))
+                transformed = self.transform(flat, ids, lengths, tenants)
+                out = list(_to_host(transformed).split(lengths))
             else:
-                out = self._spliced_rows(batch, iter(flat.split([len(run) for run in runs])))
+                out = self._spliced_rows(batch, tenants,
+                                         iter(flat.split([len(run) for run in runs])))
         if clock:
             clock.lap("transform")
         return out
@@ -162,7 +174,7 @@ class EmbedderCore:
         """Whether the transform changes any of this prompt's rows."""
         return self.transform_client_embeds or bool(_token_runs(prompt))
 
-    def _spliced_rows(self, batch: Sequence[PromptInput],
+    def _spliced_rows(self, batch: Sequence[PromptInput], tenants: Sequence[str],
                       looked_up: Iterator[torch.Tensor]) -> list[torch.Tensor]:
         """Prompts with client tensors: each prompt's rows joined on the device, the batch
         transformed at once, and client rows put back when they stay as sent."""
@@ -188,7 +200,7 @@ class EmbedderCore:
         assert self.transform is not None
         lengths = [len(p) for p in positions]
         flat = torch.tensor([c for p in positions for c in p], dtype=torch.int64)
-        out = self.transform(torch.cat(parts), flat.to(self.weight.device), lengths)
+        out = self.transform(torch.cat(parts), flat.to(self.weight.device), lengths, tenants)
         for row, rows in kept:
             out[row:row + rows.shape[0]] = rows
         return list(_to_host(out).split(lengths))

@@ -1,31 +1,39 @@
-"""Noise fixed by a secret key and a prompt's prefix, made on the rows' device for a whole
-batch: a 64-bit seed per row, then `hidden` standard normals per seed.
+"""Keyed seeds: one 64-bit noise seed per row, fixed by a secret key, every parameter that
+shapes the rows, the prompt's tenant and the row's prefix; made on the rows' device for a
+whole batch (the stream that turns a seed into noise is `normals`).
 
-Row i's seed is a keyed hash of the content of positions 0..i (token ids, or a digest of a
-client row's bytes): each position's content and index are hashed under the key, the hashes
-are summed along the prompt (a cumulative sum, so the batch needs no loop), and the sum is
-hashed again. Identical prefixes give identical seeds; a change at position i changes every
-seed from i on. The normals come from the seed through integer hashing (exact on every
-device: 32-bit products wrap the same way on CPUs and GPUs) and one Box-Muller step, so a
-seed gives bit-identical rows on every replica with the same kind of device.
+Three layers of derivation, each with blake2b under its own personalization:
+- the key and a canonical encoding of the `SeedBinding` (kind, sigma, wire dtype, the
+  model's digest, `TRANSFORM_VERSION`) give the transform's secret: changing any parameter
+  changes every row, so rows made under one sigma cannot be set beside rows made under
+  another to cancel the noise;
+- that secret and the tenant give the tenant's eight 32-bit key words: two tenants' rows
+  share nothing, and whatever one tenant learns of its own words says nothing of another's;
+- the words and the prefix give the row's seed: each position's content and index are
+  hashed under the words, the hashes are summed along the prompt (a cumulative sum, so the
+  batch needs no loop), and the sum is hashed again. Identical prefixes of one tenant give
+  identical seeds; a change at position i changes every seed from i on.
 
-This is a fast integer hash, not a cipher: what keeps the noise from being subtracted is
-that only the key holder can compute the seeds (docs/privacy.md says what that leaves).
+The last layer is a fast integer hash (exact on every device: 32-bit products wrap the same
+way on CPUs and GPUs), not a cipher: what keeps the noise from being subtracted is that
+only the key holder can compute the words (docs/privacy.md says what that leaves).
 """
 
 from __future__ import annotations
 
-import functools
 import hashlib
-import math
-from collections.abc import Callable, Sequence
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 
 MIN_KEY_CHARS = 16
-# Elements per eager step of the stream: bounds the temporaries (4 bytes each).
-_CHUNK_ELEMENTS = 1 << 22
-_TWO_PI = 2.0 * math.pi
+TRANSFORM_VERSION = 2
+"""Part of every keyed seed: a new definition of the noise gets a new number, so rows made
+under two definitions never coincide."""
+_TENANT_CACHE = 4096
+"""Tenants whose key words are kept; beyond, the cache starts again."""
 _LOW = 0xFFFFFFFF
 
 
@@ -58,30 +66,70 @@ def _wrap32(values: torch.Tensor) -> torch.Tensor:
     return (values - ((values >> 31) << 32)).to(torch.int32)
 
 
-class KeyedSeeds:
-    """Per-row seeds under a key. Keeps only words derived from the key, so neither `repr`
-    nor an exception's message can show it."""
+@dataclass(frozen=True)
+class SeedBinding:
+    """Everything besides the key, the tenant and the prompt that shapes keyed rows."""
 
-    def __init__(self, key: str) -> None:
+    sigma: float
+    dtype: torch.dtype
+    """The wire dtype: the Embedder's rows'."""
+    model: str
+    """The model's identity: `transforms.matrix_digest` of its input-embedding matrix."""
+    kind: str = "keyed_gaussian"
+    version: int = TRANSFORM_VERSION
+
+    def encode(self) -> bytes:
+        """Canonical bytes: sorted JSON, sigma in hex (exact)."""
+        fields = {"kind": self.kind, "sigma": float(self.sigma).hex(),
+                  "dtype": str(self.dtype).removeprefix("torch."), "model": self.model,
+                  "version": self.version}
+        return json.dumps(fields, sort_keys=True, separators=(",", ":")).encode()
+
+
+class KeyedSeeds:
+    """Per-row seeds under a key. Keeps only secrets derived from the key, so neither
+    `repr` nor an exception's message can show it."""
+
+    def __init__(self, key: str, binding: SeedBinding) -> None:
         if len(key) < MIN_KEY_CHARS:
             raise ValueError(f"the transform key must have at least {MIN_KEY_CHARS} characters")
-        derived = hashlib.blake2b(key.encode(), digest_size=32, person=b"serveapp").digest()
-        self._words = [_int32(int.from_bytes(derived[i:i + 4], "little"))
-                       for i in range(0, 32, 4)]
+        key_hash = hashlib.blake2b(key.encode(), digest_size=32, person=b"serveapp.key").digest()
+        self._secret = hashlib.blake2b(binding.encode(), key=key_hash, digest_size=32,
+                                       person=b"serveapp.params").digest()
+        self._tenant_words: dict[str, list[int]] = {}
 
     def __repr__(self) -> str:
         return "KeyedSeeds(<key withheld>)"
 
-    def seeds(self, content: torch.Tensor, lengths: Sequence[int]) -> tuple[torch.Tensor,
-                                                                            torch.Tensor]:
-        """The (low, high) int32 halves of each row's seed; `content` holds each row's
-        token id or client-row digest (int64), prompt after prompt, as `lengths` says."""
-        k = self._words
+    def words(self, tenant: str) -> list[int]:
+        """The tenant's eight 32-bit key words (as signed int32 values)."""
+        words = self._tenant_words.get(tenant)
+        if words is None:
+            derived = hashlib.blake2b(tenant.encode(), key=self._secret, digest_size=32,
+                                      person=b"serveapp.tenant").digest()
+            words = [_int32(int.from_bytes(derived[i:i + 4], "little")) for i in range(0, 32, 4)]
+            if len(self._tenant_words) >= _TENANT_CACHE:
+                self._tenant_words.clear()
+            self._tenant_words[tenant] = words
+        return words
+
+    def seeds(self, content: torch.Tensor, lengths: Sequence[int],
+              tenants: Sequence[str]) -> torch.Tensor:
+        """Each row's int64 seed; `content` holds each row's token id or client-row digest
+        (int64), prompt after prompt, as `lengths` says, and `tenants` names each prompt's
+        tenant."""
+        if len(tenants) != len(lengths):
+            raise ValueError("one tenant per prompt")
         device = content.device
         counts = torch.tensor(list(lengths), dtype=torch.int64).to(device, non_blocking=True)
+        rows = content.shape[0]
         starts = torch.cumsum(counts, 0) - counts
-        index = torch.arange(content.shape[0], device=device)
-        position = (index - torch.repeat_interleave(starts, counts, output_size=len(index)))
+        index = torch.arange(rows, device=device)
+        position = index - torch.repeat_interleave(starts, counts, output_size=rows)
+        # Each row's tenant's words, (rows, 8).
+        words = torch.tensor([self.words(t) for t in tenants], dtype=torch.int32)
+        k = torch.repeat_interleave(words.to(device, non_blocking=True), counts, dim=0,
+                                    output_size=rows).T
         low, high = _halves(content)
         place = _mix32(position.to(torch.int32) * _GOLDEN)
         sums = []
@@ -92,56 +140,12 @@ class KeyedSeeds:
             # The sum over the prompt alone: the running total less its value before the
             # prompt's first row.
             before = torch.cat([total.new_zeros(1), total])[starts]
-            sums.append(total - torch.repeat_interleave(before, counts, output_size=len(index)))
-        return self._finish(sums[0], k[4], k[5]), self._finish(sums[1], k[6], k[7])
-
-    @staticmethod
-    def _finish(prefix_sum: torch.Tensor, a: int, b: int) -> torch.Tensor:
-        low, high = _halves(prefix_sum)
-        return _mix32(_mix32(low ^ a) ^ high ^ b)
+            sums.append(total - torch.repeat_interleave(before, counts, output_size=rows))
+        seed_low = _finish(sums[0], k[4], k[5]).to(torch.int64) & _LOW
+        seed_high = _finish(sums[1], k[6], k[7]).to(torch.int64)
+        return (seed_high << 32) | seed_low
 
 
-def _column_constants(hidden: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Two distinct 32-bit constants per column (one per seed half)."""
-    counter = torch.arange(2 * hidden, dtype=torch.int32, device=device)
-    mixed = _mix32(counter * _GOLDEN ^ 0x5BD1E995)
-    return mixed[:hidden], mixed[hidden:]
-
-
-def _normals(low: torch.Tensor, high: torch.Tensor, first: torch.Tensor,
-             second: torch.Tensor) -> torch.Tensor:
-    """`(rows, columns)` standard normals for rows' seed halves `(rows, 1)` and the
-    columns' constants; `columns` is even."""
-    # Both halves pass through the hash: the stream depends on all 64 bits of the seed.
-    bits = (_mix32(_mix32(low ^ first) ^ high ^ second) >> 8) & 0xFFFFFF
-    uniform = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    radius = torch.sqrt(-2.0 * torch.log(uniform[:, 0::2]))
-    angle = _TWO_PI * uniform[:, 1::2]
-    return torch.stack([radius * torch.cos(angle), radius * torch.sin(angle)], dim=2).flatten(1)
-
-
-@functools.cache
-def _fused_normals() -> Callable[..., torch.Tensor]:
-    """`_normals` compiled into one kernel for CUDA: the eager form writes every
-    intermediate (about 30 passes over the batch's noise) to memory."""
-    return torch.compile(_normals, dynamic=True, fullgraph=True)
-
-
-def standard_normals(low: torch.Tensor, high: torch.Tensor, hidden: int) -> torch.Tensor:
-    """`(rows, hidden)` float32 standard normals, a pure function of each row's seed halves.
-
-    On CUDA the stream is one compiled kernel, the same on every replica of one torch
-    version; the CPU runs it eagerly (equal within float tolerance).
-    """
-    device = low.device
-    even = hidden + hidden % 2
-    first, second = _column_constants(even, device)
-    fused = device.type == "cuda"
-    normals = _fused_normals() if fused else _normals
-    low, high = low[:, None], high[:, None]
-    # Eagerly, bound the temporaries; fused, there are none.
-    step = max(1, low.shape[0] if fused else _CHUNK_ELEMENTS // even)
-    chunks = [normals(low[start:start + step], high[start:start + step], first, second)
-              for start in range(0, low.shape[0], step)]
-    out = chunks[0] if len(chunks) == 1 else torch.cat(chunks)
-    return out[:, :hidden]
+def _finish(prefix_sum: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    low, high = _halves(prefix_sum)
+    return _mix32(_mix32(low ^ a) ^ high ^ b)

@@ -6,9 +6,11 @@ reads the prompt back by a nearest-row lookup; a transform trades some of that a
 answer quality, and `serve_app.privacy` measures both. The kinds (`TransformConfig.kind`):
 - `none`: the rows as they are;
 - `gaussian`: fresh noise per request, `sigma` times the matrix's standard deviation;
-- `keyed_gaussian`: the same noise drawn from a seed per row that a secret key and the
-  prefix fix (`keyed_noise`), so identical prefixes give byte-identical rows;
+- `keyed_gaussian`: the same noise from a seed per row that a secret key, the transform's
+  parameters, the prompt's tenant and the prefix fix (`keyed_noise`), so identical prefixes
+  of one tenant give byte-identical rows;
 - `module`: an operator's torch module, with safetensors weights.
+Both noise kinds make their noise in float64 and round the noisy rows once (`normals`).
 """
 
 from __future__ import annotations
@@ -16,15 +18,19 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
-from collections.abc import Sequence
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 import torch
 
 from serve_app import envs
 from serve_app.config import TransformConfig
-from serve_app.prompts.keyed_noise import KeyedSeeds, standard_normals
+from serve_app.prompts.keyed_noise import KeyedSeeds, SeedBinding
+from serve_app.prompts.normals import add_noise
+from serve_app.prompts.tenants import SHARED_TENANT
 
 logger = logging.getLogger(__name__)
 
@@ -40,12 +46,37 @@ class PromptTransform(Protocol):
 
     `content` (int64, on the rows' device) holds each row's token id, or a negative digest
     for a client row, so a transform may depend on the prefix; `lengths` are the prompts'
-    row counts, in order.
+    row counts, in order, and `tenants` the prompts' tenants (`prompts.tenants`), in the
+    same order.
     """
 
-    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
-                 lengths: Sequence[int]) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Sequence[int],
+                 tenants: Sequence[str]) -> torch.Tensor:
         ...
+
+
+@dataclass(frozen=True)
+class NoiseSpec:
+    """How a noise transform's generator makes its values, for whoever audits it.
+
+    - `precision`: the dtype the normals and the noisy rows are computed in;
+    - `uniform_bits`: random bits in each uniform a normal is made from;
+    - `pairing`: which two values share a Box-Muller pair of uniforms: `adjacent` (columns
+      2p and 2p + 1 of a row, `normals`), or `torch_cpu_blocks16` (torch's CPU `randn`:
+      elements i and i + 8 of each block of 16);
+    - `rounded_once`: whether `rows + scale * noise` is rounded to the wire dtype once,
+      from `precision`, rather than computed in the wire dtype.
+    """
+
+    precision: torch.dtype
+    uniform_bits: int
+    pairing: Literal["adjacent", "torch_cpu_blocks16"]
+    rounded_once: bool
+
+
+STREAM_NOISE = NoiseSpec(precision=torch.float64, uniform_bits=53, pairing="adjacent",
+                         rounded_once=True)
+"""Both noise kinds' generator: `normals`."""
 
 
 def client_row_contents(tensor: torch.Tensor) -> list[int]:
@@ -57,29 +88,37 @@ def client_row_contents(tensor: torch.Tensor) -> list[int]:
 
 
 class GaussianNoise:
-    """Fresh noise for every call, from torch's generator on the rows' device."""
+    """Fresh noise for every call: each row's seed is 64 bits from `entropy`
+    (`secrets.token_bytes`: the operating system's generator; never torch's, whose CPU
+    generator keeps 32 bits of its seed)."""
 
-    def __init__(self, scale: float) -> None:
+    noise_spec = STREAM_NOISE
+
+    def __init__(self, scale: float,
+                 entropy: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.scale = scale
+        self.entropy = entropy
 
-    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
-                 lengths: Sequence[int]) -> torch.Tensor:
-        noise = torch.randn(rows.shape, dtype=torch.float32, device=rows.device)
-        return (rows.float() + self.scale * noise).to(rows.dtype)
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Sequence[int],
+                 tenants: Sequence[str]) -> torch.Tensor:
+        fresh = bytearray(self.entropy(8 * rows.shape[0]))
+        seeds = torch.frombuffer(fresh, dtype=torch.int64).to(rows.device, non_blocking=True)
+        return add_noise(rows, seeds, self.scale)
 
 
 class KeyedGaussianNoise:
-    """Noise that the key and each row's prefix fix: the same prefix, the same rows."""
+    """Noise that the key, the parameters, the tenant and each row's prefix fix: the same
+    tenant and prefix, the same rows."""
+
+    noise_spec = STREAM_NOISE
 
     def __init__(self, scale: float, seeds: KeyedSeeds) -> None:
         self.scale = scale
         self.seeds = seeds
 
-    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
-                 lengths: Sequence[int]) -> torch.Tensor:
-        low, high = self.seeds.seeds(content, lengths)
-        noise = standard_normals(low, high, rows.shape[1])
-        return (rows.float() + self.scale * noise).to(rows.dtype)
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Sequence[int],
+                 tenants: Sequence[str]) -> torch.Tensor:
+        return add_noise(rows, self.seeds.seeds(content, lengths, tenants), self.scale)
 
 
 class ModuleTransform:
@@ -89,8 +128,8 @@ class ModuleTransform:
         self.module = module
         self.token_ids = token_ids
 
-    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
-                 lengths: Sequence[int]) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Sequence[int],
+                 tenants: Sequence[str]) -> torch.Tensor:
         with torch.inference_mode():
             out = self.module(rows, content.clamp(min=-1)) if self.token_ids else self.module(rows)
         if not isinstance(out, torch.Tensor) or (out.shape, out.dtype, out.device) != (
@@ -133,7 +172,7 @@ def _build_module(config: TransformConfig, weight: torch.Tensor) -> ModuleTransf
     module = module.to(device=weight.device, dtype=weight.dtype).eval()
     transform = ModuleTransform(module, config.module_token_ids)
     # The contract, checked before the first request.
-    transform(weight[:2].clone(), torch.arange(2, device=weight.device), [2])
+    transform(weight[:2].clone(), torch.arange(2, device=weight.device), [2], [SHARED_TENANT])
     return transform
 
 
@@ -149,24 +188,51 @@ def matrix_std(weight: torch.Tensor, rows_per_chunk: int = 8192) -> float:
     return float(((squares - total * total / count) / (count - 1)).sqrt())
 
 
+def matrix_digest(weight: torch.Tensor, rows_per_chunk: int = 8192) -> str:
+    """The model's identity for keyed seeds: blake2b of the matrix's shape, dtype and bytes
+    as the Embedder holds them, read in chunks of rows (a GPU matrix through the host).
+
+    A digest of the weights, not of the model's name or path, so a gateway and a
+    client-side encoder that load the same checkpoint from two places agree, and new
+    weights under an old name do not reuse its rows. About a second per GiB, once."""
+    digest = hashlib.blake2b(digest_size=16, person=b"serveapp.model")
+    digest.update(f"{tuple(weight.shape)} {weight.dtype}".encode())
+    for chunk in weight.split(rows_per_chunk):
+        digest.update(chunk.contiguous().cpu().view(torch.uint8).numpy().data)
+    return digest.hexdigest()
+
+
+def _noise_scale(config: TransformConfig, weight: torch.Tensor) -> float:
+    return config.sigma * matrix_std(weight)
+
+
+def build_keyed_transform(config: TransformConfig, weight: torch.Tensor,
+                          key: str) -> KeyedGaussianNoise:
+    """The keyed transform of `config` for this matrix under `key`: the gateway's, when
+    `key` is the one its `key_env` holds."""
+    binding = SeedBinding(sigma=config.sigma, dtype=weight.dtype, model=matrix_digest(weight))
+    transform = KeyedGaussianNoise(_noise_scale(config, weight), KeyedSeeds(key, binding))
+    # On CUDA the first call compiles the noise kernel: here, not in a request.
+    transform(weight[:2], torch.arange(2, device=weight.device), [2], [SHARED_TENANT])
+    return transform
+
+
 def build_transform(config: TransformConfig, weight: torch.Tensor) -> PromptTransform | None:
     """The configured transform for this embedding matrix; None for `none`."""
     if config.kind == "none":
         return None
     if config.kind == "module":
         return _build_module(config, weight)
-    scale = config.sigma * matrix_std(weight)
     if config.kind == "gaussian":
-        return GaussianNoise(scale)
+        transform = GaussianNoise(_noise_scale(config, weight))
+        transform(weight[:2], torch.arange(2, device=weight.device), [2], [SHARED_TENANT])
+        return transform
     if config.kind == "keyed_gaussian":
         key = envs.secret(config.key_env)
         if key is None:
             raise ValueError(f"keyed_gaussian: the environment variable {config.key_env} "
                              f"(privacy.transform.key_env) is not set")
-        transform = KeyedGaussianNoise(scale, KeyedSeeds(key))
-        # On CUDA the first call compiles the noise kernel: here, not in a request.
-        transform(weight[:2], torch.arange(2, device=weight.device), [2])
-        return transform
+        return build_keyed_transform(config, weight, key)
     raise ValueError(f"unknown privacy.transform.kind: {config.kind}")
 
 

@@ -168,7 +168,7 @@ def test_embedder_measures_each_stage(recorded: Recorded) -> None:
 
 
 def test_embedder_times_the_transform_when_one_runs() -> None:
-    core = EmbedderCore(torch.randn(50, 8), transform=lambda rows, ids, lengths: rows * 2)
+    core = EmbedderCore(torch.randn(50, 8), transform=lambda rows, ids, lengths, tenants: rows * 2)
     _, stats = core.embed_measured([[1, 2], [3]])
     assert set(stats.stage_seconds) == {"lookup", "transform", "encode"}
 

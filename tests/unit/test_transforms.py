@@ -1,5 +1,6 @@
 """Prompt transforms on the wire: what a recording upstream receives under each kind, the
-keyed kind's prefix property, module loading, and a key that never leaves the process."""
+noise's generator (float64 from 53-bit uniforms, rounded once), the keyed kind's prefix
+property and what its seeds bind, module loading, and a key that never leaves the process."""
 
 from __future__ import annotations
 
@@ -7,8 +8,10 @@ import base64
 import io
 import json
 import logging
+import math
 import os
 import pickle
+import random
 import subprocess
 import sys
 from pathlib import Path
@@ -21,13 +24,21 @@ from pydantic import ValidationError
 from safetensors.torch import save_file
 
 from serve_app.config import ModelConfig, TransformConfig
+from serve_app.prompts import transforms
 from serve_app.prompts.embedder import EmbedderCore, SplicedPrompt
-from serve_app.prompts.keyed_noise import KeyedSeeds, standard_normals
+from serve_app.prompts.keyed_noise import KeyedSeeds, SeedBinding
+from serve_app.prompts.normals import add_noise, standard_normals
+from serve_app.prompts.tenants import SHARED_TENANT
 from serve_app.prompts.transforms import (
     INVERTIBLE_WARNING,
+    GaussianNoise,
+    KeyedGaussianNoise,
+    NoiseSpec,
+    build_keyed_transform,
     build_transform,
     describe,
     log_transform,
+    matrix_digest,
     matrix_std,
 )
 from tests.unit.gateway_client import (
@@ -91,8 +102,10 @@ async def test_gaussian_sends_fresh_noise_every_request(
     demo_tokenizer: Any,
 ) -> None:
     core = core_with(demo_model_dir, TransformConfig(kind="gaussian", sigma=3.0))
+    assert isinstance(core.transform, GaussianNoise)
+    # The noise is fresh, but the recovery asserted below is one draw's: seeded here.
+    core.transform.entropy = random.Random(0).randbytes
     gateway = make_gateway(recorder, core=core)
-    torch.manual_seed(0)  # the noise is fresh, but the recovery asserted below is one draw's
     await ok(gateway, prompt=FRANCE, **GREEDY)
     await ok(gateway, prompt=FRANCE, **GREEDY)
     first, second = sent_rows(recorder)
@@ -150,30 +163,111 @@ def test_keyed_rows_are_identical_in_another_process(demo_model_dir: Path,
     assert other == here.numpy().tobytes()
 
 
-def test_keyed_noise_is_standard_normal_and_a_function_of_the_seed() -> None:
-    low = torch.tensor([1, -1, 7, 1], dtype=torch.int32)
-    high = torch.tensor([0, 0, 5, 0], dtype=torch.int32)
-    noise = standard_normals(low, high, 4097)
-    assert noise.shape == (4, 4097)
+BINDING = SeedBinding(sigma=1.0, dtype=torch.float32, model="test-model")
+
+
+def test_the_noise_is_a_pure_function_of_the_seed_and_standard_normal() -> None:
+    seeds = torch.tensor([1, -1, 7, 1, 2**62 + 5], dtype=torch.int64)
+    noise = standard_normals(seeds, 4097)
+    assert noise.shape == (5, 4097) and noise.dtype == torch.float64
     assert torch.equal(noise[0], noise[3]) and not torch.equal(noise[0], noise[1])
-    assert abs(float(noise.mean())) < 0.03 and abs(float(noise.std()) - 1) < 0.03
-    # The high half matters as much as the low one.
-    assert not torch.equal(noise[0], standard_normals(low[:1], high[:1] + 1, 4097)[0])
+    many = standard_normals(torch.arange(64, dtype=torch.int64) * 7919, 4096)
+    assert abs(float(many.mean())) < 0.01 and abs(float(many.std()) - 1) < 0.01
+    # Every one of the 64 bits matters: seeds one bit apart share no value.
+    for bit in (0, 31, 32, 63):
+        flipped = standard_normals(seeds[:1] ^ (1 << bit if bit < 63 else -(1 << 63)), 4097)
+        assert (flipped != noise[:1]).all()
 
 
-def seeds_of(seeds: KeyedSeeds, *prompts: list[int]) -> list[list[tuple[int, int]]]:
-    low, high = seeds.seeds(torch.tensor([c for p in prompts for c in p]),
-                            [len(p) for p in prompts])
-    pairs = list(zip(low.tolist(), high.tolist(), strict=True))
+def _reference_normals(seed: int, hidden: int) -> list[float]:
+    """The stream as `normals` documents it, in Python integers and `math`: SplitMix64
+    from the seed, top 53 bits per uniform, adjacent Box-Muller pairs."""
+    mask = (1 << 64) - 1
+
+    def uniform_bits(k: int) -> int:
+        z = (seed + (k + 1) * 0x9E3779B97F4A7C15) & mask
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & mask
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & mask
+        return (z ^ (z >> 31)) >> 11
+
+    out = []
+    for p in range((hidden + 1) // 2):
+        radius = math.sqrt(-2.0 * math.log((uniform_bits(2 * p) + 1) / 2.0**53))
+        angle = 2.0 * math.pi * uniform_bits(2 * p + 1) / 2.0**53
+        out += [radius * math.cos(angle), radius * math.sin(angle)]
+    return out[:hidden]
+
+
+@pytest.mark.parametrize("seed", [0, 12345, -(2**63), 2**63 - 1])
+def test_the_noise_is_53_bit_uniforms_in_float64_paired_adjacently(seed: int) -> None:
+    """What `NoiseSpec` tells the audit, checked against an independent implementation: a
+    24-bit or float32 stream would miss by far more than float64's last bits."""
+    noise = standard_normals(torch.tensor([seed], dtype=torch.int64), 257)[0]
+    expected = torch.tensor(_reference_normals(seed % 2**64, 257), dtype=torch.float64)
+    torch.testing.assert_close(noise, expected, rtol=1e-13, atol=1e-13)
+    # Values no float32 holds: the noise is finer than the wire's dtype.
+    assert float((noise.float().double() != noise).float().mean()) > 0.99
+    spec = NoiseSpec(precision=torch.float64, uniform_bits=53, pairing="adjacent",
+                     rounded_once=True)
+    assert GaussianNoise.noise_spec == KeyedGaussianNoise.noise_spec == spec
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("hidden", [64, 65, 3000])
+def test_noisy_rows_are_float64_rounded_once_to_the_wire_dtype(
+    dtype: torch.dtype, hidden: int,
+) -> None:
+    rows = (torch.randn(300, hidden, generator=torch.Generator().manual_seed(1)) * 0.02).to(dtype)
+    seeds = torch.arange(300, dtype=torch.int64) * 104729 - 2**40
+    noise = standard_normals(seeds, hidden)
+    noised = add_noise(rows, seeds, 0.013)
+    assert noised.dtype == dtype
+    assert torch.equal(noised, (rows.double() + 0.013 * noise).to(dtype))
+    if dtype == torch.float32:  # added in float32, it rounds twice, and differently
+        assert not torch.equal(noised, rows + 0.013 * noise.float())
+
+
+def test_a_rows_noise_does_not_depend_on_the_rows_batched_with_it() -> None:
+    seeds = torch.randint(-(2**63), 2**63 - 1, (2000,), dtype=torch.int64,
+                          generator=torch.Generator().manual_seed(3))
+    whole = standard_normals(seeds, 1000)
+    pieces = torch.cat([standard_normals(seeds[i:i + 37], 1000) for i in range(0, 2000, 37)])
+    assert torch.equal(whole, pieces)
+    rows = torch.zeros(2000, 1000, dtype=torch.bfloat16)
+    assert torch.equal(add_noise(rows, seeds, 0.5)[1234], add_noise(rows[:1], seeds[1234:1235],
+                                                                      0.5)[0])
+
+
+def test_gaussian_seeds_are_fresh_and_not_torchs() -> None:
+    """Fresh seeds come from the operating system: reseeding torch (whose CPU generator
+    keeps only 32 bits of a seed) repeats nothing."""
+    noise = GaussianNoise(0.5)
+    rows = torch.zeros(4, 64)
+    draws = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        draws.append(noise(rows, torch.arange(4), [4], [SHARED_TENANT]))
+    assert (draws[0] != draws[1]).all()
+    seeded = [GaussianNoise(0.5, random.Random(7).randbytes)(rows, torch.arange(4), [4],
+                                                               [SHARED_TENANT])
+              for _ in range(2)]
+    assert torch.equal(seeded[0], seeded[1])  # the audit's reproducible draws
+
+
+def seeds_of(seeds: KeyedSeeds, *prompts: list[int],
+             tenants: list[str] | None = None) -> list[list[int]]:
+    values = seeds.seeds(torch.tensor([c for p in prompts for c in p]),
+                         [len(p) for p in prompts],
+                         tenants or [SHARED_TENANT] * len(prompts)).tolist()
     out, start = [], 0
     for prompt in prompts:
-        out.append(pairs[start:start + len(prompt)])
+        out.append(values[start:start + len(prompt)])
         start += len(prompt)
     return out
 
 
 def test_keyed_seeds_follow_the_prefix_within_each_prompt() -> None:
-    seeds = KeyedSeeds(KEY)
+    seeds = KeyedSeeds(KEY, BINDING)
     a, b, a_again = seeds_of(seeds, [5, 6, 7, 8], [5, 6, 9, 8], [5, 6, 7, 8])
     assert a[:2] == b[:2] and a[2] != b[2] and a[3] != b[3]
     assert a == a_again  # a prompt's seeds do not depend on the prompts before it
@@ -183,11 +277,95 @@ def test_keyed_seeds_follow_the_prefix_within_each_prompt() -> None:
     assert all(x != y for x, y in zip(swapped, a, strict=True))  # order matters
     [client] = seeds_of(seeds, [-(2**55) - 3, 6])
     assert client != seeds_of(seeds, [-(2**55) - 4, 6])[0]  # client digests, high bits too
-    assert seeds_of(KeyedSeeds(KEY + "x"), [5])[0] != a[:1]
+    assert seeds_of(KeyedSeeds(KEY + "x", BINDING), [5])[0] != a[:1]
     assert KEY not in repr(seeds) and KEY not in repr(seeds.__dict__)
     with pytest.raises(ValueError, match="at least 16") as short:
-        KeyedSeeds("short-key")
+        KeyedSeeds("short-key", BINDING)
     assert "short-key" not in str(short.value)
+
+
+@pytest.mark.parametrize("change", [
+    {"sigma": 1.5}, {"dtype": torch.bfloat16}, {"model": "another-model"},
+    {"kind": "keyed_gaussian_other"}, {"version": 3},
+])
+def test_each_bound_parameter_changes_every_seed(change: dict[str, Any]) -> None:
+    prompts = [[0, 5, 6, 7, 8], [0, 9]]
+    base = seeds_of(KeyedSeeds(KEY, BINDING), *prompts)
+    changed = seeds_of(KeyedSeeds(KEY, SeedBinding(**{**vars(BINDING), **change})), *prompts)
+    assert all(x != y for p, q in zip(base, changed, strict=True)
+               for x, y in zip(p, q, strict=True))
+    assert seeds_of(KeyedSeeds(KEY, SeedBinding(**vars(BINDING))), *prompts) == base
+
+
+def test_two_tenants_share_no_seed() -> None:
+    seeds = KeyedSeeds(KEY, BINDING)
+    prompt = [0, 5, 6, 7, 8, 9]
+    ours, theirs, ours_again = seeds_of(seeds, prompt, prompt, prompt,
+                                        tenants=["key:a", "key:b", "key:a"])
+    assert ours == ours_again
+    assert all(x != y for x, y in zip(ours, theirs, strict=True))
+    with pytest.raises(ValueError, match="one tenant per prompt"):
+        seeds.seeds(torch.tensor(prompt), [6], [])
+
+
+def test_two_sigmas_under_one_key_reveal_no_more_than_one_sighting(
+    demo_model_dir: Path, keyed: TransformConfig,
+) -> None:
+    """Noise reused under two sigmas would cancel: y1 = x + s1 n and y2 = x + s2 n give
+    x = (s2 y1 - s1 y2) / (s2 - s1). Sigma is bound into the seeds, so n1 and n2 are
+    independent and the solved rows are noisier than either sighting."""
+    ids = list(range(1, 256))
+    first = core_with(demo_model_dir, keyed.model_copy(update={"sigma": 3.0}))
+    second = core_with(demo_model_dir, keyed.model_copy(update={"sigma": 4.0}))
+    assert isinstance(first.transform, KeyedGaussianNoise)
+    assert isinstance(second.transform, KeyedGaussianNoise)
+    s1, s2 = first.transform.scale, second.transform.scale
+    [y1], [y2] = first.rows([ids]), second.rows([ids])
+    solved = (s2 * y1.double() - s1 * y2.double()) / (s2 - s1)
+    weight = first.weight
+    one_sighting = recovered(y1, weight, ids)
+    assert one_sighting < 0.9
+    assert recovered(solved, weight, ids) <= one_sighting
+
+
+@pytest.mark.parametrize("change", ["sigma", "dtype", "model"])
+def test_each_parameter_change_changes_every_row(
+    demo_model_dir: Path, keyed: TransformConfig, change: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """So rows made under one parameter set never meet rows of another (and the upstream's
+    prefix cache refills)."""
+    weight = core_with(demo_model_dir, TransformConfig()).weight
+    if change == "dtype":  # the model's digest names the dtype too: here the binding alone
+        monkeypatch.setattr(transforms, "matrix_digest", lambda *_: "one-model")
+    ids = [[0, 40, 41, 42, 43, 44, 45]]
+    base = EmbedderCore(weight, build_keyed_transform(keyed, weight, KEY)).rows(ids)[0]
+    config, other = keyed, weight.clone()
+    if change == "sigma":
+        config = keyed.model_copy(update={"sigma": 1.01})
+    elif change == "dtype":
+        other = weight.to(torch.bfloat16)
+    else:
+        other[200, 7] += 1e-3  # one value of a row no prompt here uses
+    changed = EmbedderCore(other, build_keyed_transform(config, other, KEY)).rows(ids)[0]
+    # The noise itself is new, not only its size or rounding: the same noise at another
+    # scale keeps its signs, fresh noise flips about half of them in every row.
+    noise = base.double() - weight[ids[0]].double()
+    other_noise = changed.double() - other[ids[0]].double()
+    flipped = (torch.sign(noise) != torch.sign(other_noise)).double().mean(dim=1)
+    assert (flipped > 0.25).all(), flipped
+    same = EmbedderCore(weight.clone(), build_keyed_transform(keyed, weight.clone(), KEY))
+    assert torch.equal(same.rows(ids)[0], base)
+
+
+def test_the_model_digest_is_of_the_weights_bytes() -> None:
+    weight = torch.randn(50, 8)
+    digest = matrix_digest(weight)
+    assert digest == matrix_digest(weight.clone()) == matrix_digest(weight, rows_per_chunk=7)
+    changed = weight.clone()
+    changed[49, 7] = torch.nextafter(changed[49, 7], torch.tensor(1e9))
+    assert matrix_digest(changed) != digest
+    assert matrix_digest(weight.to(torch.bfloat16)) != digest
+    assert matrix_digest(weight.reshape(8, 50)) != digest
 
 
 def test_a_missing_key_is_named_by_its_variable(demo_model_dir: Path,
