@@ -37,6 +37,7 @@ from serve_app.prompts.checkpoint import (
     resolve_model_dir,
 )
 from serve_app.prompts.embedder import EmbedderCore
+from serve_app.prompts.tenants import SHARED_TENANT
 from serve_app.protocol import ChatCompletionRequest
 
 if TYPE_CHECKING:
@@ -50,15 +51,23 @@ SPELLINGS: tuple[Spelling, ...] = ("prompt_embeds", "prompt-embeds")
 
 
 class PromptEncoder:
-    """Text and chat messages to the base64 prompt embeddings the gateway would send."""
+    """Text and chat messages to the base64 prompt embeddings the gateway would send.
+
+    `tenant` is whose keyed rows to make (`keyed_gaussian` rows depend on it):
+    `prompts.tenants.api_key_tenant(key)` gives those a gateway with
+    `privacy.transform.tenant: api_key` sends for requests under `key`; `SHARED_TENANT`
+    (the default) those of a gateway without `auth`, or with `tenant: shared`.
+    """
 
     def __init__(self, tokenizer: Any, embedder: EmbedderCore, spec: ModelSpec,
                  chat_template: str | None = None,
-                 tokenization: TokenizationConfig | None = None) -> None:
+                 tokenization: TokenizationConfig | None = None,
+                 tenant: str = SHARED_TENANT) -> None:
         tokenization = tokenization or TokenizationConfig()
         self.tokenizer = tokenizer
         self.embedder = embedder
         self.spec = spec
+        self.tenant = tenant
         self.split_special_tokens = tokenization.completion_special_tokens == "text"
         self.chat = ChatTemplate(tokenizer, chat_template, special_tokens_as_text=(
             tokenization.chat_special_tokens == "text"))
@@ -69,7 +78,7 @@ class PromptEncoder:
         dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto",
         revision: str | None = None, chat_template: str | None = None,
         device: Literal["auto", "cpu", "cuda"] = "cpu",
-        tokenization: TokenizationConfig | None = None,
+        tokenization: TokenizationConfig | None = None, tenant: str = SHARED_TENANT,
     ) -> PromptEncoder:
         """The encoder of a checkpoint: `demo`, a local directory or a hub id (its
         safetensors and configs are downloaded). Reads the tokenizer, `config.json` and the
@@ -77,7 +86,8 @@ class PromptEncoder:
 
         `transform`, `chat_template` and `tokenization` take the gateway's config sections
         (`privacy.transform`, `model.chat_template`, `tokenization`): with the same values
-        the encoder sends what that gateway would.
+        (and, for keyed rows, the same key and `tenant`) the encoder sends what that
+        gateway would.
         """
         config = ModelConfig(source=str(source), revision=revision, dtype=dtype,
                              device=device, chat_template=chat_template)
@@ -85,7 +95,7 @@ class PromptEncoder:
         return cls(load_tokenizer(model_dir),
                    EmbedderCore.from_checkpoint(model_dir, config, transform),
                    read_model_spec(model_dir, config),
-                   load_chat_template(config.chat_template), tokenization)
+                   load_chat_template(config.chat_template), tokenization, tenant)
 
     def token_ids(self, prompt: str | Sequence[int], *,
                   add_special_tokens: bool = True) -> list[int]:
@@ -137,7 +147,7 @@ class PromptEncoder:
         return ids
 
     def _encoded(self, ids: list[int]) -> str:
-        [encoded] = self.embedder.embed_batch([ids])
+        [encoded] = self.embedder.embed_batch([ids], [self.tenant])
         return encoded.data.decode("ascii")
 
 

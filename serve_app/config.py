@@ -330,9 +330,10 @@ class TransformConfig(StrictModel):
 
     kind: TransformKind = Field(
         "none", description="`none`: raw rows (invertible); `gaussian`: fresh noise per "
-        "request; `keyed_gaussian`: noise fixed by a secret key and the token prefix, so "
-        "identical prefixes give identical rows (vLLM's prefix cache keeps working) and "
-        "repeating a request cannot average it away; `module`: an operator's torch module.",
+        "request; `keyed_gaussian`: noise fixed by a secret key, these parameters, the "
+        "client's tenant and the token prefix, so a tenant's identical prefixes give "
+        "identical rows (vLLM's prefix cache keeps working) and repeating a request cannot "
+        "average it away; `module`: an operator's torch module.",
     )
     sigma: float = Field(
         1.0, ge=0.0, le=100.0,
@@ -342,6 +343,12 @@ class TransformConfig(StrictModel):
     key_env: str | None = Field(
         None, description="Environment variable holding the secret key of `keyed_gaussian` "
         "(at least 16 characters); the key itself is never in this file.",
+    )
+    tenant: Literal["api_key", "shared"] = Field(
+        "api_key", description="Whose prompts share `keyed_gaussian` rows. `api_key`: each "
+        "accepted API key (`auth`) is a tenant, so requests under one key never reproduce "
+        "another key's rows, and vLLM's prefix cache is shared only within a key; with no "
+        "`auth` configured every client is one tenant. `shared`: every client is one tenant.",
     )
     module: str | None = Field(
         None, description="`package.module:Class` of a `torch.nn.Module` mapping "

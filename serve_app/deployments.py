@@ -93,9 +93,12 @@ class Embedder:
         self.embed.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def embed(self, batch: list[PromptInput]) -> list[EncodedPromptEmbeds]:
+    async def embed(self, batch: list[tuple[PromptInput, str]]) -> list[EncodedPromptEmbeds]:
+        """Each call is one prompt and its tenant (`prompts.tenants`): a batch mixes
+        tenants, and a keyed transform reads each prompt's."""
+        prompts, tenants = [prompt for prompt, _ in batch], [tenant for _, tenant in batch]
         # Lookup, torch.save and base64 run off the event loop so queued requests keep flowing.
-        encoded, stats = await asyncio.to_thread(self.core.embed_measured, batch)
+        encoded, stats = await asyncio.to_thread(self.core.embed_measured, prompts, tenants)
         _record_batch(stats)
         return encoded
 

@@ -53,9 +53,9 @@ class _Transport:
         dispatcher = dispatcher.options(_by_reference=by_reference)
         return cls(embedder, dispatcher, dispatcher.options(stream=True))
 
-    def embeds(self, prompts: Sequence[PromptInput]) -> list[Any]:
+    def embeds(self, prompts: Sequence[PromptInput], tenant: str) -> list[Any]:
         """The dispatcher call's arguments: the embedder's responses, unawaited."""
-        return [self.embedder.embed.remote(prompt) for prompt in prompts]
+        return [self.embedder.embed.remote((prompt, tenant)) for prompt in prompts]
 
 
 class ServePipeline:
@@ -82,23 +82,24 @@ class ServePipeline:
         small = call.payload_bytes <= self.by_value_max_bytes
         return self.by_value if small else self.by_reference
 
-    async def complete(self, call: UpstreamCall,
-                       prompts: Sequence[PromptInput]) -> UpstreamReply:
+    async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
+                       tenant: str) -> UpstreamReply:
         transport = self.transport(call)
         reply: UpstreamReply = await transport.dispatcher.complete.remote(
-            call, *transport.embeds(prompts))
+            call, *transport.embeds(prompts, tenant))
         return reply
 
     async def open_stream(
-        self, call: UpstreamCall, prompts: Sequence[PromptInput]
+        self, call: UpstreamCall, prompts: Sequence[PromptInput], tenant: str
     ) -> tuple[UpstreamReply, EventStream]:
-        return await split_stream(self._items(call, prompts))
+        return await split_stream(self._items(call, prompts, tenant))
 
-    async def _items(self, call: UpstreamCall,
-                     prompts: Sequence[PromptInput]) -> AsyncGenerator[StreamItem, None]:
+    async def _items(self, call: UpstreamCall, prompts: Sequence[PromptInput],
+                     tenant: str) -> AsyncGenerator[StreamItem, None]:
         """The Dispatcher's stream; cancelled when this generator closes, however early."""
         transport = self.transport(call)
-        items = transport.streaming_dispatcher.stream.remote(call, *transport.embeds(prompts))
+        items = transport.streaming_dispatcher.stream.remote(
+            call, *transport.embeds(prompts, tenant))
         try:
             async for item in items:
                 yield item

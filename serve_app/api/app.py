@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from starlette.responses import Response
 
 from serve_app.api.completions import CompletionsService
-from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware
+from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware, key_tenant
 from serve_app.api.openapi import document_request_bodies, route_answers
 from serve_app.api.readiness import Readiness, starting
 from serve_app.api.request_log import RequestLogMiddleware
@@ -102,11 +102,12 @@ def create_gateway_app(service: CompletionsService,
 
     @app.post("/v1/completions", responses=route_answers(CompletionResponse))
     async def completions(request: Request) -> Response:
-        return await service.completions(await request.body())
+        return await service.completions(await request.body(), key_tenant(request.scope))
 
     @app.post("/v1/chat/completions", responses=route_answers(ChatCompletionResponse))
     async def chat_completions(request: Request) -> Response:
-        return await service.chat_completions(await request.body())
+        return await service.chat_completions(await request.body(),
+                                              key_tenant(request.scope))
 
     @app.post("/v1/embeddings", responses=route_answers(EmbeddingResponse))
     async def openai_embeddings(request: Request) -> Response:

@@ -43,6 +43,7 @@ from serve_app.prompts.checkpoint import (
 from serve_app.prompts.codec import base64_length
 from serve_app.prompts.embedder import PromptInput, SplicedPrompt, prompt_rows
 from serve_app.prompts.prefix import prefix_key
+from serve_app.prompts.tenants import SHARED_TENANT
 from serve_app.prompts.text_budget import TextBudget, too_long
 from serve_app.prompts.untrusted import decode_prompt_embeds
 from serve_app.protocol import (
@@ -70,6 +71,11 @@ class CompletionsService:
         self.limits = config.limits
         self.privacy = config.privacy
         self.routing = config.upstream.routing
+        # Keyed rows differ between tenants, so a prefix's cache is a tenant's: its routing
+        # key names the tenant, and one tenant's hot prefix does not draw every tenant's
+        # copy of it to one backend. Other kinds' rows are the same for every tenant.
+        self.keyed = config.privacy.transform.kind == "keyed_gaussian"
+        self.tenants_by_key = config.privacy.transform.tenant == "api_key"
         chat_parses = config.tokenization.chat_special_tokens == "parse"
         self.chat = ChatTemplate(tokenizer, chat_template, special_tokens_as_text=not chat_parses)
         self.split_special_tokens = config.tokenization.completion_special_tokens == "text"
@@ -156,10 +162,15 @@ class CompletionsService:
         row_bytes = self.model.hidden_size * self.model.dtype.itemsize
         return sum(base64_length(prompt_rows(prompt) * row_bytes) for prompt in prompts)
 
-    async def _prefix_key(self, prompts: Sequence[PromptInput]) -> int | None:
+    def tenant(self, key_tenant: str | None) -> str:
+        """A request's tenant: its API key's (`key_tenant`, from the key check) under
+        `privacy.transform.tenant: api_key`, else the shared one."""
+        return key_tenant if key_tenant is not None and self.tenants_by_key else SHARED_TENANT
+
+    async def _prefix_key(self, prompts: Sequence[PromptInput], tenant: str) -> int | None:
         """The request's routing key; client tensor rows are hashed off the event loop."""
         key_of = functools.partial(prefix_key, prompts, self.routing.block_size,
-                                   self.routing.prefix_blocks)
+                                   self.routing.prefix_blocks, tenant if self.keyed else None)
         if prompts and isinstance(prompts[0], SplicedPrompt):
             return await asyncio.to_thread(key_of)
         return key_of()
@@ -172,7 +183,7 @@ class CompletionsService:
         check_forwarding(request, self.privacy)
 
     async def _prepare(
-        self, request: CompletionRequest
+        self, request: CompletionRequest, tenant: str
     ) -> tuple[UpstreamCall, list[PromptInput]]:
         check_model(request.model, self.served_name, self.embedding_models)
         prompts, client_embeds = request.text_prompts(), request.embeds_list()
@@ -196,7 +207,7 @@ class CompletionsService:
         call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream),
                             payload_bytes=self._payload_bytes(upstream),
                             request_id=request_id.current(),
-                            prefix_key=await self._prefix_key(upstream))
+                            prefix_key=await self._prefix_key(upstream, tenant))
         return call, upstream
 
     def _splice(self, rendered: RenderedChat, max_tokens: int | None) -> PromptInput:
@@ -221,7 +232,7 @@ class CompletionsService:
         return self.chat.render(request)
 
     async def _prepare_chat(
-        self, request: ChatCompletionRequest
+        self, request: ChatCompletionRequest, tenant: str
     ) -> tuple[UpstreamCall, list[PromptInput]]:
         check_model(request.model, self.served_name, self.embedding_models)
         parts = sum(len(m.content) if isinstance(m.content, list) else 1
@@ -241,36 +252,44 @@ class CompletionsService:
                             bool(request.stream), chat=shape,
                             payload_bytes=self._payload_bytes([prompt]),
                             request_id=request_id.current(),
-                            prefix_key=await self._prefix_key([prompt]))
+                            prefix_key=await self._prefix_key([prompt], tenant))
         return call, [prompt]
 
-    async def completions(self, body: bytes) -> Response:
-        return await answer(body, CompletionRequest, self._complete)
+    async def completions(self, body: bytes, key_tenant: str | None = None) -> Response:
+        """`/v1/completions`; `key_tenant` is the tenant of the API key the request was
+        accepted with, if any (`tenant`)."""
+        tenant = self.tenant(key_tenant)
+        return await answer(body, CompletionRequest,
+                            lambda request: self._complete(request, tenant))
 
-    async def chat_completions(self, body: bytes) -> Response:
-        return await answer(body, ChatCompletionRequest, self._chat)
+    async def chat_completions(self, body: bytes, key_tenant: str | None = None) -> Response:
+        """`/v1/chat/completions`, as `completions` takes it."""
+        tenant = self.tenant(key_tenant)
+        return await answer(body, ChatCompletionRequest,
+                            lambda request: self._chat(request, tenant))
 
-    async def _complete(self, request: CompletionRequest) -> Response:
-        return await self._respond(*await self._prepare(request))
+    async def _complete(self, request: CompletionRequest, tenant: str) -> Response:
+        return await self._respond(*await self._prepare(request, tenant), tenant)
 
-    async def _chat(self, request: ChatCompletionRequest) -> Response:
-        return await self._respond(*await self._prepare_chat(request))
+    async def _chat(self, request: ChatCompletionRequest, tenant: str) -> Response:
+        return await self._respond(*await self._prepare_chat(request, tenant), tenant)
 
-    async def _respond(self, call: UpstreamCall, prompts: list[PromptInput]) -> Response:
+    async def _respond(self, call: UpstreamCall, prompts: list[PromptInput],
+                       tenant: str) -> Response:
         record = access.current()
         if record is not None:
             record.model = self.served_name
             record.prompt_tokens_text, record.prompt_tokens_client_embeds = _rows_by_source(
                 prompts)
         if not call.stream:
-            reply = await self.pipeline.complete(call, prompts)
+            reply = await self.pipeline.complete(call, prompts, tenant)
             if record is not None:
                 record.backend = reply.backend
                 if reply.status == 200:
                     record.completion_tokens = _completion_tokens(reply.body)
             return Response(reply.body, status_code=reply.status,
                             media_type="application/json", headers=reply.headers)
-        head, events = await self.pipeline.open_stream(call, prompts)
+        head, events = await self.pipeline.open_stream(call, prompts, tenant)
         if record is not None:
             record.backend = head.backend
         if head.status != 200:

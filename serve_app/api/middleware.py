@@ -1,5 +1,5 @@
-"""ASGI guards in front of every route of the gateway app: the key check, the body read and
-the concurrency slots, wherever Serve mounts the app.
+"""ASGI guards in front of every route of the gateway app: the key check (and the tenant it
+names), the body read and the concurrency slots, wherever Serve mounts the app.
 
 Serve keeps an application's route prefix in `scope["path"]` and sets `root_path`, so the
 guards match the path relative to the mount, as Starlette's router does. Everything is
@@ -17,12 +17,16 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from serve_app.config import LimitsConfig
 from serve_app.errors import GatewayError, to_gateway_error
+from serve_app.prompts.tenants import api_key_tenant
 
 OPEN_PATHS = frozenset({"/health", "/openapi.json", "/docs"})
 """What answers without a key and outside the limits: the liveness check, the OpenAPI
 document and its viewer."""
 
 _BODY_METHODS = frozenset({"POST", "PUT", "PATCH"})
+_TENANT = "serve_app.tenant"
+"""The scope key under which `BearerKeyMiddleware` leaves the accepted key's tenant: a key
+of the request's own scope (Starlette's `state` dict may be shared lifespan state)."""
 
 
 def app_path(scope: Scope) -> str:
@@ -46,28 +50,44 @@ async def deny(error: GatewayError, scope: Scope, receive: Receive, send: Send) 
     await error.to_response()(scope, receive, send)
 
 
+def key_tenant(scope: Scope) -> str | None:
+    """The tenant of the API key the request was accepted with (`prompts.tenants`); None
+    where no key is checked."""
+    tenant: str | None = scope.get(_TENANT)
+    return tenant
+
+
 class BearerKeyMiddleware:
     """Like vLLM's `--api-key`, but deny by default: every route but the open ones needs
     `Authorization: Bearer <key>`, sent once. Keys are compared in constant time against
-    every accepted key, so timing tells nothing about which key came close."""
+    every accepted key, so timing tells nothing about which key came close. The matched
+    key's tenant (a digest, never the key) goes on in the scope (`key_tenant`)."""
 
     def __init__(self, app: ASGIApp, keys: Sequence[str]) -> None:
         self.app = app
         self.keys = [key.encode() for key in keys]
+        self.tenants = [api_key_tenant(key) for key in self.keys]
 
-    def _accepted(self, scope: Scope) -> bool:
+    def _matched(self, scope: Scope) -> int | None:
+        """The index of the accepted key the request sent, if any."""
         values = [v for k, v in scope.get("headers") or [] if k.lower() == b"authorization"]
         if len(values) != 1:  # two headers are ambiguous: which one would a proxy check?
-            return False
+            return None
         scheme, _, token = values[0].partition(b" ")
-        matched = False
-        for key in self.keys:  # no early exit: the same work for every key
-            matched |= hmac.compare_digest(token.strip(), key)
-        return scheme.lower() == b"bearer" and matched
+        matched = None
+        for index, key in enumerate(self.keys):  # no early exit: the same work for every key
+            if hmac.compare_digest(token.strip(), key):
+                matched = index
+        return matched if scheme.lower() == b"bearer" else None
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        guarded = scope["type"] in ("http", "websocket") and not is_open(scope)
-        if guarded and not self._accepted(scope):
+        if scope["type"] not in ("http", "websocket"):
+            await self.app(scope, receive, send)
+            return
+        matched = self._matched(scope)
+        if matched is not None:
+            scope[_TENANT] = self.tenants[matched]
+        elif not is_open(scope):
             await deny(GatewayError(
                 "Missing or incorrect API key; send `Authorization: Bearer <key>`.", 401,
                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"}),

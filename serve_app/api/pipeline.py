@@ -18,13 +18,14 @@ from serve_app.upstream.dispatcher import DispatcherCore
 
 
 class Pipeline(Protocol):
-    """Embedding and dispatch of one request's prompts, in vLLM's prompt order."""
+    """Embedding and dispatch of one request's prompts, in vLLM's prompt order; `tenant`
+    is the request's (`prompts.tenants`), which a keyed transform's rows depend on."""
 
-    async def complete(self, call: UpstreamCall,
-                       prompts: Sequence[PromptInput]) -> UpstreamReply: ...
+    async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
+                       tenant: str) -> UpstreamReply: ...
 
     async def open_stream(
-        self, call: UpstreamCall, prompts: Sequence[PromptInput]
+        self, call: UpstreamCall, prompts: Sequence[PromptInput], tenant: str
     ) -> tuple[UpstreamReply, EventStream]: ...
 
     async def upstream_status(self) -> list[dict[str, Any]]: ...
@@ -41,15 +42,17 @@ class InProcessPipeline:
         self.embedder = embedder
         self.dispatcher = dispatcher
 
-    async def complete(self, call: UpstreamCall,
-                       prompts: Sequence[PromptInput]) -> UpstreamReply:
-        embeds = await asyncio.to_thread(self.embedder.embed_batch, prompts)
+    async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
+                       tenant: str) -> UpstreamReply:
+        embeds = await asyncio.to_thread(self.embedder.embed_batch, prompts,
+                                         [tenant] * len(prompts))
         return await self.dispatcher.complete(call, embeds)
 
     async def open_stream(
-        self, call: UpstreamCall, prompts: Sequence[PromptInput]
+        self, call: UpstreamCall, prompts: Sequence[PromptInput], tenant: str
     ) -> tuple[UpstreamReply, EventStream]:
-        embeds = await asyncio.to_thread(self.embedder.embed_batch, prompts)
+        embeds = await asyncio.to_thread(self.embedder.embed_batch, prompts,
+                                         [tenant] * len(prompts))
         return await self.dispatcher.open_stream(call, embeds)
 
     async def upstream_status(self) -> list[dict[str, Any]]:

@@ -7,6 +7,10 @@ tensor for client embeddings), so it can key a request by its first blocks and s
 keys to one backend (`upstream.routing`). Each row hashes as its own bytes (a token id, or
 a marker and the tensor row), so a key depends on the rows only, not on how they are split
 into runs, and a client tensor never collides with token ids.
+
+Under a keyed transform two tenants' rows for one prefix differ, and so do their caches:
+the caller passes the tenant, which starts the chain, so each tenant's prefix has a key
+(and a backend) of its own.
 """
 
 from __future__ import annotations
@@ -23,12 +27,15 @@ _DIGEST_BYTES = 8
 _Run = Sequence[int] | torch.Tensor
 
 
-def prefix_hashes(prompt: PromptInput, block_size: int, max_blocks: int) -> list[int]:
+def prefix_hashes(prompt: PromptInput, block_size: int, max_blocks: int,
+                  tenant: str | None = None) -> list[int]:
     """The chain of hashes of the prompt's first whole blocks, at most `max_blocks`: entry
-    i identifies rows [0, (i + 1) x block_size) and nothing shorter or longer."""
+    i identifies rows [0, (i + 1) x block_size) (and `tenant`, when given) and nothing
+    shorter or longer."""
     blocks = min(max_blocks, prompt_rows(prompt) // block_size)
     chain: list[int] = []
-    previous = b""
+    previous = b"" if tenant is None else hashlib.blake2b(
+        tenant.encode(), digest_size=_DIGEST_BYTES, person=b"serveapp.route").digest()
     for block in _blocks(_runs(prompt), block_size, blocks):
         digest = hashlib.blake2b(previous, digest_size=_DIGEST_BYTES)
         for run in block:
@@ -39,12 +46,13 @@ def prefix_hashes(prompt: PromptInput, block_size: int, max_blocks: int) -> list
 
 
 def prefix_key(prompts: Sequence[PromptInput], block_size: int,
-               max_blocks: int) -> int | None:
-    """A request's routing key: the longest hash of its first prompt's chain, or None when
-    that prompt is shorter than one block (then the request is routed by load)."""
+               max_blocks: int, tenant: str | None = None) -> int | None:
+    """A request's routing key: the longest hash of its first prompt's chain (under
+    `tenant`, when given), or None when that prompt is shorter than one block (then the
+    request is routed by load)."""
     if not prompts:
         return None
-    chain = prefix_hashes(prompts[0], block_size, max_blocks)
+    chain = prefix_hashes(prompts[0], block_size, max_blocks, tenant)
     return chain[-1] if chain else None
 
 

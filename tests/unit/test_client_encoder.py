@@ -18,6 +18,7 @@ import torch
 from serve_app.client import SPELLINGS, PromptEncoder, Spelling, acomplete, complete
 from serve_app.config import ModelConfig, TransformConfig
 from serve_app.prompts.embedder import EmbedderCore
+from serve_app.prompts.tenants import api_key_tenant
 from tests.unit.gateway_client import (
     FRANCE,
     GREEDY,
@@ -206,6 +207,32 @@ async def test_keyed_rows_are_a_keyed_gateways(
     monkeypatch.setenv(KEY_ENV, "another-client-key-0123456789")
     other_key = PromptEncoder.from_pretrained(demo_model_dir, KEYED)
     assert not torch.equal(rows_of(other_key.encode(FRANCE)), rows_of(sent))
+
+
+async def test_keyed_rows_are_a_keyed_gateways_for_the_clients_api_key(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport, demo_model_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Per-key tenants: given its API key's tenant, the encoder sends what the gateway sends
+    for requests under that key, byte for byte, and not what it sends for another key."""
+    monkeypatch.setenv(KEY_ENV, "client-side-key-0123456789")
+    api_keys = ("sk-client-one-31c9", "sk-client-two-77ab")
+    core = EmbedderCore.from_checkpoint(demo_model_dir, ModelConfig(), KEYED)
+    gateway = make_gateway(recorder, api_keys=api_keys, core=core,
+                           privacy={"transform": KEYED})
+    response = await gateway.post("/v1/completions", json={"model": MODEL, "prompt": FRANCE,
+                                                           **GREEDY},
+                                  headers={"authorization": f"Bearer {api_keys[1]}"})
+    assert response.status_code == 200, response.text
+    sent = sent_embeds(recorder)
+    mine = PromptEncoder.from_pretrained(demo_model_dir, KEYED,
+                                         tenant=api_key_tenant(api_keys[1]))
+    assert mine.encode(FRANCE) == sent
+    theirs = PromptEncoder.from_pretrained(demo_model_dir, KEYED,
+                                           tenant=api_key_tenant(api_keys[0]))
+    shared = PromptEncoder.from_pretrained(demo_model_dir, KEYED)
+    for other in (theirs, shared):
+        assert (rows_of(other.encode(FRANCE)) != rows_of(sent)).any(dim=1).all()
 
 
 def test_gaussian_rows_are_fresh_for_every_call(

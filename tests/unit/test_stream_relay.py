@@ -70,12 +70,12 @@ class FailingPipeline:
         self.calls: list[UpstreamCall] = []
         self.streams: list[FailingEvents] = []
 
-    async def complete(self, call: UpstreamCall,
-                       prompts: Sequence[PromptInput]) -> UpstreamReply:
+    async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
+                       tenant: str) -> UpstreamReply:
         raise AssertionError("only streams are asked for here")
 
-    async def open_stream(self, call: UpstreamCall,
-                          prompts: Sequence[PromptInput]) -> tuple[UpstreamReply, FailingEvents]:
+    async def open_stream(self, call: UpstreamCall, prompts: Sequence[PromptInput],
+                          tenant: str) -> tuple[UpstreamReply, FailingEvents]:
         self.calls.append(call)
         self.streams.append(FailingEvents(self.events, self.error))
         return UpstreamReply(200), self.streams[-1]

@@ -90,6 +90,7 @@ def backend(calls: list[tuple[str, dict[str, Any], tuple[Any, ...]]],
 
 
 CLIENT = SplicedPrompt((torch.ones(1, 4),))
+TENANT = "key:0123456789abcdef"
 
 
 @pytest.mark.parametrize(("payload", "by_reference"),
@@ -98,17 +99,18 @@ async def test_complete_picks_the_transport_by_payload_size(
     backend: ServePipeline, calls: list[Any], payload: int, by_reference: bool
 ) -> None:
     call = UpstreamCall("m", payload_bytes=payload)
-    reply = await backend.complete(call, [CLIENT, [1, 2, 3], [4]])
+    reply = await backend.complete(call, [CLIENT, [1, 2, 3], [4]], TENANT)
 
     assert reply.status == 200
     assert [(name, opts["_by_reference"]) for name, opts, _ in calls] == [
         ("embedder.embed", by_reference), ("embedder.embed", by_reference),
         ("embedder.embed", by_reference), ("dispatcher.complete", by_reference)]
-    # Every prompt, client tensors included, goes through the embedder; the dispatcher gets
-    # the embedder's responses unawaited, as top-level arguments in the request's order.
-    assert calls[-1][2] == (call, ("response", CLIENT, by_reference),
-                            ("response", [1, 2, 3], by_reference),
-                            ("response", [4], by_reference))
+    # Every prompt, client tensors included, goes through the embedder with the request's
+    # tenant; the dispatcher gets the embedder's responses unawaited, as top-level arguments
+    # in the request's order.
+    assert calls[-1][2] == (call, ("response", (CLIENT, TENANT), by_reference),
+                            ("response", ([1, 2, 3], TENANT), by_reference),
+                            ("response", ([4], TENANT), by_reference))
 
 
 @pytest.mark.parametrize(("payload", "by_reference"), [(LIMIT, False), (LIMIT + 1, True)])
@@ -117,7 +119,7 @@ async def test_stream_picks_the_transport_and_cancels_at_the_end(
     by_reference: bool
 ) -> None:
     call = UpstreamCall("m", stream=True, payload_bytes=payload)
-    head, events = await backend.open_stream(call, [[7, 8]])
+    head, events = await backend.open_stream(call, [[7, 8]], TENANT)
     [stream] = dispatcher.streams
     assert head == UpstreamReply(200) and not stream.cancelled
     assert [event async for event in events] == [b"data: [DONE]\n\n"]
@@ -125,7 +127,7 @@ async def test_stream_picks_the_transport_and_cancels_at_the_end(
     assert stream.cancelled
     name, opts, args = calls[-1]
     assert (name, opts) == ("dispatcher.stream", {"_by_reference": by_reference, "stream": True})
-    assert args == (call, ("response", [7, 8], by_reference))
+    assert args == (call, ("response", ([7, 8], TENANT), by_reference))
 
 
 async def test_a_stream_left_after_its_head_is_cancelled(
@@ -133,7 +135,7 @@ async def test_a_stream_left_after_its_head_is_cancelled(
 ) -> None:
     """A client that goes away before the first event: closing the events cancels the
     Dispatcher's stream, which closes the upstream request."""
-    _, events = await backend.open_stream(UpstreamCall("m", stream=True), [[7, 8]])
+    _, events = await backend.open_stream(UpstreamCall("m", stream=True), [[7, 8]], TENANT)
     [stream] = dispatcher.streams
     assert not stream.cancelled
     await events.aclose()  # type: ignore[attr-defined]
@@ -162,13 +164,13 @@ class CapturingBackend:
     def __init__(self) -> None:
         self.seen: list[tuple[UpstreamCall, list[PromptInput]]] = []
 
-    async def complete(self, call: UpstreamCall,
-                       prompts: Sequence[PromptInput]) -> UpstreamReply:
+    async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
+                       tenant: str) -> UpstreamReply:
         self.seen.append((call, list(prompts)))
         return UpstreamReply(200, b'{"choices": []}')
 
-    async def open_stream(self, call: UpstreamCall, prompts: Sequence[PromptInput]
-                          ) -> tuple[UpstreamReply, AsyncIterator[bytes]]:
+    async def open_stream(self, call: UpstreamCall, prompts: Sequence[PromptInput],
+                          tenant: str) -> tuple[UpstreamReply, AsyncIterator[bytes]]:
         raise AssertionError("not used here")
 
     async def upstream_status(self) -> list[dict[str, Any]]:
