@@ -63,18 +63,25 @@ def create_gateway_app(service: CompletionsService,
 
     add_error_handlers(app)
 
-    privacy = {"transform": describe_transform(service.privacy.transform)}
+    privacy = {"transform": describe_transform(service.privacy.transform),
+               "tenant": "api_key" if api_keys and service.tenants_by_key else "shared"}
 
     readiness = Readiness(service.pipeline)
 
     @app.get("/health", response_model=None, responses={
         503: {"description": "Starting: no upstream backend has answered yet."}})
     async def health() -> dict[str, Any] | Response:
-        """Readiness (503 until an upstream backend has answered), and the prompt transform
-        the embeddings get (never its key)."""
+        """Readiness: 503 until an upstream backend has answered. Open to all, so it says
+        nothing of the transform (`/health/privacy`)."""
         if not await readiness.check():
             return starting()
-        return {"status": "ok", "privacy": privacy}
+        return {"status": "ok"}
+
+    @app.get("/health/privacy")
+    async def privacy_health() -> dict[str, Any]:
+        """The prompt transform the embeddings get and who shares keyed rows (`tenant`):
+        behind the key like every route that is not open; never the key itself."""
+        return privacy
 
     # A load balancer's HEAD check: the same status, no body.
     app.add_api_route("/health", health, methods=["HEAD"], include_in_schema=False,

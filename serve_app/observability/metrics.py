@@ -27,7 +27,7 @@ OTHER = "other"
 
 ROUTES = frozenset({
     "/v1/completions", "/v1/chat/completions", "/v1/embeddings", "/v2/embed",
-    "/v1/models", "/v1/models/{model_id}", "/health", "/health/upstreams",
+    "/v1/models", "/v1/models/{model_id}", "/health", "/health/privacy", "/health/upstreams",
 })
 """The gateway's route templates: the only values of the `route` label besides "other"."""
 

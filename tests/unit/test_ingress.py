@@ -59,8 +59,10 @@ async def test_one_model_is_retrieved_as_the_sdk_asks(
 async def test_health(gateway: httpx.AsyncClient) -> None:
     response = await gateway.get("/health")
     assert response.status_code == 200
-    assert response.json() == {"status": "ok", "privacy": {"transform": {
-        "kind": "none", "apply_to_client_embeds": False}}}
+    assert response.json() == {"status": "ok"}
+    privacy = await gateway.get("/health/privacy")
+    assert privacy.json() == {"transform": {"kind": "none", "apply_to_client_embeds": False},
+                              "tenant": "shared"}
 
 
 async def test_unknown_route_is_openai_404(gateway: httpx.AsyncClient) -> None:

@@ -395,9 +395,30 @@ async def test_the_key_appears_nowhere_a_client_or_operator_looks(
     seen += [body.decode() for body in recorder.bodies]
     assert all(KEY not in text and KEY_ENV not in text for text in seen[:3])
     assert not [text for text in seen if KEY in text]
-    health = (await gateway.get("/health")).json()
-    assert health["privacy"]["transform"] == {"kind": "keyed_gaussian", "sigma": 1.0,
-                                              "apply_to_client_embeds": False}
+    assert (await gateway.get("/health")).json() == {"status": "ok"}
+    privacy = (await gateway.get("/health/privacy")).json()
+    assert privacy == {"transform": {"kind": "keyed_gaussian", "sigma": 1.0,
+                                     "apply_to_client_embeds": False}, "tenant": "shared"}
+
+
+async def test_health_is_open_and_silent_and_the_privacy_details_need_the_key(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport, demo_model_dir: Path,
+    keyed: TransformConfig,
+) -> None:
+    """Sigma is half of what the exact-arithmetic attack needs: only a client with a key
+    reads it."""
+    core = core_with(demo_model_dir, keyed)
+    gateway = make_gateway(recorder, core=core, api_keys=("sk-health-a1",),
+                           privacy={"transform": keyed})
+    health = await gateway.get("/health")
+    assert health.status_code == 200 and health.json() == {"status": "ok"}
+    denied = await gateway.get("/health/privacy")
+    assert denied.status_code == 401 and "sigma" not in denied.text
+    privacy = await gateway.get("/health/privacy", headers={"authorization": "Bearer sk-health-a1"})
+    assert privacy.json() == {"transform": {"kind": "keyed_gaussian", "sigma": 1.0,
+                                            "apply_to_client_embeds": False},
+                              "tenant": "api_key"}
+    assert KEY not in privacy.text and KEY_ENV not in privacy.text
 
 
 def test_the_start_up_log_warns_when_rows_go_untransformed(
