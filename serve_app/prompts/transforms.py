@@ -237,8 +237,8 @@ def build_transform(config: TransformConfig, weight: torch.Tensor) -> PromptTran
 
 
 def describe(config: TransformConfig) -> dict[str, Any]:
-    """The transform and its parameters, for `/health` and the start-up log: never the key,
-    nor where it lives."""
+    """The transform and its parameters, for `/health/privacy` (behind the key), the
+    start-up log and the audit: never the key, nor where it lives."""
     described: dict[str, Any] = {"kind": config.kind}
     if config.kind in ("gaussian", "keyed_gaussian"):
         described["sigma"] = config.sigma
