@@ -129,7 +129,7 @@ class EmbedderCore:
     ) -> tuple[list[EncodedPromptEmbeds], BatchStats]:
         """`embed_batch`, and what the batch cost."""
         clock = StageClock(self.weight.device)
-        rows = self.rows(batch, tenants, clock)
+        rows = self.rows(batch, tenants, clock=clock)
         encoded = [encode_prompt_embeds(prompt_rows) for prompt_rows in rows]
         clock.lap("encode")
         stats = BatchStats(prompts=len(batch), rows=sum(int(r.shape[0]) for r in rows),
@@ -137,7 +137,7 @@ class EmbedderCore:
                            payload_bytes=sum(item.nbytes for item in encoded))
         return encoded, stats
 
-    def rows(self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None,
+    def rows(self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None, *,
              clock: StageClock | None = None) -> list[torch.Tensor]:
         """What goes upstream: each prompt's rows, transformed; one CPU tensor per prompt.
 

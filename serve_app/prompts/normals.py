@@ -25,11 +25,13 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
-# Normals per eager CPU chunk: its buffers (about 40 bytes a normal) stay in L2.
-_CHUNK_NORMALS = 1 << 16
+_SERIAL_ELEMENTS = 32768
+"""torch's grain size: an elementwise op on fewer elements runs on one thread. A CPU chunk
+stays under it (its buffers, about 48 bytes a normal, stay in L2)."""
 _UNIFORM_SCALE = 2.0 ** -53
 _ANGLE_SCALE = 2.0 * math.pi * _UNIFORM_SCALE
 
@@ -93,15 +95,16 @@ def _compiled(name: str) -> Callable[..., torch.Tensor]:
 
 
 class _ChunkBuffers:
-    """One chunk's buffers, reused chunk after chunk."""
+    """One chunk's buffers, reused chunk after chunk by one thread."""
 
-    def __init__(self, rows: int, pairs: int, device: torch.device) -> None:
+    def __init__(self, rows: int, pairs: int) -> None:
         words = (rows, 2, pairs)
-        self.words = torch.empty(words, dtype=torch.int64, device=device)
-        self.spare = torch.empty(words, dtype=torch.int64, device=device)
-        self.uniform = torch.empty(words, dtype=torch.float64, device=device)
-        self.trig = torch.empty((rows, pairs), dtype=torch.float64, device=device)
-        self.noise = torch.empty((rows, 2 * pairs), dtype=torch.float64, device=device)
+        self.words = torch.empty(words, dtype=torch.int64)
+        self.spare = torch.empty(words, dtype=torch.int64)
+        self.uniform = torch.empty(words, dtype=torch.float64)
+        self.trig = torch.empty((rows, pairs), dtype=torch.float64)
+        self.noise = torch.empty((rows, 2 * pairs), dtype=torch.float64)
+        self.total = torch.empty((rows, 2 * pairs), dtype=torch.float64)
 
 
 def _chunk_normals(seeds: torch.Tensor, counters: torch.Tensor,
@@ -126,10 +129,41 @@ def _chunk_normals(seeds: torch.Tensor, counters: torch.Tensor,
     return noise
 
 
-def _chunks(seeds: torch.Tensor, hidden: int) -> tuple[int, _ChunkBuffers, torch.Tensor]:
+@functools.cache
+def _pool(workers: int) -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(workers, thread_name_prefix="serve-app-noise")
+
+
+def _each_chunk(seeds: torch.Tensor, hidden: int,
+                consume: Callable[[int, torch.Tensor, _ChunkBuffers], None]) -> None:
+    """`consume(start, noise, buffers)` for each chunk of rows from `start`, `noise` its
+    `(rows, hidden)` float64 normals in `buffers`, which the thread reuses.
+
+    A chunk's ops stay under torch's grain size, so each runs on the calling thread alone:
+    under intra-op parallelism every op of every chunk would wait at a barrier for all of
+    torch's threads, which on a loaded machine costs more than the op (a 2-core VM at load
+    10 took 28 s for a batch one thread makes in 0.35 s). The chunks run on as many threads
+    as torch has instead, each with its own buffers."""
     pairs = (hidden + 1) // 2
-    step = max(1, min(seeds.shape[0], _CHUNK_NORMALS // (2 * pairs)))
-    return step, _ChunkBuffers(step, pairs, seeds.device), stream_counters(pairs, seeds.device)
+    step = max(1, (_SERIAL_ELEMENTS - 1) // (2 * pairs))
+    counters = stream_counters(pairs, "cpu")
+    starts = range(0, seeds.shape[0], step)
+    workers = max(1, min(torch.get_num_threads(), len(starts)))
+    inference = torch.is_inference_mode_enabled()  # thread-local: the caller's, in each
+
+    def run(span: range) -> None:
+        with torch.inference_mode(inference):
+            buffers = _ChunkBuffers(step, pairs)
+            for start in span:
+                noise = _chunk_normals(seeds[start:start + step], counters, buffers)
+                consume(start, noise[:, :hidden], buffers)
+
+    spans = [starts[worker::workers] for worker in range(workers)]
+    if workers == 1:
+        run(spans[0])
+    else:
+        for done in _pool(workers).map(run, spans):
+            del done
 
 
 def standard_normals(seeds: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -139,10 +173,11 @@ def standard_normals(seeds: torch.Tensor, hidden: int) -> torch.Tensor:
         return _compiled("pairs")(seeds, stream_counters((hidden + 1) // 2, seeds.device))[
             :, :hidden]
     out = torch.empty((seeds.shape[0], hidden), dtype=torch.float64)
-    step, buffers, counters = _chunks(seeds, hidden)
-    for start in range(0, seeds.shape[0], step):
-        chunk = _chunk_normals(seeds[start:start + step], counters, buffers)
-        out[start:start + step] = chunk[:, :hidden]
+
+    def keep(start: int, noise: torch.Tensor, buffers: _ChunkBuffers) -> None:
+        out[start:start + noise.shape[0]] = noise
+
+    _each_chunk(seeds, hidden, keep)
     return out
 
 
@@ -154,13 +189,14 @@ def add_noise(rows: torch.Tensor, seeds: torch.Tensor, scale: float) -> torch.Te
         counters = stream_counters((hidden + 1) // 2, rows.device)
         return _compiled("noised")(rows, seeds, counters, scale)
     out = torch.empty_like(rows)
-    step, buffers, counters = _chunks(seeds, hidden)
-    total = torch.empty((step, hidden), dtype=torch.float64)
-    for start in range(0, rows.shape[0], step):
-        noise = _chunk_normals(seeds[start:start + step], counters, buffers)[:, :hidden]
+
+    def noised(start: int, noise: torch.Tensor, buffers: _ChunkBuffers) -> None:
         n = noise.shape[0]
+        total = buffers.total[:n, :hidden]
         noise.mul_(scale)
-        total[:n].copy_(rows[start:start + n])
-        total[:n].add_(noise)
-        out[start:start + n].copy_(total[:n])
+        total.copy_(rows[start:start + n])
+        total.add_(noise)
+        out[start:start + n].copy_(total)
+
+    _each_chunk(seeds, hidden, noised)
     return out

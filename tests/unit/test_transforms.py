@@ -238,6 +238,27 @@ def test_a_rows_noise_does_not_depend_on_the_rows_batched_with_it() -> None:
                                                                       0.5)[0])
 
 
+@pytest.mark.parametrize("threads", [1, 3])
+def test_the_embedders_rows_are_the_same_on_any_number_of_threads(
+    demo_model_dir: Path, keyed: TransformConfig, threads: int,
+) -> None:
+    """A batch spans many chunks, which run on torch's threads (in inference mode, as the
+    Embedder calls them): the bytes do not depend on how many."""
+    core = core_with(demo_model_dir, keyed)
+    batch = [[0, *range(i, i + 250)] for i in range(8)]
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        rows = core.rows(batch)
+        torch.set_num_threads(1)
+        alone = [core.rows([prompt])[0] for prompt in batch]
+    finally:
+        torch.set_num_threads(before)
+    assert all(torch.equal(a, b) for a, b in zip(rows, alone, strict=True))
+    seeds = torch.arange(2000, dtype=torch.int64)
+    assert torch.equal(standard_normals(seeds, 64)[1999], standard_normals(seeds[1999:], 64)[0])
+
+
 def test_gaussian_seeds_are_fresh_and_not_torchs() -> None:
     """Fresh seeds come from the operating system: reseeding torch (whose CPU generator
     keeps only 32 bits of a seed) repeats nothing."""
