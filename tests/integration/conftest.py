@@ -150,6 +150,46 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path,
         ray.shutdown()
 
 
+@dataclass
+class KeyedGateway:
+    """A second gateway application, `keyed_gaussian` at sigma 2 behind two API keys."""
+
+    url: str
+    api_keys: tuple[str, str]
+    sigma: float = 2.0
+
+
+# A keyed gateway's accepted keys: each is a tenant of its own; tests look for them, and for
+# their tenants' digests, in every file Ray writes.
+KEYED_API_KEYS = ("sk-integration-tenant-one-3e7a", "sk-integration-tenant-two-91c4")
+
+
+@pytest.fixture(scope="session")
+def keyed_gateway(serve_graph: ServeGraph,
+                  tmp_path_factory: pytest.TempPathFactory) -> Iterator[KeyedGateway]:
+    """The keyed gateway under /keyed, upstream through the recording proxy, its keys read
+    from a file (as a mounted secret would be)."""
+    from ray import serve
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve._private.utils import import_attr
+
+    keys_file = tmp_path_factory.mktemp("keyed-auth") / "api_keys"
+    keys_file.write_text("\n".join(KEYED_API_KEYS) + "\n")
+    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
+    [app] = [a for a in config["applications"] if a["name"] == "gateway"]
+    args = dict(app["args"])
+    [backend] = args["upstream"]["backends"]
+    args["upstream"] = {**args["upstream"],
+                        "backends": [{**backend, "url": f"{serve_graph.proxy.url}/v1"}]}
+    args["privacy"] = {"transform": {"kind": "keyed_gaussian", "sigma": 2.0,
+                                     "key_env": TRANSFORM_KEY_ENV}}
+    args["auth"] = {"api_keys_file": str(keys_file)}
+    built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), args)
+    serve.run(built, name="keyed", route_prefix="/keyed")
+    yield KeyedGateway(f"{serve_graph.base_url}/keyed", KEYED_API_KEYS)
+    serve.delete("keyed")
+
+
 @pytest.fixture(scope="session")
 def client(serve_graph) -> openai.OpenAI:  # type: ignore[no-untyped-def]
     return openai.OpenAI(base_url=f"{serve_graph.base_url}/v1", api_key="EMPTY", max_retries=0)

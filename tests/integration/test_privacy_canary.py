@@ -2,7 +2,8 @@
 error-provoking requests, `user` and unknown model names never appears upstream, in any file
 Ray writes for the session (Serve's and the gateway's access logs included), in the metrics
 (the gateway's own series and their labels included), or in an error returned to another
-request."""
+request. Neither do a keyed gateway's API keys, their tenants' digests, nor its transform
+key."""
 
 from __future__ import annotations
 
@@ -101,6 +102,60 @@ def test_canary_goes_nowhere(client, serve_graph) -> None:  # type: ignore[no-un
     metrics = scrape_with(f"http://127.0.0.1:{node.metrics_export_port}/metrics", OUR_SERIES)
     assert "ray_serve_num_http_requests_total" in metrics  # Serve's metrics, live
     assert CANARY not in metrics
+
+
+def test_api_keys_tenants_and_the_transform_key_go_nowhere(  # type: ignore[no-untyped-def]
+    keyed_gateway, serve_graph,
+) -> None:
+    """Requests under each key of a keyed gateway, good and refused, with the canary in
+    them: the keys, the tenants the Gateway derives from them and carries to the Embedder,
+    and the transform's key appear in no upstream body, answer, log file or metric."""
+    import ray._private.worker as worker
+
+    from serve_app.prompts.tenants import api_key_tenant
+    from tests.integration.conftest import TRANSFORM_KEY
+
+    before = len(serve_graph.proxy.bodies)
+    answers = []
+    for key in keyed_gateway.api_keys:
+        openai_client = openai.OpenAI(base_url=f"{keyed_gateway.url}/v1", api_key=key,
+                                      max_retries=0)
+        openai_client.completions.create(model=serve_graph.model, prompt=f"{CANARY} France",
+                                         max_tokens=4, user=CANARY)
+        list(openai_client.chat.completions.create(
+            model=serve_graph.model, max_tokens=4, stream=True,
+            messages=[{"role": "user", "content": CANARY}]))
+        with pytest.raises(openai.BadRequestError) as refused:
+            openai_client.completions.create(model=serve_graph.model, prompt=CANARY,
+                                             suffix=CANARY)
+        answers.append(str(refused.value.body))
+        privacy = httpx.get(f"{keyed_gateway.url}/health/privacy", timeout=10,
+                            headers={"authorization": f"Bearer {key}"})
+        answers.append(privacy.text)
+    wrong = httpx.post(f"{keyed_gateway.url}/v1/completions", timeout=10,
+                       headers={"authorization": f"Bearer {keyed_gateway.api_keys[0]}x"},
+                       json={"model": serve_graph.model, "prompt": CANARY})
+    assert wrong.status_code == 401
+    answers.append(wrong.text)
+    secrets = [CANARY, TRANSFORM_KEY, *keyed_gateway.api_keys,
+               *(api_key_tenant(key) for key in keyed_gateway.api_keys)]
+    for secret in secrets:
+        assert not [text for text in answers if secret in text], secret
+        assert not [body for body in serve_graph.proxy.bodies[before:]
+                    if secret.encode() in body], secret
+
+    node = worker._global_node
+    time.sleep(3)  # let workers flush their log files
+    scanned = 0
+    for path in Path(node.get_session_dir_path()).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            scanned += 1
+            content = path.read_bytes()
+            for secret in secrets:
+                assert secret.encode() not in content, (path, secret)
+    assert scanned > 10
+    metrics = scrape_with(f"http://127.0.0.1:{node.metrics_export_port}/metrics", OUR_SERIES)
+    assert not [secret for secret in secrets if secret in metrics]
 
 
 # The gateway's own series that the canaries move, one per stage: the scan waits for them,

@@ -1,6 +1,9 @@
-"""A gateway deployed with `keyed_gaussian` through Serve: its Embedder replica transforms
-what reaches the upstream (shared prefixes byte-identical, the rest not), `/health` names
-the transform, and the key is in no file Ray writes, no metric and no answer."""
+"""A gateway deployed with `keyed_gaussian` and two API keys through Serve: its Embedder
+replica transforms what reaches the upstream (a tenant's shared prefixes byte-identical,
+the rest not), each API key is a tenant whose rows no other key's requests reproduce, the
+client-side encoder given the key's tenant sends the same bytes, `/health` says nothing of
+the transform and `/health/privacy` needs a key, and the transform's key is in no file Ray
+writes, no metric and no answer."""
 
 from __future__ import annotations
 
@@ -8,41 +11,25 @@ import base64
 import io
 import json
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-import yaml
 
-from tests.integration.conftest import TRANSFORM_KEY, TRANSFORM_KEY_ENV, ServeGraph
-from tests.upstream_servers import ROOT
+from serve_app.client import PromptEncoder
+from serve_app.config import TransformConfig
+from serve_app.prompts.tenants import api_key_tenant
+from tests.integration.conftest import (
+    TRANSFORM_KEY,
+    TRANSFORM_KEY_ENV,
+    KeyedGateway,
+    ServeGraph,
+)
 
 pytestmark = pytest.mark.integration
 
 PREFIX = "The capital of France is Paris. "
-
-
-@pytest.fixture(scope="module")
-def keyed_gateway(serve_graph: ServeGraph) -> Iterator[str]:
-    """A second gateway application under /keyed, upstream through the recording proxy."""
-    from ray import serve
-    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
-    from ray.serve._private.utils import import_attr
-
-    config = yaml.safe_load((ROOT / "serve_config.yaml").read_text())
-    [app] = [a for a in config["applications"] if a["name"] == "gateway"]
-    args = dict(app["args"])
-    [backend] = args["upstream"]["backends"]
-    args["upstream"] = {**args["upstream"],
-                        "backends": [{**backend, "url": f"{serve_graph.proxy.url}/v1"}]}
-    args["privacy"] = {"transform": {"kind": "keyed_gaussian", "sigma": 2.0,
-                                     "key_env": TRANSFORM_KEY_ENV}}
-    built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), args)
-    serve.run(built, name="keyed", route_prefix="/keyed")
-    yield f"{serve_graph.base_url}/keyed"
-    serve.delete("keyed")
 
 
 def upstream_rows(bodies: list[bytes]) -> list[torch.Tensor]:
@@ -53,37 +40,72 @@ def upstream_rows(bodies: list[bytes]) -> list[torch.Tensor]:
     return rows
 
 
-def test_the_embedder_replica_sends_keyed_rows(keyed_gateway: str, serve_graph: ServeGraph,
-                                               demo_tokenizer, demo_causal_lm) -> None:  # type: ignore[no-untyped-def]
+def complete(gateway: KeyedGateway, serve_graph: ServeGraph, api_key: str,
+             prompt: str) -> torch.Tensor:
+    """The rows the upstream received for one request under `api_key`."""
     before = len(serve_graph.proxy.bodies)
-    prompts = [PREFIX + "Its river is the Seine.", PREFIX + "Rome is in Italy.",
-               PREFIX + "Its river is the Seine."]
-    for prompt in prompts:
-        answer = httpx.post(f"{keyed_gateway}/v1/completions", timeout=60, json={
-            "model": serve_graph.model, "prompt": prompt, "max_tokens": 2, "temperature": 0})
-        assert answer.status_code == 200, answer.text
-    seine, rome, seine_again = upstream_rows(serve_graph.proxy.bodies[before:])
+    answer = httpx.post(f"{gateway.url}/v1/completions", timeout=60,
+                        headers={"authorization": f"Bearer {api_key}"},
+                        json={"model": serve_graph.model, "prompt": prompt, "max_tokens": 2,
+                              "temperature": 0})
+    assert answer.status_code == 200, answer.text
+    [rows] = upstream_rows(serve_graph.proxy.bodies[before:])
+    return rows
+
+
+def test_the_embedder_replica_sends_keyed_rows(keyed_gateway: KeyedGateway,
+                                               serve_graph: ServeGraph,
+                                               demo_tokenizer, demo_causal_lm) -> None:  # type: ignore[no-untyped-def]
+    key = keyed_gateway.api_keys[0]
+    seine, rome, seine_again = (
+        complete(keyed_gateway, serve_graph, key, PREFIX + suffix)
+        for suffix in ("Its river is the Seine.", "Rome is in Italy.", "Its river is the Seine."))
     shared = len(demo_tokenizer(PREFIX + "R").input_ids) - 1
     assert seine[:shared].numpy().tobytes() == rome[:shared].numpy().tobytes()
     assert (seine[shared:shared + 5] != rome[shared:shared + 5]).any(dim=1).all()
     assert torch.equal(seine, seine_again)
-    ids = torch.tensor(demo_tokenizer(prompts[0]).input_ids)
+    ids = torch.tensor(demo_tokenizer(PREFIX + "Its river is the Seine.").input_ids)
     raw = demo_causal_lm.get_input_embeddings()(ids).detach()
     assert (seine != raw).any(dim=1).all()  # every row is moved off the matrix's own row
 
 
-def test_health_names_the_transform_and_the_key_goes_nowhere(
-    keyed_gateway: str, serve_graph: ServeGraph,
+def test_each_api_key_is_a_tenant_and_the_client_encoder_matches_its_rows(
+    keyed_gateway: KeyedGateway, serve_graph: ServeGraph, demo_model_dir: Path,
+) -> None:
+    """A key's rows are the ones its own client-side encoder makes, byte for byte, and
+    another key's requests share none of them."""
+    prompt = PREFIX + "Its river is the Seine."
+    one, two = (complete(keyed_gateway, serve_graph, key, prompt)
+                for key in keyed_gateway.api_keys)
+    assert one.shape == two.shape and (one != two).any(dim=1).all()
+    config = TransformConfig(kind="keyed_gaussian", sigma=keyed_gateway.sigma,
+                             key_env=TRANSFORM_KEY_ENV)
+    for key, sent in zip(keyed_gateway.api_keys, (one, two), strict=True):
+        encoder = PromptEncoder.from_pretrained(demo_model_dir, config,
+                                                tenant=api_key_tenant(key))
+        rows = torch.load(io.BytesIO(base64.b64decode(encoder.encode(prompt))),
+                          weights_only=True)
+        assert rows.numpy().tobytes() == sent.numpy().tobytes()
+
+
+def test_health_is_silent_privacy_needs_a_key_and_the_key_goes_nowhere(
+    keyed_gateway: KeyedGateway, serve_graph: ServeGraph,
 ) -> None:
     import ray._private.worker as worker
 
-    health = httpx.get(f"{keyed_gateway}/health", timeout=10).json()
-    assert health["privacy"]["transform"] == {"kind": "keyed_gaussian", "sigma": 2.0,
-                                              "apply_to_client_embeds": False}
-    error = httpx.post(f"{keyed_gateway}/v1/completions", timeout=10,
+    health = httpx.get(f"{keyed_gateway.url}/health", timeout=10)
+    assert health.json() == {"status": "ok"}
+    denied = httpx.get(f"{keyed_gateway.url}/health/privacy", timeout=10)
+    assert denied.status_code == 401 and "sigma" not in denied.text
+    privacy = httpx.get(f"{keyed_gateway.url}/health/privacy", timeout=10, headers={
+        "authorization": f"Bearer {keyed_gateway.api_keys[1]}"}).json()
+    assert privacy == {"transform": {"kind": "keyed_gaussian", "sigma": 2.0,
+                                     "apply_to_client_embeds": False}, "tenant": "api_key"}
+    error = httpx.post(f"{keyed_gateway.url}/v1/completions", timeout=10,
+                       headers={"authorization": f"Bearer {keyed_gateway.api_keys[0]}"},
                        json={"model": serve_graph.model, "prompt": "x", "max_tokens": -1})
     assert error.status_code == 400
-    answers = [json.dumps(health), error.text]
+    answers = [health.text, denied.text, json.dumps(privacy), error.text]
     node = worker._global_node
     metrics = httpx.get(f"http://127.0.0.1:{node.metrics_export_port}/metrics", timeout=10)
     answers.append(metrics.text)
