@@ -18,18 +18,14 @@ import torch
 from serve_app import envs
 from serve_app.config import AppConfig, ModelConfig, TransformConfig
 from serve_app.privacy import __main__ as cli
-from serve_app.privacy.audit import (
-    AuditModel,
-    AuditResult,
-    CleanRun,
+from serve_app.privacy.audit import AuditModel, AuditResult, CleanRun, measure, prepare
+from serve_app.privacy.config_file import read_app_config
+from serve_app.privacy.configured import (
     TransformKey,
     audited_transform,
     keyed_checks,
-    measure,
-    prepare,
     sweep_configs,
 )
-from serve_app.privacy.config_file import read_app_config
 from serve_app.privacy.sample import BUILT_IN_SAMPLE, read_sample
 from serve_app.prompts.embedder import EmbedderCore
 from serve_app.prompts.transforms import build_transform
@@ -150,8 +146,8 @@ def test_keyed_transform_is_the_gateways_and_keeps_its_promises(
     assert result.keyed.key == "environment"
     assert result.keyed.identical_prefixes_identical_rows
     assert result.keyed.different_keys_different_rows
-    assert set(result.as_json()) == {"transform", "token_recovery", "utility", "samples",
-                                     "keyed"}
+    assert set(result.as_json()) == {"transform", "token_recovery", "attacks", "utility",
+                                     "samples", "keyed"}
 
 
 def test_keyed_checks_use_an_ephemeral_key_and_can_fail(
@@ -228,10 +224,14 @@ def test_the_table_has_a_line_per_sigma_with_its_six_figures(
         sweep: dict[float, AuditResult]) -> None:
     table = cli.render_table(list(sweep.values()), AppConfig(), seed=0).splitlines()
     assert table[0].startswith(f"serve-app-demo: built-in sample, 10 texts, {ROWS} rows")
-    lines = table[3:]
-    assert len(lines) == len(SWEEP)
+    lines = table[3:3 + len(SWEEP)]
     three = lines[SWEEP.index(3.0)].split()
-    assert three == ["gaussian", "3", "75.8%", "74.9%", "84.5%", "24.2%", "3.3719", "0.0%"]
+    assert three == ["gaussian", "3", "100.0%", "averaging", "75.8%", "74.9%", "84.5%", "24.2%",
+                     "3.3719", "0.0%"]
+    section = table.index("gaussian sigma 3: attacks, worst first")
+    attacks = [line.split()[0] for line in table[section + 1:section + 6]]
+    assert attacks == list(sweep[3.0].attacks)
+    assert table[section + 1].split()[:2] == ["averaging", "100.0%"]
 
 
 def test_the_keyed_audit_from_a_config_file_says_its_key_is_ephemeral(
@@ -239,7 +239,7 @@ def test_the_keyed_audit_from_a_config_file_says_its_key_is_ephemeral(
         capsys: pytest.CaptureFixture[str]) -> None:
     monkeypatch.delenv(KEY_ENV, raising=False)
     keys = (f"ephemeral-key-canary-{n:012d}" for n in itertools.count())
-    monkeypatch.setattr("serve_app.privacy.audit.secrets.token_urlsafe", lambda _: next(keys))
+    monkeypatch.setattr("secrets.token_urlsafe", lambda _: next(keys))
     config = tmp_path / "serve_config.yaml"
     config.write_text(json.dumps({"applications": [{
         "name": "gateway", "import_path": "serve_app.deployments:build_app",
@@ -264,8 +264,11 @@ def test_python_m_prints_the_issues_json_for_the_configured_transform(
          "--json"], cwd=REPO, env=_subprocess_env(cache_dir), capture_output=True, text=True,
         timeout=300, check=True)
     printed = json.loads(done.stdout)
-    assert set(printed) == {"transform", "token_recovery", "utility", "samples"}
-    assert set(printed["token_recovery"]) == {"l2", "cosine", "top5"}
+    assert set(printed) == {"transform", "token_recovery", "attacks", "utility", "samples"}
+    assert set(printed["token_recovery"]) == {"l2", "cosine", "top5", "worst", "worst_attack"}
+    assert printed["token_recovery"]["worst"] == 1.0
+    assert set(printed["attacks"]) == {"nearest_row", "averaging", "linear_map", "row_norms",
+                                       "chosen_prefix", "chosen_prefix_other_tenant"}
     assert set(printed["utility"]) == {"next_token_agreement", "mean_kl", "greedy_match"}
     assert printed == none_result.as_json()
 

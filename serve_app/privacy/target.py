@@ -1,0 +1,110 @@
+"""The transform under audit as its adversary reaches it: the rows a victim's prompts are
+sent as, the rows of prompts the adversary sends itself as a client of the gateway (in the
+victim's tenant or in another), the same transform retuned to another sigma under the same
+key, and the noise generator it states (`NoiseSpec`).
+
+Every row comes from `EmbedderCore.rows`, the Embedder's own path.
+"""
+
+from __future__ import annotations
+
+import secrets
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from serve_app.prompts.embedder import EmbedderCore
+from serve_app.prompts.noise_spec import NoiseSpec
+from serve_app.prompts.transforms import PromptTransform, matrix_std
+
+TransformFactory = Callable[[float, str | None], PromptTransform | None]
+"""Builds the audited kind at a sigma under a key (kinds without them ignore them)."""
+
+NOISE_KINDS = ("gaussian", "keyed_gaussian")
+
+
+@dataclass
+class AuditTarget:
+    """One transform of one kind, sigma and key on one embedding matrix.
+
+    `description` is what the audit prints for it (never the key); `build` makes the same
+    kind again at another sigma or under another key."""
+
+    weight: torch.Tensor
+    description: dict[str, Any]
+    build: TransformFactory
+    sigma: float | None = None
+    key: str | None = field(default=None, repr=False)
+    apply_to_client_embeds: bool = False
+    transform: PromptTransform | None = field(init=False)
+    _other_tenant: list[PromptTransform | None] = field(default_factory=list, init=False,
+                                                        repr=False)
+
+    def __post_init__(self) -> None:
+        self.transform = self.build(self.sigma or 0.0, self.key)
+
+    @property
+    def kind(self) -> str:
+        return str(self.description["kind"])
+
+    def rows(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+        """The rows the gateway sends upstream for `prompts`, one batch."""
+        return EmbedderCore(self.weight, self.transform, self.apply_to_client_embeds).rows(
+            prompts)
+
+    def retuned(self, sigma: float) -> AuditTarget:
+        """The same kind under the same key at another sigma."""
+        return AuditTarget(self.weight, {**self.description, "sigma": sigma}, self.build,
+                           sigma, self.key, self.apply_to_client_embeds)
+
+    def deterministic(self, prompts: Sequence[Sequence[int]]) -> bool:
+        """Whether sending the same prompts twice gives the same bytes."""
+        first, second = self.rows(prompts), self.rows(prompts)
+        return all(same_bytes(a, b) for a, b in zip(first, second, strict=True))
+
+    def noise_spec(self) -> tuple[NoiseSpec | None, bool]:
+        """The generator the transform states, and whether it stated one: a noise kind that
+        states none is taken as float64 normals rounded once (53-bit uniforms)."""
+        stated = getattr(self.transform, "noise_spec", None)
+        if isinstance(stated, NoiseSpec):
+            return stated, True
+        if self.kind in NOISE_KINDS and self.sigma is not None:
+            scale = self.sigma * matrix_std(self.weight)
+            return NoiseSpec(scale, torch.float64, 53, "adjacent_columns"), False
+        return None, False
+
+    def other_tenant_transform(self) -> PromptTransform | None:
+        """The transform another tenant's prompts go through, built once."""
+        if not self._other_tenant:
+            self._other_tenant.append(self.build(self.sigma or 0.0, secrets.token_urlsafe(32)))
+        return self._other_tenant[0]
+
+
+def tenant_rows(target: AuditTarget, prompts: Sequence[Sequence[int]],
+                same_tenant: bool) -> list[torch.Tensor]:
+    """TENANT PLUMBING: the rows of prompts an adversary sends as a client of the gateway,
+    in the victim's tenant or another.
+
+    The gateway keys transforms by one configured key, with no notion of tenant: here
+    another tenant is modelled as the same kind under an independent random key (kinds
+    without a key are the same for every tenant). Where the transform learns each
+    prompt's tenant, this is the one function to change: pass the adversary's tenant
+    (the victim's, or another) with the victim's key."""
+    if same_tenant or target.key is None:
+        return target.rows(prompts)
+    core = EmbedderCore(target.weight, target.other_tenant_transform(),
+                        target.apply_to_client_embeds)
+    return core.rows(prompts)
+
+
+_BITS_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether two tensors hold the same bytes (torch.equal calls -0.0 and 0.0 equal)."""
+    if a.dtype != b.dtype or a.shape != b.shape:
+        return False
+    bits = _BITS_VIEW[a.element_size()]
+    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
