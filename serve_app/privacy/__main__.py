@@ -210,7 +210,7 @@ def _measure_all(args: argparse.Namespace, app: AppConfig,
     if args.weak_examples:
         sigmas = args.sweep or [configured.sigma]
         return [measure_target(model, clean, target, args.seed, options)
-                for target in weak_targets(model.weight, sigmas)]
+                for target in weak_targets(model.weight, sigmas, args.seed)]
     return [measure(model, clean, config, args.seed, key, options) for config in configs]
 
 

@@ -199,7 +199,7 @@ def measure_target(model: AuditModel, clean: CleanRun, target: AuditTarget, seed
     torch.manual_seed(seed)
     victim = Victim.send(target, clean.prompts)
     attacks = run_suite(victim, replace(options, seed=seed))
-    found = token_recovery(victim.rows, victim.prompts, target.weight)
+    found = token_recovery(victim.rows, victim.prompts, target.host_weight)
     if attacks:
         name, share = worst(attacks)
         found = replace(found, worst=share, worst_attack=name)

@@ -26,6 +26,7 @@ from dataclasses import dataclass
 import torch
 
 from serve_app.privacy.noise_models import GeneratorModel
+from serve_app.privacy.target import as_bits
 from serve_app.prompts.noise_spec import NoiseSpec
 
 # Pairs checked per step of the early rejection, and pairs enumerated at once (bounds the
@@ -35,7 +36,8 @@ _PAIRS_PER_STEP = 1 << 16
 # Grid steps added to both half-widths: the generator rounds its angle to float32 before
 # the sine and cosine (up to 0.64 of a step near 2 pi) and its radius's argument likewise.
 _GRID_MARGIN = 1.0
-_BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
+# Rows whose distances to the whole matrix are held at once.
+_NEAREST_CHUNK_ROWS = 256
 
 
 @dataclass(frozen=True)
@@ -169,8 +171,7 @@ class ExactTest:
         for sent, row, values in zip(pairs.sent, pairs.row, (radii * cos, radii * sin),
                                      strict=True):
             made = (row.to(spec.dtype)[:, None, None] + scale * values).to(sent.dtype)
-            bits = _BITS_VIEW[sent.element_size()]
-            same = made.view(bits) == sent.view(bits)[:, None, None]
+            same = as_bits(made) == as_bits(sent)[:, None, None]
             lands = same if lands is None else lands & same
         assert lands is not None
         return lands.flatten(1).any(dim=1)
@@ -219,6 +220,7 @@ def _truth_checks(test: ExactTest, sent: torch.Tensor,
 
 
 def _nearest_first(sent: torch.Tensor, weight: torch.Tensor, count: int) -> torch.Tensor:
-    """Each row's `count` nearest matrix rows by L2, nearest first."""
-    distances = torch.cdist(sent.double(), weight.double())
-    return distances.topk(count, largest=False).indices
+    """Each row's `count` nearest matrix rows by L2, nearest first, in chunks of rows."""
+    matrix = weight.double()
+    return torch.cat([torch.cdist(chunk.double(), matrix).topk(count, largest=False).indices
+                      for chunk in sent.split(_NEAREST_CHUNK_ROWS)])

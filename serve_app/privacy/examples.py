@@ -4,7 +4,6 @@
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Sequence
 from typing import Any
 
@@ -21,9 +20,10 @@ from serve_app.prompts.transforms import ModuleTransform, PromptTransform, matri
 WEAK_MODULE = "serve_app.privacy.weak_transforms:"
 
 
-def weak_targets(weight: torch.Tensor, sigmas: Sequence[float]) -> list[AuditTarget]:
-    """`none`, float32 gaussian and keyed noise at each sigma (the keyed under a random
-    key), and a random rotation as a module."""
+def weak_targets(weight: torch.Tensor, sigmas: Sequence[float],
+                 seed: int = 0) -> list[AuditTarget]:
+    """`none`, float32 gaussian and keyed noise at each sigma (the keyed under a key made
+    from `seed`, so a run's figures repeat), and a random rotation as a module."""
     std = matrix_std(weight)
 
     def gaussian(sigma: float, key: str | None) -> PromptTransform | None:
@@ -40,7 +40,7 @@ def weak_targets(weight: torch.Tensor, sigmas: Sequence[float]) -> list[AuditTar
     def describe(name: str, **extra: Any) -> dict[str, Any]:
         return {"kind": name, "example": WEAK_MODULE + _CLASSES[name], **extra}
 
-    key = secrets.token_urlsafe(32)
+    key = f"serve-app-audit weak example key {seed}"
     targets = [AuditTarget(weight, {"kind": "none"}, lambda sigma, key: None)]
     targets += [AuditTarget(weight, describe("f32_gaussian", sigma=sigma), gaussian, sigma)
                 for sigma in sigmas]

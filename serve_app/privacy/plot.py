@@ -9,8 +9,9 @@ from serve_app.privacy.audit import AuditResult
 
 
 def plot_sweep(results: Sequence[AuditResult], path: Path, title: str) -> None:
-    """Recovery (nearest row by L2, and within the 5 nearest) against next-token agreement,
-    each point labelled with its sigma, written to `path` (png, svg or pdf by its suffix)."""
+    """Recovery (nearest row by L2, within the 5 nearest, and by the suite's worst attack)
+    against next-token agreement, each point labelled with its sigma, written to `path`
+    (png, svg or pdf by its suffix)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
@@ -22,6 +23,9 @@ def plot_sweep(results: Sequence[AuditResult], path: Path, title: str) -> None:
     axes.plot(agreement, l2, marker="o", label="nearest row (L2)")
     axes.plot(agreement, [r.token_recovery.top5 for r in results], marker="s",
               label="among the 5 nearest rows")
+    worst = [r.token_recovery.worst for r in results]
+    if all(share is not None for share in worst):
+        axes.plot(agreement, worst, marker="^", label="the attack suite's worst")
     for result, x, y in zip(results, agreement, l2, strict=True):
         sigma = result.transform.get("sigma")
         if sigma is not None:  # left of the point near the right edge, else right of it

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import torch
 
 from serve_app.privacy.lookups import nearest_rows, recovered
-from serve_app.privacy.target import AuditTarget, tenant_rows
+from serve_app.privacy.target import AuditTarget, as_bits, tenant_rows
 
 # Candidates sent per round of the chosen-prefix search: the first rounds are small
 # because the true token is mostly among the nearest few.
@@ -34,7 +34,7 @@ def averaging(target: AuditTarget, prompts: Sequence[Sequence[int]],
     total = torch.cat(list(victim_rows)).double()
     for _ in range(sightings - 1):
         total += torch.cat(target.rows(prompts)).double()
-    return recovered(nearest_rows(total / sightings, target.weight), truth)
+    return recovered(nearest_rows(total / sightings, target.host_weight), truth)
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def chosen_prefix(target: AuditTarget, prompts: Sequence[Sequence[int]],
     """Each victim prompt guessed position by position; a position where no candidate
     matches ends that prompt's search (the adversary cannot check what follows)."""
     found = queries = total = 0
-    matrix = target.weight.double()
+    matrix = target.host_weight.double()
     for prompt, rows in zip(prompts, victim_rows, strict=True):
         guess: list[int] = []
         total += len(prompt)
@@ -79,22 +79,18 @@ def _first_match(target: AuditTarget, guess: list[int], candidates: torch.Tensor
     """The first candidate (in order) whose row after `guess` is `expected`, bit for bit,
     and how many candidates a one-at-a-time adversary sends to find it."""
     tried = 0
-    bits = _BITS_VIEW[expected.element_size()]
     for size in (*_PREFIX_ROUNDS, len(candidates)):
         batch = candidates[tried:tried + size].tolist()
         if not batch:
             break
         rows = tenant_rows(target, [[*guess, token] for token in batch], same_tenant)
-        last = torch.stack([r[-1] for r in rows]).view(bits)
-        matches = (last == expected.view(bits)).all(dim=1).nonzero()
+        last = as_bits(torch.stack([r[-1] for r in rows]))
+        matches = (last == as_bits(expected)).all(dim=1).nonzero()
         if len(matches):
             first = int(matches[0, 0])
             return batch[first], tried + first + 1
         tried += len(batch)
     return None, tried
-
-
-_BITS_VIEW = {2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 def sigma_reuse(target: AuditTarget, prompts: Sequence[Sequence[int]],
@@ -106,4 +102,5 @@ def sigma_reuse(target: AuditTarget, prompts: Sequence[Sequence[int]],
     assert a is not None and a != b
     at_a = torch.cat(list(victim_rows)).double()
     at_b = torch.cat(target.retuned(b).rows(prompts)).double()
-    return recovered(nearest_rows((b * at_a - a * at_b) / (b - a), target.weight), truth)
+    return recovered(nearest_rows((b * at_a - a * at_b) / (b - a), target.host_weight),
+                     truth)

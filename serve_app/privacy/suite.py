@@ -76,14 +76,14 @@ class Victim:
 
 
 def _nearest_row(victim: Victim, options: SuiteOptions) -> AttackResult:
-    found = token_recovery(victim.rows, victim.prompts, victim.target.weight)
+    found = token_recovery(victim.rows, victim.prompts, victim.target.host_weight)
     return AttackResult(found.l2, {"cosine": found.cosine, "top5": found.top5})
 
 
 def _exact(victim: Victim, options: SuiteOptions) -> AttackResult:
     spec, stated = victim.target.noise_spec()
     assert spec is not None
-    outcome = exact_arithmetic(victim.sent, victim.truth, victim.target.weight, spec,
+    outcome = exact_arithmetic(victim.sent, victim.truth, victim.target.host_weight, spec,
                                options.exact)
     return AttackResult(outcome.recovered, {
         "true_token_consistent": outcome.true_token_consistent,
@@ -105,7 +105,7 @@ def _averaging(victim: Victim, options: SuiteOptions) -> AttackResult:
 def _known_pairs(victim: Victim, count: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
     """`count` tokens of the adversary's choosing, sent as its own prompts (64 a prompt),
     with the clean rows it knows for them."""
-    weight = victim.target.weight
+    weight = victim.target.host_weight
     generator = torch.Generator().manual_seed(seed)
     tokens = torch.randint(weight.shape[0], (count,), generator=generator).tolist()
     prompts = [tokens[i:i + 64] for i in range(0, count, 64)]
@@ -114,16 +114,16 @@ def _known_pairs(victim: Victim, count: int, seed: int) -> tuple[torch.Tensor, t
 
 
 def _linear_map(victim: Victim, options: SuiteOptions) -> AttackResult:
-    count = options.known_rows or 2 * victim.target.weight.shape[1]
+    count = options.known_rows or 2 * victim.target.host_weight.shape[1]
     clean, sent = _known_pairs(victim, count, options.seed)
-    outcome = linear_map(victim.sent, victim.truth, victim.target.weight, clean, sent)
+    outcome = linear_map(victim.sent, victim.truth, victim.target.host_weight, clean, sent)
     return AttackResult(max(outcome.least_squares, outcome.procrustes), {
         "least_squares": outcome.least_squares, "procrustes": outcome.procrustes,
         "known_rows": outcome.known_rows})
 
 
 def _row_norms(victim: Victim, options: SuiteOptions) -> AttackResult:
-    return AttackResult(row_norms(victim.sent, victim.truth, victim.target.weight))
+    return AttackResult(row_norms(victim.sent, victim.truth, victim.target.host_weight))
 
 
 def _prefix(same_tenant: bool) -> Callable[[Victim, SuiteOptions], AttackResult]:
@@ -154,8 +154,9 @@ def _always(victim: Victim) -> bool:
     return True
 
 
-def _has_noise_spec(victim: Victim) -> bool:
-    return victim.target.noise_spec()[0] is not None
+def _has_noise(victim: Victim) -> bool:
+    spec, _ = victim.target.noise_spec()
+    return spec is not None and spec.scale > 0
 
 
 def _deterministic(victim: Victim) -> bool:
@@ -168,7 +169,7 @@ def _retunable(victim: Victim) -> bool:
 
 ATTACKS: dict[str, Attack] = {
     "nearest_row": Attack(_always, _nearest_row),
-    "exact_arithmetic": Attack(_has_noise_spec, _exact),
+    "exact_arithmetic": Attack(_has_noise, _exact),
     "averaging": Attack(_always, _averaging),
     "linear_map": Attack(_always, _linear_map),
     "row_norms": Attack(_always, _row_norms),

@@ -39,11 +39,14 @@ class AuditTarget:
     key: str | None = field(default=None, repr=False)
     apply_to_client_embeds: bool = False
     transform: PromptTransform | None = field(init=False)
+    host_weight: torch.Tensor = field(init=False, repr=False)
     _other_tenant: list[PromptTransform | None] = field(default_factory=list, init=False,
                                                         repr=False)
 
     def __post_init__(self) -> None:
         self.transform = self.build(self.sigma or 0.0, self.key)
+        # The attacks read the matrix on the CPU, where the rows sent arrive.
+        self.host_weight = self.weight.detach().cpu()
 
     @property
     def kind(self) -> str:
@@ -102,9 +105,12 @@ def tenant_rows(target: AuditTarget, prompts: Sequence[Sequence[int]],
 _BITS_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
+def as_bits(values: torch.Tensor) -> torch.Tensor:
+    """A float tensor's bytes as integers of its width, to compare bit for bit (float
+    comparison calls -0.0 and 0.0 equal)."""
+    return values.contiguous().view(_BITS_VIEW[values.element_size()])
+
+
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Whether two tensors hold the same bytes (torch.equal calls -0.0 and 0.0 equal)."""
-    if a.dtype != b.dtype or a.shape != b.shape:
-        return False
-    bits = _BITS_VIEW[a.element_size()]
-    return torch.equal(a.contiguous().view(bits), b.contiguous().view(bits))
+    """Whether two tensors hold the same bytes."""
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(as_bits(a), as_bits(b))
