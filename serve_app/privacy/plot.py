@@ -23,8 +23,8 @@ def plot_sweep(results: Sequence[AuditResult], path: Path, title: str) -> None:
     axes.plot(agreement, l2, marker="o", label="nearest row (L2)")
     axes.plot(agreement, [r.token_recovery.top5 for r in results], marker="s",
               label="among the 5 nearest rows")
-    worst = [r.token_recovery.worst for r in results]
-    if all(share is not None for share in worst):
+    worst = [r.token_recovery.worst for r in results if r.token_recovery.worst is not None]
+    if len(worst) == len(results):
         axes.plot(agreement, worst, marker="^", label="the attack suite's worst")
     for result, x, y in zip(results, agreement, l2, strict=True):
         sigma = result.transform.get("sigma")
