@@ -187,7 +187,7 @@ def measure(model: AuditModel, clean: CleanRun, config: TransformConfig, seed: i
     if config.kind == "keyed_gaussian":
         assert key is not None
         keyed = keyed_checks(config, model.weight, key, clean.prompts)
-    target = config_target(config, model.weight, key)
+    target = config_target(config, model.weight, key, seed)
     return measure_target(model, clean, target, seed, options, keyed)
 
 

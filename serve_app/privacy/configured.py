@@ -5,6 +5,7 @@ configs, and the checks of what a keyed transform promises.
 
 from __future__ import annotations
 
+import random
 import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -16,11 +17,11 @@ from serve_app import envs
 from serve_app.config import TransformConfig
 from serve_app.privacy.target import NOISE_KINDS, AuditTarget
 from serve_app.prompts.embedder import EmbedderCore
-from serve_app.prompts.keyed_noise import KeyedSeeds
 from serve_app.prompts.transforms import (
     GaussianNoise,
     KeyedGaussianNoise,
     PromptTransform,
+    build_keyed_transform,
     build_transform,
     describe,
 )
@@ -42,38 +43,46 @@ class TransformKey:
         return cls(secrets.token_urlsafe(32), ephemeral=True)
 
 
-def _noise_scale(config: TransformConfig, weight: torch.Tensor) -> float:
-    """The scale `build_transform` gives the noise kinds at `config.sigma`."""
-    gaussian = build_transform(config.model_copy(update={"kind": "gaussian"}), weight)
-    assert isinstance(gaussian, GaussianNoise)
-    return gaussian.scale
-
-
 def keyed_transform(config: TransformConfig, weight: torch.Tensor,
                     key: str) -> KeyedGaussianNoise:
-    """`build_transform`'s keyed transform, with `key` in place of the configured variable."""
-    return KeyedGaussianNoise(_noise_scale(config, weight), KeyedSeeds(key))
+    """The gateway's keyed transform of `config`, with `key` in place of the configured
+    variable."""
+    return build_keyed_transform(config, weight, key)
+
+
+def seeded_gaussian(config: TransformConfig, weight: torch.Tensor,
+                    seed: int) -> GaussianNoise:
+    """The gateway's `gaussian` transform with its fresh seeds drawn from `seed`, so an
+    audit's figures repeat (the gateway draws them from the operating system)."""
+    built = build_transform(config, weight)
+    assert isinstance(built, GaussianNoise)
+    return GaussianNoise(built.scale, entropy=random.Random(seed).randbytes)
 
 
 def audited_transform(config: TransformConfig, weight: torch.Tensor,
-                      key: TransformKey | None) -> PromptTransform | None:
+                      key: TransformKey | None, seed: int = 0) -> PromptTransform | None:
     """The transform the Embedder would build; a keyed one takes `key`, which may be
-    ephemeral."""
+    ephemeral, and `gaussian` draws its seeds from `seed`."""
     if config.kind == "keyed_gaussian":
         assert key is not None
         return keyed_transform(config, weight, key.value)
+    if config.kind == "gaussian":
+        return seeded_gaussian(config, weight, seed)
     return build_transform(config, weight)
 
 
 def config_target(config: TransformConfig, weight: torch.Tensor,
-                  key: TransformKey | None) -> AuditTarget:
-    """The configured transform as the adversary reaches it; `key` for a keyed kind."""
+                  key: TransformKey | None, seed: int = 0) -> AuditTarget:
+    """The configured transform as the adversary reaches it; `key` for a keyed kind, `seed`
+    for `gaussian`'s fresh seeds."""
 
     def build(sigma: float, key_value: str | None) -> PromptTransform | None:
         at = config.model_copy(update={"sigma": sigma}) if config.kind in NOISE_KINDS else config
         if config.kind == "keyed_gaussian":
             assert key_value is not None
             return keyed_transform(at, weight, key_value)
+        if config.kind == "gaussian":
+            return seeded_gaussian(at, weight, seed)
         return build_transform(at, weight)
 
     return AuditTarget(weight, describe(config), build,

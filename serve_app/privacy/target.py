@@ -8,7 +8,6 @@ Every row comes from `EmbedderCore.rows`, the Embedder's own path.
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,12 +16,17 @@ import torch
 
 from serve_app.prompts.embedder import EmbedderCore
 from serve_app.prompts.noise_spec import NoiseSpec
+from serve_app.prompts.tenants import api_key_tenant
 from serve_app.prompts.transforms import PromptTransform, matrix_std
 
 TransformFactory = Callable[[float, str | None], PromptTransform | None]
 """Builds the audited kind at a sigma under a key (kinds without them ignore them)."""
 
 NOISE_KINDS = ("gaussian", "keyed_gaussian")
+
+VICTIM_TENANT = api_key_tenant("serve-app-audit victim")
+"""The victim's tenant; the adversary sends as a client in it or in `ADVERSARY_TENANT`."""
+ADVERSARY_TENANT = api_key_tenant("serve-app-audit adversary")
 
 
 @dataclass
@@ -40,8 +44,6 @@ class AuditTarget:
     apply_to_client_embeds: bool = False
     transform: PromptTransform | None = field(init=False)
     host_weight: torch.Tensor = field(init=False, repr=False)
-    _other_tenant: list[PromptTransform | None] = field(default_factory=list, init=False,
-                                                        repr=False)
 
     def __post_init__(self) -> None:
         self.transform = self.build(self.sigma or 0.0, self.key)
@@ -52,10 +54,11 @@ class AuditTarget:
     def kind(self) -> str:
         return str(self.description["kind"])
 
-    def rows(self, prompts: Sequence[Sequence[int]]) -> list[torch.Tensor]:
-        """The rows the gateway sends upstream for `prompts`, one batch."""
+    def rows(self, prompts: Sequence[Sequence[int]],
+             tenant: str = VICTIM_TENANT) -> list[torch.Tensor]:
+        """The rows the gateway sends upstream for `prompts` of one tenant, one batch."""
         return EmbedderCore(self.weight, self.transform, self.apply_to_client_embeds).rows(
-            prompts)
+            prompts, [tenant] * len(prompts))
 
     def retuned(self, sigma: float) -> AuditTarget:
         """The same kind under the same key at another sigma."""
@@ -78,28 +81,12 @@ class AuditTarget:
             return NoiseSpec(scale, torch.float64, 53, "adjacent_columns"), False
         return None, False
 
-    def other_tenant_transform(self) -> PromptTransform | None:
-        """The transform another tenant's prompts go through, built once."""
-        if not self._other_tenant:
-            self._other_tenant.append(self.build(self.sigma or 0.0, secrets.token_urlsafe(32)))
-        return self._other_tenant[0]
-
 
 def tenant_rows(target: AuditTarget, prompts: Sequence[Sequence[int]],
                 same_tenant: bool) -> list[torch.Tensor]:
-    """TENANT PLUMBING: the rows of prompts an adversary sends as a client of the gateway,
-    in the victim's tenant or another.
-
-    The gateway keys transforms by one configured key, with no notion of tenant: here
-    another tenant is modelled as the same kind under an independent random key (kinds
-    without a key are the same for every tenant). Where the transform learns each
-    prompt's tenant, this is the one function to change: pass the adversary's tenant
-    (the victim's, or another) with the victim's key."""
-    if same_tenant or target.key is None:
-        return target.rows(prompts)
-    core = EmbedderCore(target.weight, target.other_tenant_transform(),
-                        target.apply_to_client_embeds)
-    return core.rows(prompts)
+    """The rows of prompts an adversary sends as a client of the gateway, in the victim's
+    tenant or in another: the same transform and key, the tenant the gateway gives it."""
+    return target.rows(prompts, VICTIM_TENANT if same_tenant else ADVERSARY_TENANT)
 
 
 _BITS_VIEW = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}

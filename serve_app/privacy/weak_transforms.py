@@ -35,8 +35,8 @@ class Float32Gaussian:
         self.scale = scale
         self.noise_spec = NoiseSpec(scale, torch.float32, 24, "torch_cpu_blocks")
 
-    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
-                 lengths: Sequence[int]) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Sequence[int],
+                 tenants: Sequence[str]) -> torch.Tensor:
         noise = torch.randn(rows.shape, dtype=torch.float32, device=rows.device)
         return (rows.float() + self.scale * noise).to(rows.dtype)
 
@@ -77,8 +77,9 @@ class KeyedFloat32Gaussian:
     def __repr__(self) -> str:
         return "KeyedFloat32Gaussian(<key withheld>)"
 
-    def __call__(self, rows: torch.Tensor, content: torch.Tensor,
-                 lengths: Sequence[int]) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Sequence[int],
+                 tenants: Sequence[str]) -> torch.Tensor:
+        # Keyed by one key for every client: this form knows no tenants.
         low, high = self._seeds(content.cpu(), lengths)
         noise = self._normals(low[:, None], high[:, None], rows.shape[1])
         return (rows.float() + self.scale * noise.to(rows.device)).to(rows.dtype)

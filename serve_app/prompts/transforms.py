@@ -20,15 +20,15 @@ import importlib
 import logging
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal, Protocol
+from typing import Any, Protocol
 
 import torch
 
 from serve_app import envs
 from serve_app.config import TransformConfig
 from serve_app.prompts.keyed_noise import KeyedSeeds, SeedBinding
+from serve_app.prompts.noise_spec import NoiseSpec
 from serve_app.prompts.normals import add_noise
 from serve_app.prompts.tenants import SHARED_TENANT
 
@@ -55,28 +55,10 @@ class PromptTransform(Protocol):
         ...
 
 
-@dataclass(frozen=True)
-class NoiseSpec:
-    """How a noise transform's generator makes its values, for whoever audits it.
-
-    - `precision`: the dtype the normals and the noisy rows are computed in;
-    - `uniform_bits`: random bits in each uniform a normal is made from;
-    - `pairing`: which two values share a Box-Muller pair of uniforms: `adjacent` (columns
-      2p and 2p + 1 of a row, `normals`), or `torch_cpu_blocks16` (torch's CPU `randn`:
-      elements i and i + 8 of each block of 16);
-    - `rounded_once`: whether `rows + scale * noise` is rounded to the wire dtype once,
-      from `precision`, rather than computed in the wire dtype.
-    """
-
-    precision: torch.dtype
-    uniform_bits: int
-    pairing: Literal["adjacent", "torch_cpu_blocks16"]
-    rounded_once: bool
-
-
-STREAM_NOISE = NoiseSpec(precision=torch.float64, uniform_bits=53, pairing="adjacent",
-                         rounded_once=True)
-"""Both noise kinds' generator: `normals`."""
+def stream_noise(scale: float) -> NoiseSpec:
+    """Both noise kinds' generator (`normals`): float64 from 53-bit uniforms in adjacent
+    pairs, the sum rounded once to the wire dtype."""
+    return NoiseSpec(scale, torch.float64, 53, "adjacent_columns")
 
 
 def client_row_contents(tensor: torch.Tensor) -> list[int]:
@@ -92,12 +74,11 @@ class GaussianNoise:
     (`secrets.token_bytes`: the operating system's generator; never torch's, whose CPU
     generator keeps 32 bits of its seed)."""
 
-    noise_spec = STREAM_NOISE
-
     def __init__(self, scale: float,
                  entropy: Callable[[int], bytes] = secrets.token_bytes) -> None:
         self.scale = scale
         self.entropy = entropy
+        self.noise_spec = stream_noise(scale)
 
     def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Sequence[int],
                  tenants: Sequence[str]) -> torch.Tensor:
@@ -110,11 +91,10 @@ class KeyedGaussianNoise:
     """Noise that the key, the parameters, the tenant and each row's prefix fix: the same
     tenant and prefix, the same rows."""
 
-    noise_spec = STREAM_NOISE
-
     def __init__(self, scale: float, seeds: KeyedSeeds) -> None:
         self.scale = scale
         self.seeds = seeds
+        self.noise_spec = stream_noise(scale)
 
     def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Sequence[int],
                  tenants: Sequence[str]) -> torch.Tensor:

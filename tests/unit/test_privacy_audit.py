@@ -40,10 +40,10 @@ ROWS = 574
 # `serve-app-audit --sweep 1,2,3,4` on the demo model, seed 0, 8 greedy prompts (the figures
 # docs/privacy.md shows), as counts of ROWS where they are fractions of rows.
 PINNED = {
-    2.0: {"l2": 525 / ROWS, "cosine": 525 / ROWS, "top5": 550 / ROWS,
-          "next_token_agreement": 190 / ROWS, "mean_kl": 2.8639, "greedy_match": 0.0},
-    3.0: {"l2": 435 / ROWS, "cosine": 430 / ROWS, "top5": 485 / ROWS,
-          "next_token_agreement": 139 / ROWS, "mean_kl": 3.3719, "greedy_match": 0.0},
+    2.0: {"l2": 512 / ROWS, "cosine": 515 / ROWS, "top5": 541 / ROWS,
+          "next_token_agreement": 209 / ROWS, "mean_kl": 2.5973, "greedy_match": 2 / 8},
+    3.0: {"l2": 424 / ROWS, "cosine": 408 / ROWS, "top5": 475 / ROWS,
+          "next_token_agreement": 150 / ROWS, "mean_kl": 3.1495, "greedy_match": 1 / 8},
 }
 # Tolerances. The noise is seeded and identical on 1 and 2 threads here; what may move on
 # another CPU or torch build is float rounding in the distance and attention kernels.
@@ -226,8 +226,8 @@ def test_the_table_has_a_line_per_sigma_with_its_six_figures(
     assert table[0].startswith(f"serve-app-demo: built-in sample, 10 texts, {ROWS} rows")
     lines = table[3:3 + len(SWEEP)]
     three = lines[SWEEP.index(3.0)].split()
-    assert three == ["gaussian", "3", "100.0%", "averaging", "75.8%", "74.9%", "84.5%", "24.2%",
-                     "3.3719", "0.0%"]
+    assert three == ["gaussian", "3", "100.0%", "averaging", "73.9%", "71.1%", "82.8%", "26.1%",
+                     "3.1495", "12.5%"]
     section = table.index("gaussian sigma 3: attacks, worst first")
     attacks = [line.split()[0] for line in table[section + 1:section + 6]]
     assert attacks == list(sweep[3.0].attacks)

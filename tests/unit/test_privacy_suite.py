@@ -5,12 +5,14 @@ through one it must not; then the suite's order, choice of attacks and command l
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 from typing import Any
 
 import pytest
 import torch
 
+from serve_app.config import TransformConfig
 from serve_app.privacy import __main__ as cli
 from serve_app.privacy.lookups import linear_map, row_norms, token_recovery
 from serve_app.privacy.queries import averaging, chosen_prefix, sigma_reuse
@@ -23,7 +25,13 @@ from serve_app.privacy.weak_transforms import (
     RandomRotation,
 )
 from serve_app.prompts.embedder import EmbedderCore
-from serve_app.prompts.transforms import ModuleTransform, PromptTransform, matrix_std
+from serve_app.prompts.transforms import (
+    GaussianNoise,
+    ModuleTransform,
+    PromptTransform,
+    build_keyed_transform,
+    matrix_std,
+)
 
 KEY = "a suite test key of 32 chars...."
 
@@ -35,20 +43,10 @@ class NoisyRotation:
         self.rotation = RandomRotation(hidden)
         self.scale = scale
 
-    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Any) -> torch.Tensor:
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Any,
+                 tenants: Any) -> torch.Tensor:
         noise = torch.randn(rows.shape, dtype=torch.float64)
         return (self.rotation(rows).double() + self.scale * noise).to(rows.dtype)
-
-
-class PlainNoise:
-    """Fresh float64 noise of `scale`, rounded once."""
-
-    def __init__(self, scale: float) -> None:
-        self.scale = scale
-
-    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Any) -> torch.Tensor:
-        noise = torch.randn(rows.shape, dtype=torch.float64)
-        return (rows.double() + self.scale * noise).to(rows.dtype)
 
 
 @pytest.fixture(scope="module")
@@ -83,6 +81,20 @@ def _keyed(weight: torch.Tensor, bind_sigma: bool = False) -> TransformFactory:
         assert key is not None
         return KeyedFloat32Gaussian(sigma * std, f"{key}/{sigma}" if bind_sigma else key)
     return build
+
+
+def _gateway_keyed(weight: torch.Tensor) -> TransformFactory:
+    """The gateway's keyed transform: float64 noise, its seed bound to sigma and the tenant."""
+    def build(sigma: float, key: str | None) -> PromptTransform:
+        assert key is not None
+        config = TransformConfig(kind="keyed_gaussian", sigma=sigma, key_env="UNUSED_HERE")
+        return build_keyed_transform(config, weight, key)
+    return build
+
+
+def _seeded_gaussian(scale: float) -> TransformFactory:
+    """The gateway's `gaussian` at a fixed scale, its fresh seeds drawn from seed 0."""
+    return lambda sigma, key: GaussianNoise(scale, random.Random(0).randbytes)
 
 
 def _rotation(weight: torch.Tensor, noise_sigma: float | None = None) -> TransformFactory:
@@ -139,7 +151,7 @@ def test_a_linear_map_does_not_undo_noise(weight: torch.Tensor,
     outcome = linear_map(noisy.sent, noisy.truth, weight, *_known(noisy))
     # What the same noise leaves without the rotation: the map cannot do better.
     scale = 2.0 * matrix_std(weight)
-    plain = _victim(_target(weight, lambda sigma, key: PlainNoise(scale)), prompts)
+    plain = _victim(_target(weight, _seeded_gaussian(scale)), prompts)
     assert max(outcome.least_squares, outcome.procrustes) <= _nearest(plain) + 0.03
 
 
@@ -160,13 +172,21 @@ def test_row_norms_read_nothing_once_noise_moves_them(weight: torch.Tensor,
 def test_chosen_prefixes_read_keyed_rows_in_the_victims_tenant_only(
         weight: torch.Tensor, prompts: list[list[int]]) -> None:
     short = [p[:24] for p in prompts[:3]]
-    victim = _victim(_target(weight, _keyed(weight), 4.0, KEY), short)
+    victim = _victim(_target(weight, _gateway_keyed(weight), 4.0, KEY), short)
     inside = chosen_prefix(victim.target, short, victim.rows, same_tenant=True)
     assert inside.recovered == 1.0 and inside.tokens == sum(map(len, short))
     assert inside.queries_per_token is not None and 1.0 < inside.queries_per_token < 50
     outside = chosen_prefix(victim.target, short, victim.rows, same_tenant=False)
     assert outside.recovered == 0.0 and outside.queries_per_token is None
     assert outside.queries == len(short) * weight.shape[0]  # every candidate, then stop
+
+
+def test_chosen_prefixes_read_a_keyed_form_without_tenants_from_outside(
+        weight: torch.Tensor, prompts: list[list[int]]) -> None:
+    short = [p[:24] for p in prompts[:2]]
+    victim = _victim(_target(weight, _keyed(weight), 4.0, KEY), short)
+    outside = chosen_prefix(victim.target, short, victim.rows, same_tenant=False)
+    assert outside.recovered == 1.0
 
 
 def test_chosen_prefixes_do_not_apply_to_fresh_noise(weight: torch.Tensor,
@@ -184,9 +204,12 @@ def test_two_sigmas_under_one_key_give_the_clean_rows(weight: torch.Tensor,
     assert sigma_reuse(victim.target, prompts, victim.rows, victim.truth, 8.0) == 1.0
 
 
+@pytest.mark.parametrize("bound", ["weak form, sigma in its key", "the gateway's keyed"])
 def test_sigma_bound_into_the_seed_leaves_two_sightings_nothing(
-        weight: torch.Tensor, prompts: list[list[int]]) -> None:
-    victim = _victim(_target(weight, _keyed(weight, bind_sigma=True), 4.0, KEY), prompts)
+        weight: torch.Tensor, prompts: list[list[int]], bound: str) -> None:
+    build = _keyed(weight, bind_sigma=True) if bound.startswith("weak") else _gateway_keyed(
+        weight)
+    victim = _victim(_target(weight, build, 4.0, KEY), prompts)
     assert sigma_reuse(victim.target, prompts, victim.rows, victim.truth, 8.0) <= _nearest(
         victim)
 
@@ -211,10 +234,22 @@ def test_the_suite_runs_what_applies_worst_first(weight: torch.Tensor,
         run_suite(victim, SuiteOptions(attacks=("nearest_row", "bogus")))
 
 
+class UnstatedNoise:
+    """A noise transform that states no generator (no `noise_spec`)."""
+
+    def __init__(self, scale: float) -> None:
+        self.scale = scale
+
+    def __call__(self, rows: torch.Tensor, content: torch.Tensor, lengths: Any,
+                 tenants: Any) -> torch.Tensor:
+        noise = torch.randn(rows.shape, dtype=torch.float64)
+        return (rows.double() + self.scale * noise).to(rows.dtype)
+
+
 def test_a_noise_kind_without_a_noise_spec_is_assumed_rounded_once(
         weight: torch.Tensor) -> None:
     target = AuditTarget(weight, {"kind": "gaussian", "sigma": 2.0},
-                         lambda sigma, key: PlainNoise(sigma), 2.0)
+                         lambda sigma, key: UnstatedNoise(sigma), 2.0)
     spec, stated = target.noise_spec()
     assert not stated and spec is not None
     assert (spec.dtype, spec.uniform_bits) == (torch.float64, 53)

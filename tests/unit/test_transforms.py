@@ -207,9 +207,9 @@ def test_the_noise_is_53_bit_uniforms_in_float64_paired_adjacently(seed: int) ->
     torch.testing.assert_close(noise, expected, rtol=1e-13, atol=1e-13)
     # Values no float32 holds: the noise is finer than the wire's dtype.
     assert float((noise.float().double() != noise).float().mean()) > 0.99
-    spec = NoiseSpec(precision=torch.float64, uniform_bits=53, pairing="adjacent",
-                     rounded_once=True)
-    assert GaussianNoise.noise_spec == KeyedGaussianNoise.noise_spec == spec
+    spec = NoiseSpec(0.5, torch.float64, 53, "adjacent_columns")
+    keyed = KeyedGaussianNoise(0.5, KeyedSeeds("k" * 16, SeedBinding(1.0, torch.float32, "m")))
+    assert GaussianNoise(0.5).noise_spec == keyed.noise_spec == spec
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
