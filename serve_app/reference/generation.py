@@ -1,4 +1,5 @@
-"""The reference upstream's decode loop: sampling, penalties, logprobs, stop strings.
+"""The reference upstream's decode loop: sampling, penalties, logprobs, stop strings and
+stop tokens.
 
 A plain KV-cached loop over a transformers causal LM rather than `generate()`, so each
 step's raw logits are at hand: logprobs are computed from them before any sampling
@@ -28,6 +29,8 @@ class SamplingParams:
     logit_bias: dict[int, float] = field(default_factory=dict)
     logprobs: int | None = None
     stop: tuple[str, ...] = ()
+    stop_token_ids: frozenset[int] = frozenset()
+    include_stop_str_in_output: bool = False
 
     @classmethod
     def from_request(cls, request: CompletionRequest, max_tokens_default: int,
@@ -44,6 +47,8 @@ class SamplingParams:
             logit_bias=bias,
             logprobs=request.logprobs,
             stop=tuple(s for s in stop if s),
+            stop_token_ids=frozenset(request.stop_token_ids or ()),
+            include_stop_str_in_output=bool(request.include_stop_str_in_output),
         )
 
 
@@ -120,45 +125,72 @@ class TextDelta:
     steps: list[TokenStep]
 
 
-class TextAssembler:
-    """Turns token steps into text deltas, cutting at stop strings.
+def find_stop(text: str, new_chars: int, stop: tuple[str, ...],
+              include: bool) -> tuple[str, int] | None:
+    """vLLM's `check_stop_strings`: the first stop string, in the order given, found ending
+    in the last `new_chars` characters of `text`, and the length `text` keeps (cut before
+    the stop string, or after it when `include`)."""
+    if not new_chars:
+        return None
+    for string in stop:
+        start = text.find(string, max(0, len(text) - new_chars - len(string) + 1))
+        if start >= 0:
+            return string, start + len(string) if include else start
+    return None
 
-    It holds back the tail that could still become a stop string, so streamed text never
-    contains (part of) a stop sequence, nor half of a multi-byte character.
+
+class TextAssembler:
+    """Turns token steps into text deltas, cutting at stop strings as vLLM does.
+
+    After each token the stop strings are looked for in the text that token completed
+    (`find_stop`). Every step gives a delta, as vLLM streams one event per token; its text
+    is empty while held back: the tail that could still become a stop string
+    (`max(len(stop)) - 1` characters, none when stop strings stay in the output) and half
+    of a multi-byte character are never streamed.
     """
 
-    def __init__(self, tokenizer: Any, stop: tuple[str, ...],
+    def __init__(self, tokenizer: Any, params: SamplingParams,
                  on_delta: Callable[[TextDelta], None]) -> None:
         self.tokenizer = tokenizer
-        self.stop = stop
-        self.holdback = max((len(s) for s in stop), default=1) - 1
+        self.stop = params.stop
+        self.include_stop = params.include_stop_str_in_output
+        self.holdback = 0 if self.include_stop or not self.stop else max(
+            len(s) for s in self.stop) - 1
         self.on_delta = on_delta
         self.ids: list[int] = []
         self.pending: list[TokenStep] = []
         self.text = ""
+        self.checked = 0
+        """Characters of complete text already searched for stop strings."""
         self.emitted = 0
-        self.hit_stop = False
+        self.stop_string: str | None = None
 
-    def add(self, step: TokenStep, last: bool = False) -> bool:
+    def add(self, step: TokenStep, last: bool = False, with_text: bool = True) -> bool:
         """Take one step; True once a stop string has appeared.
 
         The `last` step's text is kept for `finish()`: the last token's chunk is the one
-        that carries the finish reason, as vLLM frames its streams.
+        that carries the finish reason, as vLLM frames its streams. A step `with_text`
+        false counts with no text: a stop token, whose text vLLM leaves out.
         """
-        self.ids.append(step.token_id)
+        if with_text:
+            self.ids.append(step.token_id)
         self.pending.append(step)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        cut = min((i for i in (text.find(s) for s in self.stop) if i >= 0), default=-1)
-        self.text, self.hit_stop = (text[:cut], True) if cut >= 0 else (text, False)
-        if not self.hit_stop and not last:
+        self.text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
+        complete = self.text.removesuffix("\ufffd")  # an incomplete UTF-8 sequence so far
+        found = find_stop(complete, len(complete) - self.checked, self.stop, self.include_stop)
+        self.checked = len(complete)
+        if found is not None:
+            self.stop_string, kept = found
+            self.text = complete[:kept]
+        elif not last:
             self._emit(final=False)
-        return self.hit_stop
+        return found is not None
 
     def _emit(self, final: bool) -> TextDelta | None:
-        end = len(self.text) if final else len(self.text) - self.holdback
-        if not final and self.text.endswith("\ufffd"):
-            end = min(end, len(self.text) - 1)  # an incomplete UTF-8 sequence so far
-        if end <= self.emitted and not (final and self.pending):
+        # The hold-back counts from the complete text, as vLLM's detokenizer holds back
+        # an incomplete character before its stop-string buffer.
+        end = len(self.text) if final else len(self.text.removesuffix("\ufffd")) - self.holdback
+        if final and end <= self.emitted and not self.pending:
             return None
         delta = TextDelta(self.text[self.emitted : max(end, self.emitted)], self.pending)
         self.pending = []

@@ -4,7 +4,8 @@ It is the embedded default upstream: it accepts only `prompt_embeds` (a text pro
 400, like a server that must never see text), decodes them with the gateway's safe codec,
 and generates from them with a transformers causal LM (`generation`). Greedy at
 temperature 0; sampling with temperature / top_p / seed; penalties, logit bias, logprobs,
-stop strings, n, streaming, usage. Plain Python: its HTTP app is in `app`.
+stop strings and stop token ids (with vLLM's `stop_reason`), n, streaming, usage. Plain
+Python: its HTTP app is in `app`.
 """
 
 from __future__ import annotations
@@ -46,8 +47,11 @@ from serve_app.reference.generation import (
     decode_steps,
 )
 
-Emit = Callable[[int, TextDelta | None, str | None], None]
-"""`emit(choice index, new text or None, finish reason or None)`."""
+StopReason = int | str | None
+"""vLLM's `stop_reason`: the stop string or stop token id that ended a choice."""
+
+Emit = Callable[[int, TextDelta | None, str | None, StopReason], None]
+"""`emit(choice index, new text or None, finish reason or None, stop reason)`."""
 
 
 class ReferenceServer:
@@ -101,27 +105,35 @@ class ReferenceServer:
 
     def generate_one(self, embeds: torch.Tensor, params: SamplingParams,
                      generator: torch.Generator | None, on_delta: Callable[[TextDelta], None],
-                     cancelled: threading.Event) -> tuple[TextDelta | None, str, int]:
-        """One sample for one prompt; `on_delta` gets each piece of text as it is settled.
+                     cancelled: threading.Event
+                     ) -> tuple[TextDelta | None, str, StopReason, int]:
+        """One sample for one prompt; `on_delta` gets each token's settled text.
 
-        Returns the last piece (held back until the end), the finish reason and the
-        number of tokens generated.
+        Returns the last piece (held back until the end), the finish and stop reasons and
+        the number of tokens generated. As in vLLM, a stop string or stop token counts
+        among the tokens, and a stop token's text is left out unless
+        `include_stop_str_in_output`.
         """
-        assembler = TextAssembler(self.tokenizer, params.stop, on_delta)
-        tokens, finish = 0, "length"
+        assembler = TextAssembler(self.tokenizer, params, on_delta)
+        tokens, finish, reason = 0, "length", None
         eos = self.tokenizer.eos_token_id
         for step in decode_steps(self.model, embeds, params, eos, generator, cancelled):
             tokens += 1
-            if assembler.add(step, last=step.token_id == eos or tokens == params.max_tokens):
-                finish = "stop"
-                break
+            stop_token = step.token_id in params.stop_token_ids
+            last = step.token_id == eos or stop_token or tokens == params.max_tokens
+            with_text = not stop_token or params.include_stop_str_in_output
+            if assembler.add(step, last=last, with_text=with_text):
+                return assembler.finish(), "stop", assembler.stop_string, tokens
+            if stop_token:
+                return assembler.finish(), "stop", step.token_id, tokens
             if step.token_id == eos:
                 finish = "stop"
-        return assembler.finish(), finish, tokens
+        return assembler.finish(), finish, reason, tokens
 
     def run(self, tensors: list[torch.Tensor], request: CompletionRequest, emit: Emit,
             cancelled: threading.Event | None = None) -> int:
-        """Generate every (prompt, sample); `emit(index, delta, finish_reason)`. Returns tokens.
+        """Generate every (prompt, sample); `emit(index, delta, finish, stop_reason)`.
+        Returns the tokens generated.
 
         Setting `cancelled` (the client went away) stops at the next token.
         """
@@ -138,13 +150,13 @@ class ReferenceServer:
                     index = prompt_index * request.n + sample
 
                     def on_delta(delta: TextDelta, index: int = index) -> None:
-                        emit(index, delta, None)
+                        emit(index, delta, None, None)
 
                     if cancelled.is_set():
                         return completion_tokens
-                    last, finish, tokens = self.generate_one(tensor, params, generator,
-                                                             on_delta, cancelled)
-                    emit(index, last, finish)
+                    last, finish, reason, tokens = self.generate_one(
+                        tensor, params, generator, on_delta, cancelled)
+                    emit(index, last, finish, reason)
                     completion_tokens += tokens
         return completion_tokens
 
@@ -157,21 +169,22 @@ class ReferenceServer:
         tensors = await asyncio.to_thread(self._validate, request)
         texts: dict[int, list[str]] = {}
         steps: dict[int, list[TokenStep]] = {}
-        finishes: dict[int, str] = {}
+        finishes: dict[int, tuple[str, StopReason]] = {}
 
-        def emit(index: int, delta: TextDelta | None, finish: str | None) -> None:
+        def emit(index: int, delta: TextDelta | None, finish: str | None,
+                 reason: StopReason) -> None:
             if delta:
                 texts.setdefault(index, []).append(delta.text)
                 steps.setdefault(index, []).extend(delta.steps)
             if finish:
-                finishes[index] = finish
+                finishes[index] = finish, reason
 
         completion_tokens = await asyncio.to_thread(self.run, tensors, request, emit)
         choices = [
             CompletionChoice(index=i, text="".join(texts.get(i, [])),
                              logprobs=_logprobs(request, steps.get(i, []),
                                                 CompletionLogprobsBuilder(self.tokenizer)),
-                             finish_reason=finishes[i])
+                             finish_reason=finishes[i][0], stop_reason=finishes[i][1])
             for i in sorted(finishes)
         ]
         return CompletionResponse(id=_completion_id(), created=int(time.time()),
@@ -193,8 +206,9 @@ class ReferenceServer:
         def send(event: bytes | None) -> None:
             loop.call_soon_threadsafe(queue.put_nowait, event)
 
-        def emit(index: int, delta: TextDelta | None, finish: str | None) -> None:
-            send(chunks.choice(index, delta, finish))
+        def emit(index: int, delta: TextDelta | None, finish: str | None,
+                 reason: StopReason) -> None:
+            send(chunks.choice(index, delta, finish, reason))
 
         def produce() -> None:
             try:
@@ -234,11 +248,12 @@ class _StreamChunks:
                                         model=self.served_name, choices=choices,
                                         usage=usage)
 
-    def choice(self, index: int, delta: TextDelta | None, finish: str | None) -> bytes:
+    def choice(self, index: int, delta: TextDelta | None, finish: str | None,
+               reason: StopReason) -> bytes:
         builder = self.builders.setdefault(index, CompletionLogprobsBuilder(self.tokenizer))
         logprobs = _logprobs(self.request, delta.steps if delta else [], builder)
         choice = CompletionChoice(index=index, text=delta.text if delta else "",
-                                  logprobs=logprobs, finish_reason=finish)
+                                  logprobs=logprobs, finish_reason=finish, stop_reason=reason)
         return sse_event(self._chunk([choice]).model_dump_json().encode())
 
     def usage(self, usage: UsageInfo) -> bytes:

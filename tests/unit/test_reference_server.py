@@ -177,6 +177,82 @@ async def test_stop_string_truncates(client: httpx.AsyncClient, embed: Any) -> N
         assert body["usage"]["completion_tokens"] < 32
 
 
+def new_char_at(text: str, start: int = 8) -> int:
+    """The first position from `start` whose character the text has not had before."""
+    return next(i for i in range(start, len(text)) if text[i] not in text[:i])
+
+
+async def test_stop_strings_report_their_stop_reason(
+    client: httpx.AsyncClient, embed: Any
+) -> None:
+    """vLLM: `stop_reason` is the stop string; the tokens up to the one that completed it
+    count; `include_stop_str_in_output` keeps the string."""
+    _, b64 = embed(FRANCE)
+    args = {"prompt_embeds": b64, "temperature": 0, "max_tokens": 32}
+    text = (await ok(client, **args))["choices"][0]["text"]
+    stop = text[6:10]
+    assert text.find(stop) == 6
+    for include, kept in ((False, text[:6]), (True, text[:10])):
+        body = await ok(client, **args, stop=[stop], include_stop_str_in_output=include)
+        [choice] = body["choices"]
+        assert (choice["text"], choice["finish_reason"], choice["stop_reason"]) == (
+            kept, "stop", stop)
+        assert body["usage"]["completion_tokens"] == 10  # one byte-level token a character
+
+
+async def test_stop_token_ids(client: httpx.AsyncClient, embed: Any, demo_tokenizer: Any) -> None:
+    """vLLM: a stop token ends the choice with its id as `stop_reason`, counts as a token,
+    and its text is left out unless `include_stop_str_in_output`."""
+    _, b64 = embed(FRANCE)
+    args = {"prompt_embeds": b64, "temperature": 0, "max_tokens": 32}
+    text = (await ok(client, **args))["choices"][0]["text"]
+    at = new_char_at(text)
+    [token] = demo_tokenizer.encode(text[at], add_special_tokens=False)
+    for include, kept in ((False, text[:at]), (True, text[: at + 1])):
+        for stream in (False, True):
+            response = await complete(client, **args, stop_token_ids=[token], stream=stream,
+                                      include_stop_str_in_output=include)
+            chunks = parse_sse(response.text)[:-1] if stream else [response.json()]
+            assert "".join(c["choices"][0]["text"] for c in chunks) == kept
+            assert chunks[-1]["choices"][0]["stop_reason"] == token
+            assert chunks[-1]["choices"][0]["finish_reason"] == "stop"
+    body = await ok(client, **args, stop_token_ids=[token])
+    assert body["usage"]["completion_tokens"] == at + 1
+
+
+async def test_the_first_listed_stop_wins_within_a_token(
+    client: httpx.AsyncClient, embed: Any
+) -> None:
+    """vLLM's `check_stop_strings`: of the stop strings a token completes, the first listed
+    wins, not the one that starts first."""
+    _, b64 = embed(JAPAN)
+    args = {"prompt_embeds": b64, "temperature": 0, "max_tokens": 32}
+    text = (await ok(client, **args))["choices"][0]["text"]
+    at = new_char_at(text)
+    char, ending = text[at], text[at - 2 : at + 1]
+    for stops, kept, reason in (([char, ending], text[:at], char),
+                                ([ending, char], text[: at - 2], ending)):
+        [choice] = (await ok(client, **args, stop=stops))["choices"]
+        assert (choice["text"], choice["stop_reason"]) == (kept, reason)
+
+
+async def test_every_token_is_a_chunk_held_back_text_too(
+    client: httpx.AsyncClient, embed: Any
+) -> None:
+    """vLLM streams one chunk per token, with empty text while a stop string's possible
+    start is held back."""
+    _, b64 = embed(FRANCE)
+    args = {"prompt_embeds": b64, "temperature": 0, "max_tokens": 20}
+    text = (await ok(client, **args))["choices"][0]["text"]
+    response = await complete(client, **args, stream=True, stop=[text[12:16], "Qq" * 4],
+                              stream_options={"include_usage": True})
+    *chunks, usage, _ = parse_sse(response.text)
+    pieces = [chunk["choices"][0]["text"] for chunk in chunks]
+    assert len(pieces) == usage["usage"]["completion_tokens"] == 16
+    assert pieces[:7] == [""] * 7  # 7 characters held back
+    assert "".join(pieces) == text[:12]
+
+
 async def test_n_greedy_identical(client: httpx.AsyncClient, embed: Any) -> None:
     _, b64 = embed(JAPAN)
     single = (await ok(client, prompt_embeds=b64, temperature=0, max_tokens=10))["choices"][0]
@@ -390,7 +466,7 @@ def test_cancelled_generation_stops_at_the_next_token(
     cancelled = threading.Event()
     deltas: list[TextDelta] = []
 
-    def emit(index: int, delta: TextDelta | None, finish: str | None) -> None:
+    def emit(index: int, delta: TextDelta | None, finish: str | None, reason: Any) -> None:
         if delta:
             deltas.append(delta)
             cancelled.set()  # the client leaves after the first piece of text
