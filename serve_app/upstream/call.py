@@ -13,6 +13,7 @@ from typing import Protocol
 
 from serve_app.errors import GatewayError
 from serve_app.protocol import SamplingFields
+from serve_app.upstream.stops import StopRule
 
 
 @dataclass(frozen=True)
@@ -41,6 +42,9 @@ class UpstreamCall:
     prefix_key: int | None = None
     """The hash of its first prompt's first blocks (`prompts.prefix`): the backends'
     order under `prefix_affinity` routing; None for a prompt shorter than one block."""
+    stops: StopRule | None = None
+    """The stop strings the gateway applies itself (`fields` carries none of them): the
+    upstream streams, and each choice is cut here at its first stop."""
 
 
 @dataclass(frozen=True)

@@ -3,8 +3,10 @@
 Each request goes to one backend chosen by the `Fleet`. Before the first byte of the answer
 has gone to the client it may fail over to another (connect errors, 429, 502, 503, 504
 only); after that an upstream failure ends the stream with an error event and `[DONE]`.
-Bodies and events are in `wire`, failures in `failures`, answer shaping in `answers`;
-what is left here is the one exchange with a backend, whole or streamed, and failover.
+Bodies and events are in `wire`, failures in `failures`, answer shaping in `answers`, the
+gateway's own stop strings in `stopped`; what is left here is the one exchange with a
+backend, whole or streamed, and failover. A call with stop strings is always streamed from
+the upstream, and its upstream request is closed as soon as every choice has stopped.
 """
 
 from __future__ import annotations
@@ -13,9 +15,11 @@ import asyncio
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import aclosing
 from typing import Any, TypeVar
 
 import httpx
+import orjson
 
 from serve_app.config import UpstreamConfig
 from serve_app.errors import GatewayError
@@ -36,12 +40,14 @@ from serve_app.upstream.failures import (
     AttemptFailed,
     StreamFailed,
     bad_upstream,
+    error_event,
     retry_after_seconds,
     transport_error,
     upstream_error,
 )
 from serve_app.upstream.fleet import Backend, Fleet
 from serve_app.upstream.http import make_http_client
+from serve_app.upstream.stopped import STREAM_FIELDS, StopFilter, WholeAnswer
 from serve_app.upstream.wire import body_stream, build_upstream_body, json_object, sse_data
 
 _NO_PROMPT = GatewayError("no prompt to send upstream", 400, param="prompt")
@@ -85,6 +91,9 @@ class DispatcherCore:
         request_id.bind(call.request_id)
         if not embeds:
             return UpstreamReply.of(_NO_PROMPT)
+        stops = _stop_filter(call, embeds)
+        if stops is not None:
+            return await self._complete_cut(call, embeds, stops)
         deadline = time.monotonic() + self.fleet.config.timeouts.total_s
         try:
             backend, content = await self._failover(
@@ -124,6 +133,32 @@ class DispatcherCore:
         self.fleet.succeeded(backend)
         return content
 
+    async def _complete_cut(self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds],
+                            stops: StopFilter) -> UpstreamReply:
+        """A whole answer cut at the gateway's stop strings: the upstream streams it, and
+        the answer is joined here from the cut events."""
+        deadline = time.monotonic() + self.fleet.config.timeouts.total_s
+        try:
+            backend, opened = await self._failover(
+                lambda backend: self._open_once(backend, call, embeds, deadline), deadline,
+                call.prefix_key)
+        except GatewayError as exc:
+            return UpstreamReply.of(exc)
+        whole = WholeAnswer()
+        try:
+            async with aclosing(self._cut(backend, opened, stops, deadline)) as chunks:
+                async for chunk in chunks:
+                    if "error" in chunk:
+                        return UpstreamReply.of(error_event(chunk))
+                    whole.add(chunk)
+        except StreamFailed as failure:
+            return UpstreamReply.of(failure.error)
+        finally:
+            await _close(opened)
+            self.fleet.release(backend)
+        return UpstreamReply(200, _shaper(call, embeds).whole(whole.payload(stops.usage())),
+                             backend=backend.config.url)
+
     # ----------------------------------------------------------------- streams
 
     async def open_stream(
@@ -148,7 +183,7 @@ class DispatcherCore:
             return
         deadline = time.monotonic() + self.fleet.config.timeouts.total_s
         try:
-            backend, (response, events, first) = await self._failover(
+            backend, opened = await self._failover(
                 lambda backend: self._open_once(backend, call, embeds, deadline), deadline,
                 call.prefix_key)
         except GatewayError as exc:
@@ -157,18 +192,50 @@ class DispatcherCore:
         try:
             yield UpstreamReply(200, backend=backend.config.url)
             try:
-                async for event in self._events(backend, events, first, _shaper(call, embeds),
-                                                deadline):
+                async for event in self._relay(backend, opened, call, embeds, deadline):
                     yield event
             except StreamFailed as failure:
                 yield failure.error.to_sse_event()
             yield SSE_DONE
         finally:
-            # Also when the client went away: closing the response drops the upstream
-            # connection, which is how vLLM and NIM learn to stop generating.
-            await events.aclose()
-            await response.aclose()
+            # Also when the client went away.
+            await _close(opened)
             self.fleet.release(backend)
+
+    async def _relay(self, backend: Backend, opened: _Opened, call: UpstreamCall,
+                     embeds: Sequence[EncodedPromptEmbeds],
+                     deadline: float) -> AsyncIterator[bytes]:
+        """The client's events: the upstream's, cut at the gateway's stops if the call has
+        any, in the shape the client asked for."""
+        shaper = _shaper(call, embeds)
+        stops = _stop_filter(call, embeds)
+        payloads = (self._payloads(backend, opened, deadline) if stops is None
+                    else self._cut(backend, opened, stops, deadline))
+        async with aclosing(payloads):
+            async for payload in payloads:
+                if "error" in payload:
+                    yield sse_event(orjson.dumps(payload))
+                else:
+                    for event in shaper.events(payload):
+                        yield event
+        if stops is not None and call.fields.include_usage:
+            for event in shaper.events(stops.usage_chunk()):
+                yield event
+
+    async def _cut(self, backend: Backend, opened: _Opened, stops: StopFilter,
+                   deadline: float) -> AsyncGenerator[dict[str, Any], None]:
+        """The upstream's events cut at the call's stop strings (error events as they
+        came). Once the upstream only generates past them, its request is closed."""
+        async with aclosing(self._payloads(backend, opened, deadline)) as payloads:
+            async for payload in payloads:
+                if "error" in payload:
+                    yield payload
+                    continue
+                for chunk in stops.apply(payload):
+                    yield chunk
+                if stops.finished:
+                    await _close(opened)
+                    return
 
     async def _open_once(self, backend: Backend, call: UpstreamCall,
                          embeds: Sequence[EncodedPromptEmbeds], deadline: float) -> _Opened:
@@ -207,10 +274,11 @@ class DispatcherCore:
         metrics.record_upstream_first_token(backend.config.url, time.monotonic() - started)
         return opened
 
-    async def _events(self, backend: Backend, events: AsyncIterator[bytes], first: bytes,
-                      shaper: AnswerShaper, deadline: float) -> AsyncIterator[bytes]:
-        """Each upstream event, shaped, until the upstream's `[DONE]`; `StreamFailed` for
-        anything else that ends the stream."""
+    async def _payloads(self, backend: Backend, opened: _Opened,
+                        deadline: float) -> AsyncGenerator[dict[str, Any], None]:
+        """Each upstream event's JSON object until the upstream's `[DONE]`; `StreamFailed`
+        for anything else that ends the stream."""
+        _, events, first = opened
         data: bytes | None = first
         while data is not None:
             if data == b"[DONE]":
@@ -218,11 +286,7 @@ class DispatcherCore:
             payload = json_object(data)
             if payload is None:
                 raise StreamFailed(bad_upstream("upstream sent an invalid stream event"))
-            if "error" in payload:
-                yield sse_event(data)
-            else:
-                for event in shaper.events(payload):
-                    yield event
+            yield payload
             data = await self._next_event(backend, events, deadline)
         self.fleet.failed(backend, "stream ended before [DONE]")
         raise StreamFailed(bad_upstream("upstream stream ended before [DONE]"))
@@ -336,8 +400,28 @@ class DispatcherCore:
     def _body(self, call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds],
               backend: Backend) -> list[Buffer]:
         fields = {**call.fields.to_upstream(), "model": backend.config.model or call.served_model}
+        if call.stops is not None:
+            fields.update(STREAM_FIELDS)
         return build_upstream_body(fields, embeds, backend.config.dialect)
 
 
 def _shaper(call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]) -> AnswerShaper:
     return shaper_for(call, sum(item.rows for item in embeds))
+
+
+def _stop_filter(call: UpstreamCall,
+                 embeds: Sequence[EncodedPromptEmbeds]) -> StopFilter | None:
+    """The call's stop strings over its choices (prompts × n), when the gateway applies them."""
+    if call.stops is None:
+        return None
+    options = call.fields.stream_options
+    continuous = call.fields.include_usage and bool(options and options.continuous_usage_stats)
+    return StopFilter(call.stops, len(embeds) * call.fields.n, usage_in_chunks=continuous)
+
+
+async def _close(opened: _Opened) -> None:
+    """End the upstream request: dropping its connection is how vLLM and NIM learn to stop
+    generating."""
+    response, events, _ = opened
+    await events.aclose()
+    await response.aclose()

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import email.utils
 from datetime import datetime, timezone
+from typing import Any
 
 import httpx
 import orjson
@@ -115,3 +116,12 @@ def transport_error(exc: httpx.HTTPError, when: str) -> GatewayError:
 
 def bad_upstream(message: str, status: int = 502, code: str = "upstream_error") -> GatewayError:
     return GatewayError(message, status, code=code)
+
+
+def error_event(payload: dict[str, Any]) -> GatewayError:
+    """An upstream stream's error event, as the error of a whole answer: its own status
+    (the error's `code`) where that is one, else 502."""
+    detail = payload.get("error")
+    code = detail.get("code") if isinstance(detail, dict) else None
+    status = code if isinstance(code, int) and 400 <= code < 600 else 502
+    return upstream_error(status, orjson.dumps(payload))
