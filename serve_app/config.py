@@ -388,8 +388,16 @@ class PrivacyConfig(StrictModel):
     transform: TransformConfig = TransformConfig()
 
     forward_stop: bool = Field(
-        True, description="Forward `stop` strings (bounded), which a generation needs "
-        "upstream; false refuses them with a 400 (`stop_token_ids` still work).",
+        False, description="Forward `stop` strings (bounded) for the upstream to apply. "
+        "False: they never leave the gateway, which streams every such answer from the "
+        "upstream, cuts each choice at its first stop string as vLLM does, and closes the "
+        "upstream request once every choice has stopped.",
+    )
+    stop_token_ids: bool = Field(
+        True, description="With `forward_stop` false: send the upstream the token id of "
+        "each stop string that is exactly one token (in `stop_token_ids`), so it stops "
+        "there at once instead of generating until the gateway closes the request. The id "
+        "names that one token of the client's text; false never sends one.",
     )
     forward_structured_outputs: bool = Field(
         False, description="Forward structured-output constraints (JSON schemas, regexes, "

@@ -94,7 +94,9 @@ def _named_token_ids(request: SamplingRequest) -> dict[str, list[int]]:
 
 
 def check_forwarding(request: SamplingRequest, privacy: PrivacyConfig) -> None:
-    """Text fields that would go upstream, refused where the operator does not allow them."""
+    """Text fields that would go upstream, refused where the operator does not allow them.
+    Stop strings are never refused: the gateway applies them itself unless
+    `privacy.forward_stop` sends them on."""
     structured = request.structured_fields()
     if structured and not privacy.forward_structured_outputs:
         raise GatewayError(
@@ -102,8 +104,3 @@ def check_forwarding(request: SamplingRequest, privacy: PrivacyConfig) -> None:
             "choices or grammar as text to the upstream, and this gateway is configured not "
             "to forward them (privacy.forward_structured_outputs).", 400,
             param=structured[0], code="unsupported_parameter")
-    if request.stop_strings() and not privacy.forward_stop:
-        raise GatewayError(
-            "stop is not accepted: stop strings would carry text to the upstream, and this "
-            "gateway is configured not to forward them (privacy.forward_stop); use "
-            "stop_token_ids.", 400, param="stop", code="unsupported_parameter")

@@ -51,8 +51,10 @@ from serve_app.protocol import (
     ChatCompletionRequest,
     CompletionRequest,
     ModelCard,
+    SamplingFields,
 )
 from serve_app.upstream.call import ChatShape, EventStream, UpstreamCall
+from serve_app.upstream.stops import StopRule, one_token_id
 
 
 class CompletionsService:
@@ -182,6 +184,34 @@ class CompletionsService:
                        logprobs_param)
         check_forwarding(request, self.privacy)
 
+    def _stops(self, request: CompletionRequest | ChatCompletionRequest
+               ) -> tuple[SamplingFields, StopRule | None]:
+        """The call's sampling fields, and the stop strings the gateway keeps: none go
+        upstream unless `privacy.forward_stop`; the id of each that is one token may."""
+        fields = request.upstream_fields()
+        strings = request.stop_strings()
+        if not strings or self.privacy.forward_stop:
+            return fields, None
+        rule = StopRule(tuple(strings), bool(request.include_stop_str_in_output),
+                        request.min_tokens or 0, self._stop_token_ids(request, strings))
+        update: dict[str, Any] = {"stop": None}
+        if rule.token_ids:
+            update["stop_token_ids"] = [*(request.stop_token_ids or []), *rule.token_ids]
+        return fields.model_copy(update=update), rule
+
+    def _stop_token_ids(self, request: CompletionRequest | ChatCompletionRequest,
+                        strings: list[str]) -> dict[int, str]:
+        """The stop strings that are one token each, by id (`privacy.stop_token_ids`).
+        None under `min_tokens`: vLLM keeps stop tokens from being sampled there, while a
+        stop string's tokens are only not matched. None the client names itself: vLLM
+        reports those as ids."""
+        if not self.privacy.stop_token_ids or request.min_tokens:
+            return {}
+        skip_special = request.skip_special_tokens is not False
+        named = set(request.stop_token_ids or [])
+        ids = {one_token_id(self.tokenizer, text, skip_special): text for text in strings}
+        return {i: text for i, text in ids.items() if i is not None and i not in named}
+
     async def _prepare(
         self, request: CompletionRequest, tenant: str
     ) -> tuple[UpstreamCall, list[PromptInput]]:
@@ -204,10 +234,12 @@ class CompletionsService:
         # vLLM's order: the embeddings' choices first, then the text prompts'.
         upstream += token_ids
         self._check_request_rows(upstream)
-        call = UpstreamCall(self.served_name, request.upstream_fields(), bool(request.stream),
+        fields, stops = self._stops(request)
+        call = UpstreamCall(self.served_name, fields, bool(request.stream),
                             payload_bytes=self._payload_bytes(upstream),
                             request_id=request_id.current(),
-                            prefix_key=await self._prefix_key(upstream, tenant))
+                            prefix_key=await self._prefix_key(upstream, tenant),
+                            stops=stops)
         return call, upstream
 
     def _splice(self, rendered: RenderedChat, max_tokens: int | None) -> PromptInput:
@@ -248,11 +280,12 @@ class CompletionsService:
         else:
             prompt = self._splice(rendered, max_tokens)
         shape = ChatShape(top_logprobs=request.max_logprobs)
-        call = UpstreamCall(self.served_name, request.upstream_fields(),
-                            bool(request.stream), chat=shape,
+        fields, stops = self._stops(request)
+        call = UpstreamCall(self.served_name, fields, bool(request.stream), chat=shape,
                             payload_bytes=self._payload_bytes([prompt]),
                             request_id=request_id.current(),
-                            prefix_key=await self._prefix_key([prompt], tenant))
+                            prefix_key=await self._prefix_key([prompt], tenant),
+                            stops=stops)
         return call, [prompt]
 
     async def completions(self, body: bytes, key_tenant: str | None = None) -> Response:

@@ -16,10 +16,12 @@ from serve_app.protocol.base import TEXT_UPSTREAM, Int64, RequestModel, TokenIds
 
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
-"""Stop strings are the one text a generation needs upstream (docs/upstream-fields.md):
-bounded, so a request cannot ride more than a few kilobytes of text on them."""
+"""Stop strings are matched in the gateway against every step of every choice (or
+forwarded, where `privacy.forward_stop` says so; docs/upstream-fields.md): bounded, so the
+matching stays cheap and a request cannot ride more than a few kilobytes of text on them.
+An empty one is refused, as vLLM refuses it: it would match everywhere."""
 
-StopString = Annotated[str, Field(max_length=MAX_STOP_CHARS)]
+StopString = Annotated[str, Field(min_length=1, max_length=MAX_STOP_CHARS)]
 Stop = StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)]
 Penalty = Annotated[float, Field(ge=-2.0, le=2.0)]
 
@@ -39,8 +41,8 @@ class OpenAISampling(RequestModel):
     presence_penalty: Penalty | None = None
     seed: Int64 | None = None
     stop: Stop | None = Field(
-        None, description=f"Forwarded upstream: at most {MAX_STOP_STRINGS} strings of at "
-        f"most {MAX_STOP_CHARS} characters.")
+        None, description=f"At most {MAX_STOP_STRINGS} strings of 1 to {MAX_STOP_CHARS} "
+        "characters, applied by the gateway (forwarded only with privacy.forward_stop).")
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     temperature: float | None = Field(None, ge=0.0, le=2.0)

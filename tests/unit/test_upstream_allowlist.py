@@ -29,6 +29,7 @@ from tests.unit.gateway_client import (
 CHAT = "/v1/chat/completions"
 MESSAGES = [{"role": "user", "content": FRANCE}]
 EMBEDS_KEYS = {"vllm": {"prompt_embeds"}, "nim": {"prompt", "prompt-embeds"}}
+NEWLINE = 201  # the demo tokenizer's one token for "\n"
 
 # A valid value for every allowlisted field (the demo model's vocabulary has 259 tokens).
 EVERY_SAMPLING_FIELD: dict[str, Any] = {
@@ -72,26 +73,49 @@ def test_the_allowlist_is_what_the_table_documents() -> None:
                                                 "structural_tag"}
 
 
+# With the stop strings kept in the gateway (the default), the upstream gets every field but
+# `stop`, and streams the answer with its running token counts.
+GATEWAY_STOPS = {**{k: v for k, v in EVERY_SAMPLING_FIELD.items() if k != "stop"},
+                 "stream": True,
+                 "stream_options": {"include_usage": True, "continuous_usage_stats": True}}
+
+
+@pytest.fixture(params=[True, False], ids=["forward_stop", "gateway_stops"])
+def forward_stop(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
+@pytest.fixture
+def forwarding(make_gateway: GatewayFactory, recorder: RecordingASGITransport, dialect: str,
+               forward_stop: bool) -> httpx.AsyncClient:
+    return make_gateway(recorder, upstream=upstream_for(dialect),
+                        privacy=PrivacyConfig(forward_stop=forward_stop))
+
+
 async def test_completions_forward_exactly_the_allowlisted_fields(
-    gateway: httpx.AsyncClient, recorder: RecordingASGITransport, dialect: str,
+    forwarding: httpx.AsyncClient, recorder: RecordingASGITransport, dialect: str,
+    forward_stop: bool,
 ) -> None:
-    response = await post(gateway, prompt=FRANCE, user=CANARY, **EVERY_SAMPLING_FIELD)
+    response = await post(forwarding, prompt=FRANCE, user=CANARY, **EVERY_SAMPLING_FIELD)
     assert response.status_code == 200, response.text
     body = sent(recorder)
-    assert set(body) == {*EVERY_SAMPLING_FIELD, "model", *EMBEDS_KEYS[dialect]}
-    assert {name: body[name] for name in EVERY_SAMPLING_FIELD} == EVERY_SAMPLING_FIELD
+    expected = EVERY_SAMPLING_FIELD if forward_stop else GATEWAY_STOPS
+    assert set(body) == {*expected, "model", *EMBEDS_KEYS[dialect]}
+    assert {name: body[name] for name in expected} == expected
 
 
 async def test_chat_forwards_exactly_the_allowlisted_fields(
-    gateway: httpx.AsyncClient, recorder: RecordingASGITransport, dialect: str,
+    forwarding: httpx.AsyncClient, recorder: RecordingASGITransport, dialect: str,
+    forward_stop: bool,
 ) -> None:
     fields = {k: v for k, v in EVERY_SAMPLING_FIELD.items() if k not in ("logprobs",
                                                                           "max_tokens")}
-    response = await post(gateway, CHAT, messages=MESSAGES, logprobs=True, top_logprobs=1,
+    response = await post(forwarding, CHAT, messages=MESSAGES, logprobs=True, top_logprobs=1,
                           max_completion_tokens=4, **fields)
     assert response.status_code == 200, response.text
     body = sent(recorder)
-    assert set(body) == {*EVERY_SAMPLING_FIELD, "model", *EMBEDS_KEYS[dialect]}
+    expected = EVERY_SAMPLING_FIELD if forward_stop else GATEWAY_STOPS
+    assert set(body) == {*expected, "model", *EMBEDS_KEYS[dialect]}
     assert body["logprobs"] == 1 and body["max_tokens"] == 4
 
 
@@ -200,30 +224,67 @@ async def test_structured_outputs_are_refused_unless_the_operator_allows_them(
     assert seen[0][field] == structured[field]
 
 
-async def test_stop_strings_are_forwarded_within_bounds(
-    gateway: httpx.AsyncClient, recorder: RecordingASGITransport,
+@pytest.mark.parametrize("forward_stop", [True, False])
+async def test_stop_strings_are_bounded(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport, forward_stop: bool,
 ) -> None:
-    error = error_of(await post(gateway, prompt=FRANCE, stop=["x"] * (MAX_STOP_STRINGS + 1)),
-                     400)
-    assert error["param"] == "stop"
-    error = error_of(await post(gateway, prompt=FRANCE, stop="x" * (MAX_STOP_CHARS + 1)), 400)
-    assert error["param"] == "stop"
+    gateway = make_gateway(recorder, privacy=PrivacyConfig(forward_stop=forward_stop))
+    for stop in (["x"] * (MAX_STOP_STRINGS + 1), "x" * (MAX_STOP_CHARS + 1), "", ["x", ""]):
+        error = error_of(await post(gateway, prompt=FRANCE, stop=stop), 400)
+        assert error["param"] == "stop"
     assert recorder.bodies == []
     stops = ["y" * MAX_STOP_CHARS] * MAX_STOP_STRINGS
     assert (await post(gateway, prompt=FRANCE, stop=stops, **GREEDY)).status_code == 200
-    assert sent(recorder)["stop"] == stops
+    assert ("stop" in sent(recorder)) is forward_stop
 
 
-async def test_stop_strings_are_refused_where_the_operator_says_so(
+async def test_stop_strings_are_forwarded_where_the_operator_says_so(
     make_gateway: GatewayFactory, recorder: RecordingASGITransport,
 ) -> None:
-    gateway = make_gateway(recorder, privacy=PrivacyConfig(forward_stop=False))
+    gateway = make_gateway(recorder, privacy=PrivacyConfig(forward_stop=True))
     for path, body in (("/v1/completions", {"prompt": FRANCE}), (CHAT, {"messages": MESSAGES})):
-        error = error_of(await post(gateway, path, **body, stop=[CANARY]), 400)
-        assert error["param"] == "stop" and "privacy.forward_stop" in error["message"]
-    assert recorder.bodies == []
-    response = await post(gateway, prompt=FRANCE, stop_token_ids=[2], **GREEDY)
-    assert response.status_code == 200
+        response = await post(gateway, path, **body, stop=[CANARY, "\n"], **GREEDY)
+        assert response.status_code == 200, response.text
+        sent_body = orjson.loads([raw for raw in recorder.bodies if raw][-1])  # not probes
+        assert sent_body["stop"] == [CANARY, "\n"] and "stop_token_ids" not in sent_body
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_stop_strings_never_reach_the_upstream(
+    gateway: httpx.AsyncClient, recorder: RecordingASGITransport, stream: bool,
+) -> None:
+    for path, body in (("/v1/completions", {"prompt": FRANCE}), (CHAT, {"messages": MESSAGES})):
+        response = await post(gateway, path, **body, stop=[CANARY, "\n"], stream=stream,
+                              **GREEDY)
+        assert response.status_code == 200, response.text
+    posts = [raw for raw in recorder.bodies if raw]  # not the fleet's health probes
+    assert len(posts) == 2
+    for raw in posts:
+        assert CANARY.encode() not in raw
+        sent_body = orjson.loads(raw)
+        assert "stop" not in sent_body and sent_body["stream"] is True
+        # "\n" is one token of the demo model: its id goes instead, so the upstream stops
+        # there at once.
+        assert sent_body["stop_token_ids"] == [NEWLINE]
+
+
+@pytest.mark.parametrize(("privacy", "fields", "stop", "expected"), [
+    ({}, {}, ["\n", "ab", "é", "\n"], [NEWLINE]),  # "é" is two byte-level tokens
+    ({}, {"stop_token_ids": [5]}, ["\n"], [5, NEWLINE]),
+    ({}, {"stop_token_ids": [NEWLINE]}, ["\n"], [NEWLINE]),  # the client's: an id it reports
+    ({}, {"min_tokens": 2}, ["\n"], None),  # vLLM would not sample it before min_tokens
+    ({}, {}, ["</s>"], None),  # a special token's text is not in the output
+    ({}, {"skip_special_tokens": False}, ["</s>"], [1]),
+    ({"stop_token_ids": False}, {}, ["\n"], None),
+])
+async def test_one_token_stop_strings_go_upstream_as_their_ids(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport, privacy: dict[str, Any],
+    fields: dict[str, Any], stop: list[str], expected: list[int] | None,
+) -> None:
+    gateway = make_gateway(recorder, privacy=PrivacyConfig(**privacy))
+    response = await post(gateway, prompt=FRANCE, stop=stop, **fields, **GREEDY)
+    assert response.status_code == 200, response.text
+    assert sent(recorder).get("stop_token_ids") == expected
 
 
 async def test_no_client_header_reaches_the_upstream(
