@@ -394,10 +394,11 @@ class PrivacyConfig(StrictModel):
         "upstream request once every choice has stopped.",
     )
     stop_token_ids: bool = Field(
-        True, description="With `forward_stop` false: send the upstream the token id of "
-        "each stop string that is exactly one token (in `stop_token_ids`), so it stops "
-        "there at once instead of generating until the gateway closes the request. The id "
-        "names that one token of the client's text; false never sends one.",
+        False, description="With `forward_stop` false: also send the upstream the token id "
+        "of each stop string that is exactly one token (in `stop_token_ids`), so it stops "
+        "there itself rather than about one token later, when the gateway closes the "
+        "request (benchmarks/stop_overrun.py). The id names that token of the client's "
+        "text, so it is off by default.",
     )
     forward_structured_outputs: bool = Field(
         False, description="Forward structured-output constraints (JSON schemas, regexes, "

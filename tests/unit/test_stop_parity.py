@@ -2,9 +2,10 @@
 
 Two gateways in front of one in-process reference upstream (which follows vLLM's stop
 rules): one forwards `stop` (`privacy.forward_stop: true`) and lets the reference apply
-it; the other keeps it (the default), sends the ids of one-token stops, and cuts the
-reference's stream itself. Every answer must match: text, finish_reason, stop_reason,
-usage, logprobs, chunk by chunk when streamed, for completions and chat.
+it; the other keeps it (the default), sends the ids of one-token stops or not
+(`privacy.stop_token_ids`), and cuts the reference's stream itself. Every answer must
+match: text, finish_reason, stop_reason, usage, logprobs, chunk by chunk when streamed, for
+completions and chat.
 """
 
 from __future__ import annotations
@@ -40,10 +41,15 @@ def forwarding(make_gateway: GatewayFactory, reference_app: Any) -> httpx.AsyncC
                         privacy=PrivacyConfig(forward_stop=True))
 
 
+@pytest.fixture(params=[True, False], ids=["token_ids", "no_token_ids"])
+def stop_token_ids(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 @pytest.fixture
-def keeping(make_gateway: GatewayFactory,
-            upstream_bodies: RecordingASGITransport) -> httpx.AsyncClient:
-    return make_gateway(upstream_bodies)
+def keeping(make_gateway: GatewayFactory, upstream_bodies: RecordingASGITransport,
+            stop_token_ids: bool) -> httpx.AsyncClient:
+    return make_gateway(upstream_bodies, privacy=PrivacyConfig(stop_token_ids=stop_token_ids))
 
 
 def stream_chunks(response: httpx.Response) -> list[dict[str, Any]]:
@@ -103,7 +109,8 @@ BODIES = {
 
 @pytest.mark.parametrize("kind", list(BODIES))
 async def test_whole_answers_match(forwarding: httpx.AsyncClient, keeping: httpx.AsyncClient,
-                                   upstream_bodies: RecordingASGITransport, kind: str) -> None:
+                                   upstream_bodies: RecordingASGITransport, kind: str,
+                                   stop_token_ids: bool) -> None:
     path, base = BODIES[kind]
     base = {**base, "temperature": 0, "max_tokens": MAX_TOKENS}
     reasons = []
@@ -117,13 +124,14 @@ async def test_whole_answers_match(forwarding: httpx.AsyncClient, keeping: httpx
     # Each case but the last stopped its first choice on one of its strings.
     assert all(any(reason[1] for reason in case) for case in reasons[:-1])
     assert reasons[-1] == {("length", None)}
-    assert_stops_never_went_upstream(upstream_bodies)
+    assert_stops_never_went_upstream(upstream_bodies, stop_token_ids)
 
 
 @pytest.mark.parametrize("kind", list(BODIES))
+@pytest.mark.parametrize("stop_token_ids", [True], ids=["token_ids"])
 async def test_streams_match_chunk_by_chunk(
     forwarding: httpx.AsyncClient, keeping: httpx.AsyncClient,
-    upstream_bodies: RecordingASGITransport, kind: str,
+    upstream_bodies: RecordingASGITransport, kind: str, stop_token_ids: bool,
 ) -> None:
     path, base = BODIES[kind]
     base = {**base, "temperature": 0, "max_tokens": MAX_TOKENS}
@@ -134,10 +142,10 @@ async def test_streams_match_chunk_by_chunk(
         got = stream_chunks(await post(keeping, path, **body))
         assert [comparable(c, True) for c in got] == [comparable(c, True) for c in expected], (
             case)
-    assert_stops_never_went_upstream(upstream_bodies)
+    assert_stops_never_went_upstream(upstream_bodies, stop_token_ids)
 
 
-def assert_stops_never_went_upstream(bodies: RecordingASGITransport) -> None:
+def assert_stops_never_went_upstream(bodies: RecordingASGITransport, ids: bool) -> None:
     posts = [orjson.loads(raw) for raw in bodies.bodies if raw]  # not the health probes
     assert posts and all("stop" not in body for body in posts)
-    assert any(body.get("stop_token_ids") for body in posts)
+    assert any(body.get("stop_token_ids") for body in posts) is ids
