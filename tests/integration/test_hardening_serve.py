@@ -118,8 +118,9 @@ def test_only_the_allowlist_reaches_the_upstream(gateway: str, upstream: ServerP
     response = httpx.post(f"{gateway}/v1/completions", json=sent, headers=bearer(), timeout=60)
     assert response.status_code == 200, response.text
     [row] = upstream.events("request", "allowlist-serve")
-    assert set(row["keys"]) == {"model", "prompt_embeds", "max_tokens", "top_k", "stop",
-                                "cache_salt"}
+    # The stop string stays in the gateway, which reads the answer as a stream to cut it.
+    assert set(row["keys"]) == {"model", "prompt_embeds", "max_tokens", "top_k", "stream",
+                                "stream_options", "cache_salt"}
     assert set(row["keys"]) - {"model", "prompt_embeds"} <= set(SamplingFields.model_fields)
     for extra in ({"metadata": {"a": "b"}}, {"documents": []}, {"made_up": 1}):
         refused = httpx.post(f"{gateway}/v1/completions", json={**sent, **extra},
