@@ -12,16 +12,15 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import sys
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from serve_app.demo.model import build_once
+from serve_app.demo import text
+from serve_app.demo.model import build_once, recipe_digest
 from serve_app.demo.text import DEMO_TEXT
-
-BUILD_VERSION = "v1"
-"""Bump when the recipe changes, so caches of older builds are not reused."""
 
 HIDDEN = 32
 MAX_SEQ_LENGTH = 128
@@ -92,8 +91,9 @@ def build_demo_encoder(target: Path) -> Path:
 
 def ensure_demo_encoder(cache_dir: Path) -> Path:
     """The demo encoder under `cache_dir`, built once; concurrent callers wait for it."""
-    return build_once(cache_dir / f"demo-encoder-{BUILD_VERSION}", build_demo_encoder,
-                      "modules.json")
+    # Its vocabulary comes from the demo text: a change there is a new recipe too.
+    name = f"demo-encoder-{recipe_digest(sys.modules[__name__], text)}"
+    return build_once(cache_dir / name, build_demo_encoder, "modules.json")
 
 
 def main() -> None:

@@ -12,22 +12,23 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
+import hashlib
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
 from typing import Any
 
 import torch
 
+from serve_app.demo import text
 from serve_app.demo.text import DEMO_TEXT
 
 logger = logging.getLogger(__name__)
-
-BUILD_VERSION = "v1"
-"""Bump when the recipe changes, so caches of older builds are not reused."""
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
 CHAT_TEMPLATE = (
@@ -146,9 +147,19 @@ def build_once(target: Path, build: Callable[[Path], Path], marker: str) -> Path
     return target
 
 
+def recipe_digest(*modules: ModuleType) -> str:
+    """A digest of the modules' source, which names a build in the cache: a build from an
+    older recipe is never reused, and no version number has to be remembered."""
+    digest = hashlib.sha256()
+    for module in modules:
+        digest.update(Path(str(module.__file__)).read_bytes())
+    return digest.hexdigest()[:16]
+
+
 def ensure_demo_model(cache_dir: Path) -> Path:
-    """The demo checkpoint under `cache_dir`, built once; concurrent callers wait for it."""
-    return build_once(cache_dir / f"demo-llama-{BUILD_VERSION}", build_demo_model, "config.json")
+    """The demo checkpoint under `cache_dir`, built once per recipe; concurrent callers wait."""
+    name = f"demo-llama-{recipe_digest(sys.modules[__name__], text)}"
+    return build_once(cache_dir / name, build_demo_model, "config.json")
 
 
 def main() -> None:

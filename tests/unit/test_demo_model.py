@@ -76,6 +76,31 @@ def test_chat_template_ends_with_assistant_turn(demo_tokenizer: Any) -> None:
     assert not without.endswith("<|assistant|>\n")
 
 
+def test_a_new_recipe_is_built_beside_an_old_cache(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cache is named by the builder's source: an edit to it (or to the demo text) is
+    a new build, never a stale one."""
+    from serve_app.demo import text
+
+    builds: list[Path] = []
+
+    def build(target: Path) -> Path:
+        builds.append(target)
+        (target / "config.json").write_text("{}")
+        return target
+
+    monkeypatch.setattr(demo_model, "build_demo_model", build)
+    first = ensure_demo_model(tmp_path)
+    assert ensure_demo_model(tmp_path) == first and len(builds) == 1
+    edited = tmp_path / "text.py"
+    edited.write_text(Path(str(text.__file__)).read_text() + "# edited\n")
+    monkeypatch.setattr(text, "__file__", str(edited))
+    second = ensure_demo_model(tmp_path)
+    assert second != first and len(builds) == 2
+    assert (first / "config.json").exists() and (second / "config.json").exists()
+
+
 def test_ensure_demo_model_reuses_the_cache(
     cache_dir: Path, demo_model_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
