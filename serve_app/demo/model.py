@@ -15,6 +15,7 @@ import fcntl
 import hashlib
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -31,6 +32,8 @@ from serve_app.demo.text import DEMO_TEXT
 logger = logging.getLogger(__name__)
 
 SPECIAL_TOKENS = ["<s>", "</s>", "<pad>"]
+TURN_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>"]
+"""Special tokens, as in real chat models: typed in a message they are text, never a turn."""
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
     "{% for message in messages %}"
@@ -57,7 +60,8 @@ def _build_tokenizer() -> Any:
     core.post_processor = processors.TemplateProcessing(
         single="<s> $A", pair="<s> $A <s> $B", special_tokens=[("<s>", vocab["<s>"])]
     )
-    core.add_special_tokens(SPECIAL_TOKENS)
+    # After the byte alphabet, so every byte keeps its id.
+    core.add_special_tokens(SPECIAL_TOKENS + TURN_MARKERS)
     return PreTrainedTokenizerFast(
         tokenizer_object=core,
         bos_token="<s>",
@@ -66,6 +70,21 @@ def _build_tokenizer() -> Any:
         model_max_length=_CONTEXT,
         chat_template=CHAT_TEMPLATE,
     )
+
+
+_QUESTION = re.compile(r"(What is [^?]+\?) (.+)")
+
+
+def _chats(tokenizer: Any, lines: list[str]) -> list[int]:
+    """The text's questions and answers as chats, so the turn markers' rows are trained."""
+    ids: list[int] = []
+    for line in lines:
+        match = _QUESTION.fullmatch(line)
+        if match:
+            chat = [{"role": "user", "content": match[1]},
+                    {"role": "assistant", "content": match[2]}]
+            ids += tokenizer.apply_chat_template(chat, return_dict=False)
+    return ids
 
 
 def _train(model: torch.nn.Module, ids: torch.Tensor) -> None:
@@ -118,7 +137,8 @@ def build_demo_model(target: Path) -> Path:
         model = LlamaForCausalLM(config)
         lines = [line for line in DEMO_TEXT.splitlines() if line]
         encoded = tokenizer("\n".join(lines * 4), verbose=False).input_ids
-        _train(model, torch.tensor(encoded))
+        # The chats, repeated, are about a third of what the model reads.
+        _train(model, torch.tensor(encoded + _chats(tokenizer, lines) * 12))
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
     tokenizer.save_pretrained(target)

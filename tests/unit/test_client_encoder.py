@@ -110,8 +110,8 @@ def test_a_typed_special_token_is_parsed_in_prompts_and_text_in_chat(
 def test_what_the_gateway_would_refuse_is_refused_here(encoder: PromptEncoder) -> None:
     with pytest.raises(ValueError, match="no tokens"):
         encoder.encode([])
-    with pytest.raises(ValueError, match=r"\[0, 259\)"):
-        encoder.encode([1, 259])
+    with pytest.raises(ValueError, match=r"\[0, 262\)"):
+        encoder.encode([1, 262])
     part = {"type": "prompt_embeds", "data": encoder.encode(FRANCE)}
     with pytest.raises(ValueError, match="text content only"):
         encoder.encode_chat([{"role": "user", "content": [part]}])

@@ -76,6 +76,35 @@ def test_chat_template_ends_with_assistant_turn(demo_tokenizer: Any) -> None:
     assert not without.endswith("<|assistant|>\n")
 
 
+def test_turn_markers_are_special_tokens(demo_tokenizer: Any) -> None:
+    """As in real chat models: the template's markers are single special-token ids, and the
+    same characters typed as text (`chat_special_tokens: text`) are other ids."""
+    rendered = demo_tokenizer.apply_chat_template(
+        [{"role": "system", "content": "a"}, {"role": "user", "content": "b"}],
+        add_generation_prompt=True, return_dict=False)
+    markers = [demo_tokenizer.convert_tokens_to_ids(m) for m in demo_model.TURN_MARKERS]
+    assert all(demo_tokenizer.added_tokens_decoder[i].special for i in markers)
+    assert [i for i in rendered if i in markers] == markers  # system, user, assistant
+    for marker, marker_id in zip(demo_model.TURN_MARKERS, markers, strict=True):
+        as_text = demo_tokenizer(marker, add_special_tokens=False,
+                                 split_special_tokens=True).input_ids
+        assert len(as_text) == len(marker) and marker_id not in as_text
+    # Bytes keep their ids: the markers come after the byte alphabet.
+    assert min(markers) == len(demo_tokenizer) - len(markers)
+
+
+def test_chat_answers_in_words(demo_tokenizer: Any, demo_causal_lm: Any) -> None:
+    """The markers' rows are trained on the demo text's questions as chats."""
+    ids = demo_tokenizer.apply_chat_template(
+        [{"role": "user", "content": "What is the capital of Germany?"}],
+        add_generation_prompt=True, return_dict=False)
+    with torch.no_grad():
+        output = demo_causal_lm.generate(torch.tensor([ids]), max_new_tokens=24,
+                                         do_sample=False)
+    text = demo_tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
+    assert text.startswith("The capital of "), text
+
+
 def test_a_new_recipe_is_built_beside_an_old_cache(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -17,7 +17,7 @@ from serve_app.prompts.embedder import EmbedderCore, SplicedPrompt
 from serve_app.prompts.untrusted import EmbedsSpec, decode_prompt_embeds
 
 # Different lengths in one batch, including a single token and the whole vocabulary.
-BATCH = [[0, 54, 71, 78], [7], list(range(259)), [258, 0, 258, 3, 3, 3, 100, 1, 2]]
+BATCH = [[0, 54, 71, 78], [7], list(range(262)), [258, 0, 258, 3, 3, 3, 100, 1, 2]]
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def reference_rows(model: torch.nn.Module, ids: list[int]) -> torch.Tensor:
 
 def test_lookup_equals_model_embedding(core: EmbedderCore, demo_causal_lm: Any) -> None:
     assert core.dtype == torch.float32
-    assert core.weight.shape == (259, 64)
+    assert core.weight.shape == (262, 64)
     rows = core.lookup(BATCH)
     assert len(rows) == len(BATCH)
     for ids, got in zip(BATCH, rows, strict=True):
@@ -85,7 +85,7 @@ def test_embedder_core_rejects_non_matrix() -> None:
 
 def test_read_model_spec_of_demo(demo_model_dir: Path) -> None:
     assert read_model_spec(demo_model_dir, ModelConfig()) == ModelSpec(
-        hidden_size=64, vocab_size=259, max_model_len=512, dtype=torch.float32
+        hidden_size=64, vocab_size=262, max_model_len=512, dtype=torch.float32
     )
     overridden = read_model_spec(demo_model_dir, ModelConfig(max_model_len=100, dtype="float16"))
     assert overridden.max_model_len == 100

@@ -211,7 +211,7 @@ async def test_clients_still_sending_hold_no_slot(
         ("/v1/chat/completions", {"logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("/v1/completions", {"logit_bias": {"abc": 1}}, "logit_bias"),
         ("/v1/completions", {"logit_bias": {"-1": 1}}, "logit_bias"),
-        ("/v1/completions", {"logit_bias": {"259": 1}}, "logit_bias"),
+        ("/v1/completions", {"logit_bias": {"262": 1}}, "logit_bias"),
         ("/v1/completions", {"logit_bias": {"5": 101}}, "logit_bias.5"),
         ("/v1/chat/completions", {"logit_bias": {"99999999999": 1}}, "logit_bias"),
         ("/v1/completions", {"stop_token_ids": [300]}, "stop_token_ids"),

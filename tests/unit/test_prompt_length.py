@@ -56,10 +56,11 @@ def words(count: int, seed: int = 0) -> str:
 
 
 def test_bounds_of_the_demo_tokenizers(demo_tokenizer: Any, demo_encoder_dir: Any) -> None:
-    # Byte-level: one byte per token, but a parsed special-token string covers up to 5.
+    # Byte-level: one byte per token, but a parsed special-token string covers up to 13.
     assert chars_per_token(demo_tokenizer, parse_special=False) == 1
-    assert chars_per_token(demo_tokenizer, parse_special=True) == len("<pad>")
-    assert TextBudget.of(demo_tokenizer, parse_special=True).chars_per_token == len("<pad>")
+    assert chars_per_token(demo_tokenizer, parse_special=True) == len("<|assistant|>")
+    assert TextBudget.of(demo_tokenizer, parse_special=True).chars_per_token == len(
+        "<|assistant|>")
     # WordPiece drops whitespace: no bound from length alone, so the measured one.
     encoder = PreTrainedTokenizerFast.from_pretrained(demo_encoder_dir)
     assert chars_per_token(encoder, parse_special=True) is None

@@ -31,7 +31,7 @@ MESSAGES = [{"role": "user", "content": FRANCE}]
 EMBEDS_KEYS = {"vllm": {"prompt_embeds"}, "nim": {"prompt", "prompt-embeds"}}
 NEWLINE = 201  # the demo tokenizer's one token for "\n"
 
-# A valid value for every allowlisted field (the demo model's vocabulary has 259 tokens).
+# A valid value for every allowlisted field (the demo model's vocabulary has 262 tokens).
 EVERY_SAMPLING_FIELD: dict[str, Any] = {
     "frequency_penalty": 0.1, "logit_bias": {"70": 1.5}, "n": 2, "presence_penalty": 0.1,
     "seed": 7, "stop": ["\n\n"], "stream": False, "temperature": 0.5, "top_p": 0.9,
