@@ -70,7 +70,8 @@ class PromptEncoder:
         self.tenant = tenant
         self.split_special_tokens = tokenization.completion_special_tokens == "text"
         self.chat = ChatTemplate(tokenizer, chat_template, special_tokens_as_text=(
-            tokenization.chat_special_tokens == "text"))
+            tokenization.chat_special_tokens == "text"),
+            turn_markers=tokenization.chat_turn_markers)
 
     @classmethod
     def from_pretrained(

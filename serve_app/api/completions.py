@@ -79,7 +79,8 @@ class CompletionsService:
         self.keyed = config.privacy.transform.kind == "keyed_gaussian"
         self.tenants_by_key = config.privacy.transform.tenant == "api_key"
         chat_parses = config.tokenization.chat_special_tokens == "parse"
-        self.chat = ChatTemplate(tokenizer, chat_template, special_tokens_as_text=not chat_parses)
+        self.chat = ChatTemplate(tokenizer, chat_template, special_tokens_as_text=not chat_parses,
+                                 turn_markers=config.tokenization.chat_turn_markers)
         self.split_special_tokens = config.tokenization.completion_special_tokens == "text"
         self.completion_budget = TextBudget.of(tokenizer, not self.split_special_tokens)
         self.chat_budget = TextBudget.of(tokenizer, chat_parses)

@@ -1,15 +1,18 @@
 """Chat messages -> the model's chat template -> token-id runs and client tensors' places.
 
 The gateway applies the template itself (NIM takes embeddings on completions only), so
-chat works against every upstream. Two kinds of marker with a per-request nonce, which
-client text cannot forge, stand in the text the template renders:
-- a `prompt_embeds` content part's marker, where its tensor is spliced in;
-- a special-token string the client typed (`</s>`, `<|im_start|>`), which is tokenized as
-  plain text, so only the template itself makes turn boundaries (unless
-  `tokenization.chat_special_tokens` is `parse`, vLLM's behaviour).
-The text around the markers is tokenized with the template's own special tokens intact.
-transformers' `sanitize_control_tokens` does the same for whole-chat tokenization, which
-cannot splice tensors in; this uses only the tokenizer's public `split_special_tokens`.
+chat works against every upstream. Only the template makes turns:
+- text that would write one of the template's turn markers (`[INST]`, `<|im_start|>`) is
+  escaped or refused, and the rendered ids are checked (`prompts.turn_markers`,
+  `tokenization.chat_turn_markers`);
+- a special-token string the client typed (`</s>`, `<|im_start|>`) is tokenized as plain
+  text (unless `tokenization.chat_special_tokens` is `parse`, vLLM's behaviour).
+Two kinds of placeholder with a per-request nonce, which client text cannot forge, stand in
+the text the template renders: a `prompt_embeds` content part's, where its tensor is
+spliced in, and a typed special-token string's. The text around them is tokenized with the
+template's own special tokens intact. transformers' `sanitize_control_tokens` does the same
+for whole-chat tokenization, which cannot splice tensors in; this uses only the tokenizer's
+public `split_special_tokens`.
 """
 
 from __future__ import annotations
@@ -24,7 +27,9 @@ from typing import Any, Protocol
 
 from jinja2 import TemplateError
 
+from serve_app.config import TurnMarkerPolicy
 from serve_app.errors import GatewayError
+from serve_app.prompts.turn_markers import NEUTRAL_TEXT, TurnGuard, probe_turn_markers
 from serve_app.protocol import ChatMessage, EmbedsPart
 
 PART_SEPARATOR = "\n"
@@ -76,7 +81,8 @@ _TEMPLATE_NAMES = {"messages", "tools", "documents", "add_generation_prompt",
 
 class ChatTemplate:
     def __init__(self, tokenizer: Any, template: str | None = None,
-                 special_tokens_as_text: bool = True) -> None:
+                 special_tokens_as_text: bool = True,
+                 turn_markers: TurnMarkerPolicy = "escape") -> None:
         self.tokenizer = tokenizer
         self.template = template
         self.available = template is not None or bool(getattr(tokenizer, "chat_template", None))
@@ -84,11 +90,26 @@ class ChatTemplate:
         self.reserved = (set(inspect.signature(tokenizer.apply_chat_template).parameters)
                          | _TEMPLATE_NAMES | set(special_names)
                          | set(tokenizer.special_tokens_map))
-        specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values()
-                           if t.special}, key=len, reverse=True)
-        self.specials = specials if special_tokens_as_text else []
+        all_specials = sorted({t.content for t in tokenizer.added_tokens_decoder.values()
+                               if t.special}, key=len, reverse=True)
+        self.specials = all_specials if special_tokens_as_text else []
         self.special_index = {text: index for index, text in enumerate(self.specials)}
         self.special_pattern = re.compile("|".join(map(re.escape, self.specials)) or "(?!)")
+        self.guard: TurnGuard | None = None
+        if self.available and turn_markers != "allow":
+            markers = probe_turn_markers(tokenizer, self._probe)
+            self.guard = TurnGuard(tokenizer, markers, turn_markers, all_specials)
+            self.guard.log()
+
+    def _apply(self, messages: list[dict[str, Any]], add_generation_prompt: bool,
+               continue_final_message: bool, kwargs: dict[str, Any]) -> str:
+        return str(self.tokenizer.apply_chat_template(
+            messages, chat_template=self.template, tokenize=False,
+            add_generation_prompt=add_generation_prompt,
+            continue_final_message=continue_final_message, **kwargs))
+
+    def _probe(self, messages: list[dict[str, Any]], add_generation_prompt: bool) -> str:
+        return self._apply(messages, add_generation_prompt, False, {})
 
     def render(self, request: ChatRequest) -> RenderedChat:
         if not self.available:
@@ -101,13 +122,22 @@ class ChatTemplate:
             raise GatewayError(f"chat_template_kwargs may not set {', '.join(clash)}.", 400,
                                param="chat_template_kwargs")
         markers = _Markers(secrets.token_hex(8), self)
-        messages = [_template_message(m, markers) for m in request.messages]
+        messages = [_template_message(i, m, markers) for i, m in enumerate(request.messages)]
+        variables = markers.text(kwargs, "chat_template_kwargs")
+        segments = self._split(self._rendered(messages, request, variables), markers)
+        if self.guard is not None:
+            # The template variables stay as they are: a template may branch on them.
+            neutral = self._rendered(_neutral(messages), request, variables)
+            self.guard.check(_runs(segments), self._ids(neutral))
+        if request.add_special_tokens:  # vLLM's option: the tokenizer's BOS on top
+            segments.insert(0, list(self.tokenizer("", add_special_tokens=True).input_ids))
+        return RenderedChat(segments, markers.embeds)
+
+    def _rendered(self, messages: list[dict[str, Any]], request: ChatRequest,
+                  kwargs: dict[str, Any]) -> str:
         try:
-            rendered = self.tokenizer.apply_chat_template(
-                messages, chat_template=self.template, tokenize=False,
-                add_generation_prompt=request.add_generation_prompt,
-                continue_final_message=request.continue_final_message,
-                **markers.text(kwargs))
+            return self._apply(messages, request.add_generation_prompt,
+                               request.continue_final_message, kwargs)
         except TemplateError as exc:
             # Template authors' own messages ("roles must alternate"); they name no content.
             raise GatewayError(f"The chat template refused the messages: {exc}", 400,
@@ -116,10 +146,6 @@ class ChatTemplate:
             # A template tripping over the client's variables; its message may quote them.
             raise GatewayError(f"The chat template could not render this request "
                                f"({type(exc).__name__}).", 400, param="messages") from None
-        segments = self._split(str(rendered), markers)
-        if request.add_special_tokens:  # vLLM's option: the tokenizer's BOS on top
-            segments.insert(0, list(self.tokenizer("", add_special_tokens=True).input_ids))
-        return RenderedChat(segments, markers.embeds)
 
     def _split(self, rendered: str, markers: _Markers) -> list[list[int] | int]:
         """Token-id runs and embeds-part indices, in the rendered text's order."""
@@ -145,9 +171,32 @@ class ChatTemplate:
                                    split_special_tokens=as_text).input_ids)
 
 
+def _runs(segments: list[list[int] | int]) -> list[list[int]]:
+    """The ids that reach the model back to back: runs between client tensors joined."""
+    runs: list[list[int]] = [[]]
+    for segment in segments:
+        if isinstance(segment, int):
+            runs.append([])
+        else:
+            runs[-1].extend(segment)
+    return runs
+
+
+def _neutral(value: Any) -> Any:
+    """The messages' neutral twin: every text made one plain word, roles kept, so the
+    template writes the same turns around it."""
+    if isinstance(value, str):
+        return NEUTRAL_TEXT
+    if isinstance(value, dict):
+        return {key: item if key == "role" else _neutral(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [_neutral(item) for item in value]
+    return value
+
+
 @dataclass
 class _Markers:
-    """One request's markers: `<serve-app-{embeds|text}-{nonce}-{index}>`."""
+    """One request's placeholders: `<serve-app-{embeds|text}-{nonce}-{index}>`."""
 
     nonce: str
     template: ChatTemplate
@@ -161,14 +210,17 @@ class _Markers:
         self.embeds.append(data)
         return f"<serve-app-embeds-{self.nonce}-{len(self.embeds) - 1}>"
 
-    def text(self, value: Any) -> Any:
-        """`value` with every special-token string in its strings replaced by a marker."""
+    def text(self, value: Any, param: str) -> Any:
+        """`value` (found at `param`) with its turn markers escaped, and every special-token
+        string in its strings replaced by a placeholder."""
         if isinstance(value, str):
+            if self.template.guard is not None:
+                value = self.template.guard.clean(value, param)
             return self.template.special_pattern.sub(self._special_marker, value)
         if isinstance(value, dict):
-            return {key: self.text(item) for key, item in value.items()}
+            return {key: self.text(item, f"{param}.{key}") for key, item in value.items()}
         if isinstance(value, list):
-            return [self.text(item) for item in value]
+            return [self.text(item, f"{param}.{index}") for index, item in enumerate(value)]
         return value
 
     def _special_marker(self, match: re.Match[str]) -> str:
@@ -176,17 +228,19 @@ class _Markers:
         return f"<serve-app-text-{self.nonce}-{index}>"
 
 
-def _template_message(message: ChatMessage, markers: _Markers) -> dict[str, Any]:
+def _template_message(index: int, message: ChatMessage, markers: _Markers) -> dict[str, Any]:
     """The message as templates expect it: string content, `developer` read as `system`."""
+    param = f"messages.{index}"
     content = message.content
     if isinstance(content, list):
         content = PART_SEPARATOR.join(
             markers.embeds_part(part.data) if isinstance(part, EmbedsPart)
-            else markers.text(part.text) for part in content)
+            else markers.text(part.text, f"{param}.content.{number}.text")
+            for number, part in enumerate(content))
     else:
-        content = markers.text(content or "")
+        content = markers.text(content or "", f"{param}.content")
     out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
                            "content": content}
     if message.name is not None:
-        out["name"] = markers.text(message.name)
+        out["name"] = markers.text(message.name, f"{param}.name")
     return out

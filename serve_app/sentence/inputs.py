@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from serve_app.config import EncoderBatchingConfig
+from serve_app.config import EncoderBatchingConfig, TurnMarkerPolicy
 from serve_app.errors import GatewayError
 from serve_app.prompts.chat_template import ChatTemplate
 from serve_app.prompts.text_budget import TextBudget
@@ -31,6 +31,8 @@ class SentenceModel:
     """The configured template for `messages`; None: the tokenizer's own, if any."""
     chat_parses_special_tokens: bool = False
     """`tokenization.chat_special_tokens: parse`, as for chat completions."""
+    chat_turn_markers: TurnMarkerPolicy = "escape"
+    """`tokenization.chat_turn_markers`, as for chat completions."""
     calibration: Calibration = field(default_factory=Calibration)
     chunk_tokens: int = EncoderBatchingConfig().max_batch_tokens
     """Tokens per Encoder call: its `batching.max_batch_tokens`, one batch's worth."""
@@ -43,7 +45,8 @@ class SentenceModel:
             self.truncating[side].truncation_side = hf_side
         self.budget = TextBudget.of(self.tokenizer)
         self.chat = ChatTemplate(self.tokenizer, self.chat_template,
-                                 special_tokens_as_text=not self.chat_parses_special_tokens)
+                                 special_tokens_as_text=not self.chat_parses_special_tokens,
+                                 turn_markers=self.chat_turn_markers)
         self.chat_budget = TextBudget.of(self.tokenizer, self.chat_parses_special_tokens)
 
     def _within_budget(self, text: str, truncation: Truncation, limit: int, param: str) -> str:

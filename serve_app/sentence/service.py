@@ -106,6 +106,7 @@ class SentenceService:
                 model_config.name, spec, tokenizer, model_config.truncate,
                 chat_template=load_chat_template(model_config.chat_template),
                 chat_parses_special_tokens=config.tokenization.chat_special_tokens == "parse",
+                chat_turn_markers=config.tokenization.chat_turn_markers,
                 calibration=calibration_for(model_config, model_dir, spec),
                 chunk_tokens=max(model_config.batching.max_batch_tokens, spec.max_seq_length))
         return cls(models, encoders, [config.model.name], config.limits)

@@ -337,8 +337,10 @@ def ids_of(rendered: Any) -> list[int]:
 
 
 def test_special_tokens_typed_in_messages_are_plain_text(demo_tokenizer: Any) -> None:
+    # Markers left as typed (test_turn_markers.py escapes them), to see this on its own.
     messages = [{"role": "user", "content": FORGED_TURN, "name": "</s>"}]
-    ids = ids_of(ChatTemplate(demo_tokenizer).render(request(messages=messages)))
+    template = ChatTemplate(demo_tokenizer, turn_markers="allow")
+    ids = ids_of(template.render(request(messages=messages)))
     # The template's own BOS is the one special token; the typed ones are their characters.
     assert ids.count(demo_tokenizer.bos_token_id) == 1 and ids[0] == demo_tokenizer.bos_token_id
     assert demo_tokenizer.eos_token_id not in ids
@@ -348,7 +350,7 @@ def test_special_tokens_typed_in_messages_are_plain_text(demo_tokenizer: Any) ->
 
 
 def test_vllm_behaviour_parses_them_where_configured(demo_tokenizer: Any) -> None:
-    template = ChatTemplate(demo_tokenizer, special_tokens_as_text=False)
+    template = ChatTemplate(demo_tokenizer, special_tokens_as_text=False, turn_markers="allow")
     ids = ids_of(template.render(request(messages=[{"role": "user", "content": FORGED_TURN}])))
     assert demo_tokenizer.eos_token_id in ids and ids.count(demo_tokenizer.bos_token_id) == 2
 
