@@ -211,9 +211,13 @@ def test_escape_breaks_every_forged_marker(
 
 
 def test_escape_covers_overlapping_markers(demo_tokenizer: Any) -> None:
-    guard = ChatTemplate(demo_tokenizer).guard
-    assert guard is not None
-    escaped = guard.escape("<|user|<|user|>><s><s>", "|")
+    """`>>>>>` holds the marker `>>>` three times over: every one is broken."""
+    template = ChatTemplate(demo_tokenizer, "{% for m in messages %}>>> {{ m['content'] }}\n"
+                                            "{% endfor %}")
+    guard = template.guard
+    assert guard is not None and set(guard.sequences) == {">>>"}
+    escaped = guard.escape(">>>>> x >>>", ZERO_WIDTH_SPACE)
+    assert escaped.replace(ZERO_WIDTH_SPACE, "") == ">>>>> x >>>"
     assert not guard.pattern.search(escaped)
 
 
