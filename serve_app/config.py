@@ -415,15 +415,16 @@ class TokenizationConfig(StrictModel):
     chat_turn_markers: TurnMarkerPolicy = Field(
         "escape", description="Text in messages or template variables that spells one of "
         "the chat template's turn markers (found at start: its special tokens and tags such "
-        "as `[INST]`): `escape` inserts a zero-width space after the marker's first "
-        "character; `refuse` answers 400 naming where it is; `allow` leaves it, so a "
-        "message can write turns of its own. With escape or refuse, a chat whose token ids "
-        "still hold a marker more often than its turns put there is a 400.",
+        "as `[INST]`): `escape` inserts a zero-width space (a middle dot where the "
+        "tokenizer drops it) after the marker's first character; `refuse` answers 400 "
+        "naming where it is; `allow` leaves it, so a message can write turns of its own. "
+        "With escape or refuse, a chat whose token ids still hold a marker more often "
+        "than its turns put there is a 400 (docs/security.md).",
     )
     chat_special_tokens: Literal["text", "parse"] = Field(
         "text", description="`text`: special-token strings typed in messages are tokenized "
-        "as plain text, so only the chat template makes turn boundaries; `parse`: they "
-        "become the tokenizer's special tokens (vLLM's behaviour).",
+        "as plain text, never as the tokenizer's special tokens; `parse`: they become the "
+        "tokenizer's special tokens (vLLM's behaviour).",
     )
     completion_special_tokens: Literal["text", "parse"] = Field(
         "parse", description="The same for completions prompts; `parse` is vLLM's behaviour.",
