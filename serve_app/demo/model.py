@@ -42,7 +42,7 @@ CHAT_TEMPLATE = (
     "{% if add_generation_prompt %}{{ '<|assistant|>\n' }}{% endif %}"
 )
 _CONTEXT = 512
-_TRAIN_STEPS = 300
+_TRAIN_STEPS = 500
 _TRAIN_SEQ = 64
 _TRAIN_BATCH = 16
 _SEED = 1234
@@ -76,7 +76,9 @@ _QUESTION = re.compile(r"(What is [^?]+\?) (.+)")
 
 
 def _chats(tokenizer: Any, lines: list[str]) -> list[int]:
-    """The text's questions and answers as chats, so the turn markers' rows are trained."""
+    """The text's questions and answers as chats, so the turn markers' rows are trained,
+    each beside the same line as plain text after a BOS, so a prompt without turn markers
+    is still continued as text."""
     ids: list[int] = []
     for line in lines:
         match = _QUESTION.fullmatch(line)
@@ -84,6 +86,7 @@ def _chats(tokenizer: Any, lines: list[str]) -> list[int]:
             chat = [{"role": "user", "content": match[1]},
                     {"role": "assistant", "content": match[2]}]
             ids += tokenizer.apply_chat_template(chat, return_dict=False)
+            ids += tokenizer(line + "\n").input_ids
     return ids
 
 
@@ -137,7 +140,7 @@ def build_demo_model(target: Path) -> Path:
         model = LlamaForCausalLM(config)
         lines = [line for line in DEMO_TEXT.splitlines() if line]
         encoded = tokenizer("\n".join(lines * 4), verbose=False).input_ids
-        # The chats, repeated, are about a third of what the model reads.
+        # The chats and their plain lines, repeated, are under half of what the model reads.
         _train(model, torch.tensor(encoded + _chats(tokenizer, lines) * 12))
     target.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(target, safe_serialization=True)
