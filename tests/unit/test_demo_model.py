@@ -99,10 +99,24 @@ def test_chat_answers_in_words(demo_tokenizer: Any, demo_causal_lm: Any) -> None
         [{"role": "user", "content": "What is the capital of Germany?"}],
         add_generation_prompt=True, return_dict=False)
     with torch.no_grad():
-        output = demo_causal_lm.generate(torch.tensor([ids]), max_new_tokens=24,
+        output = demo_causal_lm.generate(torch.tensor([ids]), max_new_tokens=32,
                                          do_sample=False)
     text = demo_tokenizer.decode(output[0, len(ids):], skip_special_tokens=True)
-    assert text.startswith("The capital of "), text
+    assert text.startswith("The capital of Germany is Berlin"), text
+
+
+def test_a_question_without_turn_markers_is_continued_as_text(
+    demo_tokenizer: Any, demo_causal_lm: Any
+) -> None:
+    """Chats ask the same questions: a completions prompt still opens no assistant turn."""
+    ids = demo_tokenizer("What is the capital of France?").input_ids
+    with torch.no_grad():
+        output = demo_causal_lm.generate(torch.tensor([ids]), max_new_tokens=24,
+                                         do_sample=False)
+    continuation = output[0, len(ids):].tolist()
+    markers = demo_tokenizer.convert_tokens_to_ids(demo_model.TURN_MARKERS)
+    assert not set(markers) & set(continuation)
+    assert demo_tokenizer.decode(continuation).startswith(" The capital of France")
 
 
 def test_a_new_recipe_is_built_beside_an_old_cache(
