@@ -121,17 +121,18 @@ class ChatTemplate:
         if clash:
             raise GatewayError(f"chat_template_kwargs may not set {', '.join(clash)}.", 400,
                                param="chat_template_kwargs")
-        markers = _Markers(secrets.token_hex(8), self)
-        messages = [_template_message(i, m, markers) for i, m in enumerate(request.messages)]
-        variables = markers.text(kwargs, "chat_template_kwargs")
-        segments = self._split(self._rendered(messages, request, variables), markers)
+        placeholders = _Placeholders(secrets.token_hex(8), self)
+        messages = [_template_message(i, m, placeholders)
+                    for i, m in enumerate(request.messages)]
+        variables = placeholders.text(kwargs, "chat_template_kwargs")
+        segments = self._split(self._rendered(messages, request, variables), placeholders)
         if self.guard is not None:
-            # The template variables stay as they are: a template may branch on them.
+            # The template variables stay as escaped: a template may branch on them.
             neutral = self._rendered(_neutral(messages), request, variables)
             self.guard.check(_runs(segments), self._ids(neutral))
         if request.add_special_tokens:  # vLLM's option: the tokenizer's BOS on top
             segments.insert(0, list(self.tokenizer("", add_special_tokens=True).input_ids))
-        return RenderedChat(segments, markers.embeds)
+        return RenderedChat(segments, placeholders.embeds)
 
     def _rendered(self, messages: list[dict[str, Any]], request: ChatRequest,
                   kwargs: dict[str, Any]) -> str:
@@ -147,10 +148,10 @@ class ChatTemplate:
             raise GatewayError(f"The chat template could not render this request "
                                f"({type(exc).__name__}).", 400, param="messages") from None
 
-    def _split(self, rendered: str, markers: _Markers) -> list[list[int] | int]:
+    def _split(self, rendered: str, placeholders: _Placeholders) -> list[list[int] | int]:
         """Token-id runs and embeds-part indices, in the rendered text's order."""
         segments: list[list[int] | int] = []
-        texts = re.split(markers.pattern, rendered)
+        texts = re.split(placeholders.pattern, rendered)
         for position in range(0, len(texts), 3):
             if texts[position]:
                 segments.append(self._ids(texts[position]))
@@ -161,7 +162,7 @@ class ChatTemplate:
                 else:
                     segments.append(self._ids(self.specials[index], as_text=True))
         placed = sorted(segment for segment in segments if isinstance(segment, int))
-        if placed != list(range(len(markers.embeds))):
+        if placed != list(range(len(placeholders.embeds))):
             raise GatewayError("The chat template dropped or repeated a prompt_embeds part.",
                                400, param="messages")
         return segments
@@ -195,7 +196,7 @@ def _neutral(value: Any) -> Any:
 
 
 @dataclass
-class _Markers:
+class _Placeholders:
     """One request's placeholders: `<serve-app-{embeds|text}-{nonce}-{index}>`."""
 
     nonce: str
@@ -216,31 +217,32 @@ class _Markers:
         if isinstance(value, str):
             if self.template.guard is not None:
                 value = self.template.guard.clean(value, param)
-            return self.template.special_pattern.sub(self._special_marker, value)
+            return self.template.special_pattern.sub(self._special_placeholder, value)
         if isinstance(value, dict):
             return {key: self.text(item, f"{param}.{key}") for key, item in value.items()}
         if isinstance(value, list):
             return [self.text(item, f"{param}.{index}") for index, item in enumerate(value)]
         return value
 
-    def _special_marker(self, match: re.Match[str]) -> str:
+    def _special_placeholder(self, match: re.Match[str]) -> str:
         index = self.template.special_index[match.group(0)]
         return f"<serve-app-text-{self.nonce}-{index}>"
 
 
-def _template_message(index: int, message: ChatMessage, markers: _Markers) -> dict[str, Any]:
+def _template_message(index: int, message: ChatMessage,
+                      placeholders: _Placeholders) -> dict[str, Any]:
     """The message as templates expect it: string content, `developer` read as `system`."""
     param = f"messages.{index}"
     content = message.content
     if isinstance(content, list):
         content = PART_SEPARATOR.join(
-            markers.embeds_part(part.data) if isinstance(part, EmbedsPart)
-            else markers.text(part.text, f"{param}.content.{number}.text")
+            placeholders.embeds_part(part.data) if isinstance(part, EmbedsPart)
+            else placeholders.text(part.text, f"{param}.content.{number}.text")
             for number, part in enumerate(content))
     else:
-        content = markers.text(content or "", f"{param}.content")
+        content = placeholders.text(content or "", f"{param}.content")
     out: dict[str, Any] = {"role": "system" if message.role == "developer" else message.role,
                            "content": content}
     if message.name is not None:
-        out["name"] = markers.text(message.name, f"{param}.name")
+        out["name"] = placeholders.text(message.name, f"{param}.name")
     return out
