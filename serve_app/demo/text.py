@@ -1,6 +1,6 @@
 """The small built-in text the demo model is trained on, so its greedy output reads as words.
 
-Written for this project; short on purpose (the model trains on it for a few seconds).
+Written for this project; short on purpose (the model trains on it in about 20 seconds).
 """
 
 DEMO_TEXT = """\
