@@ -40,10 +40,10 @@ ROWS = 574
 # `serve-app-audit --sweep 1,2,3,4` on the demo model, seed 0, 8 greedy prompts (the figures
 # docs/privacy.md shows), as counts of ROWS where they are fractions of rows.
 PINNED = {
-    2.0: {"l2": 512 / ROWS, "cosine": 515 / ROWS, "top5": 541 / ROWS,
-          "next_token_agreement": 209 / ROWS, "mean_kl": 2.5973, "greedy_match": 2 / 8},
-    3.0: {"l2": 424 / ROWS, "cosine": 408 / ROWS, "top5": 475 / ROWS,
-          "next_token_agreement": 150 / ROWS, "mean_kl": 3.1495, "greedy_match": 1 / 8},
+    2.0: {"l2": 522 / ROWS, "cosine": 521 / ROWS, "top5": 542 / ROWS,
+          "next_token_agreement": 208 / ROWS, "mean_kl": 2.8931, "greedy_match": 1 / 8},
+    3.0: {"l2": 450 / ROWS, "cosine": 425 / ROWS, "top5": 489 / ROWS,
+          "next_token_agreement": 157 / ROWS, "mean_kl": 3.6074, "greedy_match": 1 / 8},
 }
 # Tolerances. The noise is seeded and identical on 1 and 2 threads here; what may move on
 # another CPU or torch build is float rounding in the distance and attention kernels.
@@ -226,12 +226,12 @@ def test_the_table_has_a_line_per_sigma_with_its_six_figures(
     assert table[0].startswith(f"serve-app-demo: built-in sample, 10 texts, {ROWS} rows")
     lines = table[3:3 + len(SWEEP)]
     three = lines[SWEEP.index(3.0)].split()
-    assert three == ["gaussian", "3", "100.0%", "averaging", "73.9%", "71.1%", "82.8%", "26.1%",
-                     "3.1495", "12.5%"]
+    assert three == ["gaussian", "3", "99.7%", "averaging", "78.4%", "74.0%", "85.2%", "27.4%",
+                     "3.6074", "12.5%"]
     section = table.index("gaussian sigma 3: attacks, worst first")
     attacks = [line.split()[0] for line in table[section + 1:section + 6]]
     assert attacks == list(sweep[3.0].attacks)
-    assert table[section + 1].split()[:2] == ["averaging", "100.0%"]
+    assert table[section + 1].split()[:2] == ["averaging", "99.7%"]
 
 
 def test_the_keyed_audit_from_a_config_file_says_its_key_is_ephemeral(

@@ -262,11 +262,11 @@ def test_the_command_line_audits_the_weak_examples_with_chosen_attacks(
     texts = tmp_path / "texts.txt"
     texts.write_text("Tell me about France.\nWhat is the capital of Japan?\n")
     assert cli.main(["audit", "--text-file", str(texts), "--prompts", "1", "--weak-examples",
-                     "--sweep", "2", "--attacks", "nearest_row,exact_arithmetic,row_norms",
+                     "--sweep", "4", "--attacks", "nearest_row,exact_arithmetic,row_norms",
                      "--json"]) == 0
     printed = json.loads(capsys.readouterr().out)
     assert [(p["transform"]["kind"], p["transform"].get("sigma")) for p in printed] == [
-        ("none", None), ("f32_gaussian", 2.0), ("f32_keyed", 2.0), ("rotation", None)]
+        ("none", None), ("f32_gaussian", 4.0), ("f32_keyed", 4.0), ("rotation", None)]
     by_kind = {p["transform"]["kind"]: p for p in printed}
     for kind, attack in (("f32_gaussian", "exact_arithmetic"), ("f32_keyed", "exact_arithmetic"),
                          ("rotation", "row_norms")):
