@@ -253,6 +253,7 @@ async def test_a_request_over_max_text_chars_is_refused_before_tokenizing(
     case: Case,
 ) -> None:
     gateway = make_gateway(recorder, limits=LimitsConfig(max_text_chars=case.budget))
+    tokenized.clear()  # what the gateway's start-up probes of its chat template read
     error = error_of(await post(gateway, case.path, **case.body(case.over)), 400)
     assert error["code"] == "too_much_text" and error["param"] == case.param
     assert "limits.max_text_chars" in error["message"]
@@ -266,6 +267,7 @@ async def test_a_request_within_max_text_chars_is_served_and_reads_no_more(
     case: Case,
 ) -> None:
     gateway = make_gateway(recorder, limits=LimitsConfig(max_text_chars=case.budget))
+    tokenized.clear()  # what the gateway's start-up probes of its chat template read
     response = await post(gateway, case.path, **case.body(case.within))
     assert response.status_code == 200, response.text
     assert 0 < sum(tokenized) <= case.budget
