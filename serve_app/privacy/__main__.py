@@ -187,10 +187,12 @@ def _quiet_transformers() -> None:
     warnings.filterwarnings("ignore", message=".*past_key_values", category=FutureWarning)
 
 
-def _options(args: argparse.Namespace) -> SuiteOptions:
+def _options(args: argparse.Namespace, app: AppConfig) -> SuiteOptions:
+    separate = app.auth.enabled and app.privacy.transform.tenant == "api_key"
     return SuiteOptions(attacks=args.attacks, sightings=args.sightings,
                         known_rows=args.known_rows,
-                        exact=ExactOptions(candidates=args.candidates), seed=args.seed)
+                        exact=ExactOptions(candidates=args.candidates), seed=args.seed,
+                        separate_tenants=separate)
 
 
 def _measure_all(args: argparse.Namespace, app: AppConfig,
@@ -206,7 +208,7 @@ def _measure_all(args: argparse.Namespace, app: AppConfig,
     _quiet_transformers()
     model = AuditModel.load(app.model, args.device)
     clean = prepare(model, texts, args.prompts, str(args.text_file or "built-in"))
-    options = _options(args)
+    options = _options(args, app)
     if args.weak_examples:
         sigmas = args.sweep or [configured.sigma]
         return [measure_target(model, clean, target, args.seed, options)

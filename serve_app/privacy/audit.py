@@ -30,6 +30,7 @@ from serve_app.privacy.suite import (
     AttackResult,
     SuiteOptions,
     Victim,
+    counted,
     run_suite,
     worst,
 )
@@ -200,8 +201,8 @@ def measure_target(model: AuditModel, clean: CleanRun, target: AuditTarget, seed
     victim = Victim.send(target, clean.prompts)
     attacks = run_suite(victim, replace(options, seed=seed))
     found = token_recovery(victim.rows, victim.prompts, target.host_weight)
-    if attacks:
-        name, share = worst(attacks)
+    if counted(attacks, options):
+        name, share = worst(counted(attacks, options))
         found = replace(found, worst=share, worst_attack=name)
     return AuditResult(transform=target.description, token_recovery=found,
                        utility=utility(model, clean, victim.rows), samples=clean.samples,

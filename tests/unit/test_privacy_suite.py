@@ -17,7 +17,7 @@ from serve_app.privacy import __main__ as cli
 from serve_app.privacy.lookups import linear_map, row_norms, token_recovery
 from serve_app.privacy.queries import averaging, chosen_prefix, sigma_reuse
 from serve_app.privacy.sample import BUILT_IN_SAMPLE
-from serve_app.privacy.suite import SuiteOptions, Victim, run_suite
+from serve_app.privacy.suite import SuiteOptions, Victim, counted, run_suite, worst
 from serve_app.privacy.target import AuditTarget, TransformFactory
 from serve_app.privacy.weak_transforms import (
     Float32Gaussian,
@@ -276,3 +276,24 @@ def test_the_command_line_audits_the_weak_examples_with_chosen_attacks(
     assert set(by_kind["rotation"]["attacks"]) == {"nearest_row", "row_norms"}
     with pytest.raises(SystemExit):
         cli.main(["audit", "--attacks", "nearest_row,bogus"])
+
+
+@pytest.mark.parametrize("sigma", [1.0, 2.0, 4.0])
+def test_keyed_rows_with_tenants_apart_give_no_attack_more_than_the_nearest_row(
+        weight: torch.Tensor, prompts: list[list[int]], sigma: float) -> None:
+    """The gateway's keyed noise where clients are told apart: the victim's own tenant
+    alone (its API key) reads its rows by chosen prefixes, and the headline counts every
+    other attack, none of which reads more than the nearest row."""
+    short = [p[:20] for p in prompts[:3]]
+    victim = _victim(_target(weight, _gateway_keyed(weight), sigma, KEY), short)
+    apart = SuiteOptions(separate_tenants=True, sightings=4)
+    results = run_suite(victim, apart)
+    assert results["chosen_prefix"].recovered == 1.0
+    assert results["chosen_prefix"].details["counted"] is False
+    headline = counted(results, apart)
+    assert "chosen_prefix" not in headline and "chosen_prefix_other_tenant" in headline
+    nearest = results["nearest_row"].recovered
+    assert max(result.recovered for result in headline.values()) <= nearest + 0.03
+    together = SuiteOptions(sightings=4)  # one tenant: the adversary as a client is in it
+    assert "chosen_prefix" in counted(run_suite(victim, together), together)
+    assert worst(counted(run_suite(victim, together), together))[1] == 1.0
