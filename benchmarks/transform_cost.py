@@ -33,7 +33,7 @@ import torch
 from serve_app.allocator import keep_payload_memory
 from serve_app.config import TransformConfig
 from serve_app.prompts.embedder import EmbedderCore
-from serve_app.prompts.keyed_noise import _mix32
+from serve_app.prompts.keyed_noise import mix32
 from serve_app.prompts.tenants import SHARED_TENANT
 from serve_app.prompts.transforms import (
     GaussianNoise,
@@ -64,7 +64,7 @@ class Float32Gaussian:
 def _float32_pairs(low: torch.Tensor, high: torch.Tensor, first: torch.Tensor,
                    second: torch.Tensor) -> torch.Tensor:
     """Box-Muller in float32 on 24-bit uniforms of a 32-bit hash of each seed's halves."""
-    bits = (_mix32(_mix32(low ^ first) ^ high ^ second) >> 8) & 0xFFFFFF
+    bits = (mix32(mix32(low ^ first) ^ high ^ second) >> 8) & 0xFFFFFF
     uniform = (bits.to(torch.float32) + 0.5) * (1.0 / (1 << 24))
     radius = torch.sqrt(-2.0 * torch.log(uniform[:, 0::2]))
     angle = 2.0 * math.pi * uniform[:, 1::2]
@@ -79,7 +79,7 @@ def _float32_compiled() -> Callable[..., torch.Tensor]:
 def float32_normals(seeds: torch.Tensor, hidden: int) -> torch.Tensor:
     even = hidden + hidden % 2
     counter = torch.arange(2 * even, dtype=torch.int32, device=seeds.device)
-    constants = _mix32(counter * _GOLDEN32 ^ 0x5BD1E995)
+    constants = mix32(counter * _GOLDEN32 ^ 0x5BD1E995)
     first, second = constants[:even], constants[even:]
     low = (seeds & 0xFFFFFFFF).to(torch.int32)[:, None]
     high = (seeds >> 32).to(torch.int32)[:, None]

@@ -22,10 +22,10 @@ from collections.abc import Sequence
 
 import torch
 
+from serve_app.prompts.keyed_noise import GOLDEN32, LOW32, halves, int32_bits, mix32
 from serve_app.prompts.noise_spec import NoiseSpec
 
 _TWO_PI = 2.0 * math.pi
-_LOW = 0xFFFFFFFF
 
 
 class Float32Gaussian:
@@ -41,36 +41,13 @@ class Float32Gaussian:
         return (rows.float() + self.scale * noise).to(rows.dtype)
 
 
-def _int32(value: int) -> int:
-    return value - (1 << 32) if value >= 1 << 31 else value
-
-
-_M1, _M2, _GOLDEN = _int32(0x7FEB352D), _int32(0x846CA68B), _int32(0x9E3779B9)
-
-
-def _mix32(x: torch.Tensor) -> torch.Tensor:
-    """lowbias32 on int32; the masks make the right shifts logical."""
-    x = x ^ ((x >> 16) & 0xFFFF)
-    x = x * _M1
-    x = x ^ ((x >> 15) & 0x1FFFF)
-    x = x * _M2
-    return x ^ ((x >> 16) & 0xFFFF)
-
-
-def _halves(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """An int64 tensor's low and high 32 bits, each as the int32 with the same bits."""
-    def wrap(v: torch.Tensor) -> torch.Tensor:
-        return (v - ((v >> 31) << 32)).to(torch.int32)
-    return wrap(values & _LOW), wrap((values >> 32) & _LOW)
-
-
 class KeyedFloat32Gaussian:
     """Noise that the key and each row's prefix fix, in float32 from 24-bit uniforms."""
 
     def __init__(self, scale: float, key: str) -> None:
         self.scale = scale
         derived = hashlib.blake2b(key.encode(), digest_size=32, person=b"serveapp").digest()
-        self._words = [_int32(int.from_bytes(derived[i:i + 4], "little"))
+        self._words = [int32_bits(int.from_bytes(derived[i:i + 4], "little"))
                        for i in range(0, 32, 4)]
         self.noise_spec = NoiseSpec(scale, torch.float32, 24, "adjacent_columns")
 
@@ -93,17 +70,17 @@ class KeyedFloat32Gaussian:
         starts = torch.cumsum(counts, 0) - counts
         index = torch.arange(content.shape[0])
         position = index - torch.repeat_interleave(starts, counts)
-        low, high = _halves(content)
-        place = _mix32(position.to(torch.int32) * _GOLDEN)
-        halves = []
+        low, high = halves(content)
+        place = mix32(position.to(torch.int32) * GOLDEN32)
+        seed_halves = []
         for a, b, c, d in ((k[0], k[1], k[4], k[5]), (k[2], k[3], k[6], k[7])):
-            lane = _mix32(_mix32(low ^ a) ^ high ^ place ^ b).to(torch.int64) & _LOW
+            lane = mix32(mix32(low ^ a) ^ high ^ place ^ b).to(torch.int64) & LOW32
             total = torch.cumsum(lane, 0)
             before = torch.cat([total.new_zeros(1), total])[starts]
             summed = total - torch.repeat_interleave(before, counts)
-            s_low, s_high = _halves(summed)
-            halves.append(_mix32(_mix32(s_low ^ c) ^ s_high ^ d))
-        return halves[0], halves[1]
+            s_low, s_high = halves(summed)
+            seed_halves.append(mix32(mix32(s_low ^ c) ^ s_high ^ d))
+        return seed_halves[0], seed_halves[1]
 
     @staticmethod
     def grid(low: torch.Tensor, high: torch.Tensor, hidden: int) -> torch.Tensor:
@@ -111,9 +88,9 @@ class KeyedFloat32Gaussian:
         from the rows' seed halves `(rows, 1)`."""
         even = hidden + hidden % 2
         counter = torch.arange(2 * even, dtype=torch.int32)
-        mixed = _mix32(counter * _GOLDEN ^ 0x5BD1E995)
+        mixed = mix32(counter * GOLDEN32 ^ 0x5BD1E995)
         first, second = mixed[:even], mixed[even:]
-        return (_mix32(_mix32(low ^ first) ^ high ^ second) >> 8) & 0xFFFFFF
+        return (mix32(mix32(low ^ first) ^ high ^ second) >> 8) & 0xFFFFFF
 
     @staticmethod
     def _normals(low: torch.Tensor, high: torch.Tensor, hidden: int) -> torch.Tensor:

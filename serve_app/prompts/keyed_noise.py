@@ -34,19 +34,19 @@ TRANSFORM_VERSION = 2
 under two definitions never coincide."""
 _TENANT_CACHE = 4096
 """Tenants whose key words are kept; beyond, the cache starts again."""
-_LOW = 0xFFFFFFFF
+LOW32 = 0xFFFFFFFF
 
 
-def _int32(value: int) -> int:
+def int32_bits(value: int) -> int:
     """A 32-bit pattern as the signed int32 torch multiplies by."""
     return value - (1 << 32) if value >= 1 << 31 else value
 
 
-_M1, _M2 = _int32(0x7FEB352D), _int32(0x846CA68B)
-_GOLDEN = _int32(0x9E3779B9)
+_M1, _M2 = int32_bits(0x7FEB352D), int32_bits(0x846CA68B)
+GOLDEN32 = int32_bits(0x9E3779B9)
 
 
-def _mix32(x: torch.Tensor) -> torch.Tensor:
+def mix32(x: torch.Tensor) -> torch.Tensor:
     """A 32-bit avalanche hash on int32 (xor-shift-multiply, as lowbias32); the masks make
     the right shifts logical."""
     x = x ^ ((x >> 16) & 0xFFFF)
@@ -56,12 +56,12 @@ def _mix32(x: torch.Tensor) -> torch.Tensor:
     return x ^ ((x >> 16) & 0xFFFF)
 
 
-def _halves(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def halves(values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """An int64 tensor's low and high 32 bits, each as int32."""
-    return _wrap32(values & _LOW), _wrap32((values >> 32) & _LOW)
+    return wrap32(values & LOW32), wrap32((values >> 32) & LOW32)
 
 
-def _wrap32(values: torch.Tensor) -> torch.Tensor:
+def wrap32(values: torch.Tensor) -> torch.Tensor:
     """int64 values in [0, 2**32) as the int32 with the same bits."""
     return (values - ((values >> 31) << 32)).to(torch.int32)
 
@@ -107,7 +107,8 @@ class KeyedSeeds:
         if words is None:
             derived = hashlib.blake2b(tenant.encode(), key=self._secret, digest_size=32,
                                       person=b"serveapp.tenant").digest()
-            words = [_int32(int.from_bytes(derived[i:i + 4], "little")) for i in range(0, 32, 4)]
+            words = [int32_bits(int.from_bytes(derived[i:i + 4], "little"))
+                     for i in range(0, 32, 4)]
             if len(self._tenant_words) >= _TENANT_CACHE:
                 self._tenant_words.clear()
             self._tenant_words[tenant] = words
@@ -130,22 +131,22 @@ class KeyedSeeds:
         words = torch.tensor([self.words(t) for t in tenants], dtype=torch.int32)
         k = torch.repeat_interleave(words.to(device, non_blocking=True), counts, dim=0,
                                     output_size=rows).T
-        low, high = _halves(content)
-        place = _mix32(position.to(torch.int32) * _GOLDEN)
+        low, high = halves(content)
+        place = mix32(position.to(torch.int32) * GOLDEN32)
         sums = []
         for a, b in ((k[0], k[1]), (k[2], k[3])):
             # Each lane: a keyed 32-bit hash of (index, content), summed along the prompt.
-            lane = _mix32(_mix32(low ^ a) ^ high ^ place ^ b).to(torch.int64) & _LOW
+            lane = mix32(mix32(low ^ a) ^ high ^ place ^ b).to(torch.int64) & LOW32
             total = torch.cumsum(lane, 0)  # below 2**63 for any batch that fits in memory
             # The sum over the prompt alone: the running total less its value before the
             # prompt's first row.
             before = torch.cat([total.new_zeros(1), total])[starts]
             sums.append(total - torch.repeat_interleave(before, counts, output_size=rows))
-        seed_low = _finish(sums[0], k[4], k[5]).to(torch.int64) & _LOW
+        seed_low = _finish(sums[0], k[4], k[5]).to(torch.int64) & LOW32
         seed_high = _finish(sums[1], k[6], k[7]).to(torch.int64)
         return (seed_high << 32) | seed_low
 
 
 def _finish(prefix_sum: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    low, high = _halves(prefix_sum)
-    return _mix32(_mix32(low ^ a) ^ high ^ b)
+    low, high = halves(prefix_sum)
+    return mix32(mix32(low ^ a) ^ high ^ b)
