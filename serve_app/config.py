@@ -242,8 +242,17 @@ class UpstreamConfig(StrictModel):
     routing: RoutingConfig = RoutingConfig()
     max_queue_wait_s: float = Field(
         5.0, ge=0,
-        description="How long a request waits when every backend is at `max_in_flight`; "
-                    "then a 429 with Retry-After.",
+        description="How long a request waits when every backend is at `max_in_flight`, "
+                    "or for room in `payload_budget_bytes`; then a 429 with Retry-After.",
+    )
+    payload_budget_bytes: int = Field(
+        2 << 30, ge=1 << 20,
+        description="Most bytes of encoded prompt embeddings (base64) one Dispatcher "
+                    "replica holds at once, counted from before the Embedder makes them "
+                    "until a stream's first event or a whole answer; a request larger than "
+                    "this runs alone. What the Embedders return waits in Ray's object store "
+                    "within it, so the Dispatcher replicas x this bounds the store's use "
+                    "(docs/performance.md).",
     )
 
     @model_validator(mode="after")
@@ -514,24 +523,6 @@ class EmbeddingModelConfig(StrictModel):
         return self.source.rstrip("/")
 
 
-# Serve's replica-to-replica gRPC channel refuses messages over 4 MiB by default
-# (RAY_SERVE_REPLICA_GRPC_MAX_MESSAGE_LENGTH); the rest is room for the call itself.
-GRPC_PAYLOAD_LIMIT = 3 * 1024 * 1024
-
-
-class TransportConfig(StrictModel):
-    """How a request's embeddings travel from the Embedder to the Dispatcher."""
-
-    by_value_max_bytes: int = Field(
-        3 * 512 * 1024, ge=0, le=GRPC_PAYLOAD_LIMIT,
-        description="Requests whose embeddings come to at most this much base64 go by "
-        "value over Serve's gRPC channel between replicas, through the ingress; larger ones "
-        "by reference through Ray's object store, which the ingress never reads. 0: always "
-        "by reference. The default (about 140 rows at hidden 4096 in bf16) lies where the "
-        "object store's fixed cost stops outweighing the extra copies (docs/performance.md).",
-    )
-
-
 class AppConfig(StrictModel):
     """The gateway application's only argument."""
 
@@ -547,7 +538,6 @@ class AppConfig(StrictModel):
     auth: AuthConfig = AuthConfig()
     privacy: PrivacyConfig = PrivacyConfig()
     tokenization: TokenizationConfig = TokenizationConfig()
-    transport: TransportConfig = TransportConfig()
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:

@@ -32,12 +32,12 @@ from serve_app.config import (
     ReferenceConfig,
     UpstreamConfig,
 )
-from serve_app.handles import ServeEncoderClient, ServePipeline
+from serve_app.handles import ServeEmbedder, ServeEncoderClient, ServePipeline
 from serve_app.observability import metrics
 from serve_app.observability.access import ACCESS_LOGGER
 from serve_app.prompts.checkpoint import resolve_model_dir
 from serve_app.prompts.codec import EncodedPromptEmbeds
-from serve_app.prompts.embedder import BatchStats, EmbedderCore, PromptInput
+from serve_app.prompts.embedder import BatchStats, EmbedderCore, EmbedRequest, PromptInput
 from serve_app.prompts.transforms import log_transform
 from serve_app.reference.app import create_reference_app
 from serve_app.reference.server import ReferenceServer
@@ -45,6 +45,7 @@ from serve_app.sentence.encoder import EncoderCore, chunks, resolve_encoder_dir
 from serve_app.sentence.service import SentenceService
 from serve_app.upstream.call import StreamItem, UpstreamCall, UpstreamReply
 from serve_app.upstream.dispatcher import DispatcherCore
+from serve_app.upstream.payloads import PromptDispatcher
 
 logger = logging.getLogger(__name__)
 
@@ -85,21 +86,25 @@ class Embedder:
         # Serve's logger: the line lands in the replica's log and on `serve run`'s console.
         log_transform(transform, logging.getLogger("ray.serve"))
         self.core = EmbedderCore.from_checkpoint(resolve_model_dir(model), model, transform)
+        self.max_prompts = app_config.batching.max_batch_size
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Batching from `user_config`: `serve deploy` changes it without a restart."""
         batching = BatchingConfig.model_validate(user_config)
+        self.max_prompts = batching.max_batch_size
         self.embed.set_max_batch_size(batching.max_batch_size)
         self.embed.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def embed(self, batch: list[tuple[PromptInput, str]]) -> list[EncodedPromptEmbeds]:
-        """Each call is one prompt and its tenant (`prompts.tenants`): a batch mixes
-        tenants, and a keyed transform reads each prompt's."""
-        prompts, tenants = [prompt for prompt, _ in batch], [tenant for _, tenant in batch]
+    async def embed(self, requests: list[EmbedRequest]) -> list[list[EncodedPromptEmbeds]]:
+        """Each call is one request's prompts and its tenant (`prompts.tenants`): a batch
+        mixes requests and tenants, and a keyed transform reads each prompt's. The
+        prompts are looked up `max_batch_size` at a time."""
         # Lookup, torch.save and base64 run off the event loop so queued requests keep flowing.
-        encoded, stats = await asyncio.to_thread(self.core.embed_measured, prompts, tenants)
-        _record_batch(stats)
+        encoded, costs = await asyncio.to_thread(self.core.embed_requests, requests,
+                                                 self.max_prompts)
+        for stats in costs:
+            _record_batch(stats)
         return encoded
 
 
@@ -153,41 +158,44 @@ def encoder_deployment_name(served_name: str) -> str:
 @serve.deployment(ray_actor_options=_PAYLOAD, max_queued_requests=_INNER_QUEUE,
                   graceful_shutdown_timeout_s=_STREAM_DRAIN_S)
 class Dispatcher:
-    """The upstream fleet; its `user_config` is `AppConfig.upstream`."""
+    """The upstream fleet; its `user_config` is `AppConfig.upstream`. It asks the Embedder
+    for each request's payload itself (`upstream.payloads`)."""
 
-    def __init__(self) -> None:
+    def __init__(self, embedder: DeploymentHandle) -> None:
         keep_payload_memory()
         route_app_logs()
-        self.core: DispatcherCore | None = None
+        self.embed = ServeEmbedder(embedder)
+        self.prompts: PromptDispatcher | None = None
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """A changed fleet applies in place: streams in flight keep their backends."""
         config = UpstreamConfig.model_validate(user_config)
-        if self.core is None:
-            self.core = DispatcherCore.from_config(config)
-        await self.core.reconfigure(config)
+        if self.prompts is None:
+            self.prompts = PromptDispatcher(DispatcherCore.from_config(config), self.embed)
+        await self.prompts.core.reconfigure(config)
 
-    def _ready(self) -> DispatcherCore:
-        if self.core is None:
+    def _ready(self) -> PromptDispatcher:
+        if self.prompts is None:
             raise RuntimeError("the Dispatcher needs its user_config (the upstream fleet)")
-        return self.core
+        return self.prompts
 
-    async def complete(self, call: UpstreamCall, *embeds: EncodedPromptEmbeds) -> UpstreamReply:
-        return await self._ready().complete(call, embeds)
+    async def complete(self, call: UpstreamCall, prompts: list[PromptInput],
+                       tenant: str) -> UpstreamReply:
+        return await self._ready().complete(call, prompts, tenant)
 
     async def stream(
-        self, call: UpstreamCall, *embeds: EncodedPromptEmbeds
+        self, call: UpstreamCall, prompts: list[PromptInput], tenant: str
     ) -> AsyncIterator[StreamItem]:
         """The stream's head, then its events: one generator, as Serve streams it."""
-        async for item in self._ready().stream(call, embeds):
+        async for item in self._ready().stream(call, prompts, tenant):
             yield item
 
     def upstream_status(self) -> list[dict[str, Any]]:
-        return self._ready().status()
+        return self._ready().core.status()
 
     async def upstream_ready(self) -> bool:
         """False until the fleet is configured, then `DispatcherCore.ready`."""
-        return self.core is not None and await self.core.ready()
+        return self.prompts is not None and await self.prompts.core.ready()
 
 
 @serve.deployment(ray_actor_options=_PAYLOAD, max_queued_requests=512,
@@ -195,14 +203,13 @@ class Dispatcher:
                   graceful_shutdown_timeout_s=_STREAM_DRAIN_S)
 @serve.ingress()
 class Gateway:
-    def __init__(self, config: dict[str, Any], embedder: DeploymentHandle,
-                 dispatcher: DeploymentHandle, encoders: dict[str, DeploymentHandle]) -> None:
+    def __init__(self, config: dict[str, Any], dispatcher: DeploymentHandle,
+                 encoders: dict[str, DeploymentHandle]) -> None:
         keep_payload_memory()  # client embeddings are decoded here
         route_app_logs()
         write_access_log()
         app_config = AppConfig.model_validate(config)
-        pipeline = ServePipeline(embedder, dispatcher, app_config.transport.by_value_max_bytes)
-        self.service = CompletionsService.from_config(app_config, pipeline)
+        self.service = CompletionsService.from_config(app_config, ServePipeline(dispatcher))
         self.sentence = SentenceService.from_config(app_config, ServeEncoderClient(encoders))
         self.api_keys = envs.api_keys(app_config.auth.api_keys_env,
                                       app_config.auth.api_keys_file)
@@ -283,8 +290,9 @@ def deployment_options(config: AppConfig) -> dict[str, dict[str, Any]]:
 
 
 def build_app(config: AppConfig) -> serve.Application:
-    """The gateway graph: Gateway (ingress) -> Embedder (batched) -> Dispatcher -> upstream,
-    and one Encoder per embedding model. Serve's app builder (`import_path`), so it takes
+    """The gateway graph: Gateway (ingress) -> Dispatcher -> upstream, the Dispatcher
+    calling the Embedder (batched) for each request's payload, and one Encoder per
+    embedding model. Serve's app builder (`import_path`), so it takes
     the config alone."""
     return gateway_graph(config)
 
@@ -301,14 +309,14 @@ def gateway_graph(config: AppConfig,
     # Deployments receive the validated config as plain data and re-validate it on start.
     plain = config.model_dump(mode="json")
     embedder = Embedder.options(**options["Embedder"]).bind(plain)
-    dispatcher = Dispatcher.options(**options["Dispatcher"]).bind()
+    dispatcher = Dispatcher.options(**options["Dispatcher"]).bind(embedder)
     encoders = {
         model.name: Encoder.options(name=name, **options[name])
         .bind(model.model_dump(mode="json"))
         for model in config.embedding_models
         for name in [encoder_deployment_name(model.name)]
     }
-    return Gateway.options(**options["Gateway"]).bind(plain, embedder, dispatcher, encoders)
+    return Gateway.options(**options["Gateway"]).bind(plain, dispatcher, encoders)
 
 
 def build_reference_app(config: ReferenceConfig) -> serve.Application:

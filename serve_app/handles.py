@@ -1,16 +1,18 @@
-"""The pipeline and the encoder client over Serve deployment handles: how the Gateway
-replica reaches the Embedder, Dispatcher and Encoder replicas, and by which transport."""
+"""The pipeline and the encoder clients over Serve deployment handles: how the Gateway
+replica reaches the Dispatcher and Encoder replicas, and the Dispatcher the Embedder, and
+by which transport."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncGenerator, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from ray.serve.handle import DeploymentHandle
 
-from serve_app.prompts.embedder import PromptInput
+from serve_app.prompts.codec import EncodedPromptEmbeds
+from serve_app.prompts.embedder import EmbedRequest, PromptInput, SplicedPrompt, prompt_rows
 from serve_app.upstream.call import (
     EventStream,
     StreamItem,
@@ -18,6 +20,9 @@ from serve_app.upstream.call import (
     UpstreamReply,
     split_stream,
 )
+
+# Token ids pickle to at most 5 bytes each: this many stay well under gRPC's 4 MiB.
+_GRPC_SAFE_TOKEN_IDS = 1 << 18
 
 
 def via_object_store(handle: DeploymentHandle) -> DeploymentHandle:
@@ -38,55 +43,50 @@ class ServeEncoderClient:
         return vectors
 
 
-@dataclass(frozen=True)
-class _Transport:
-    """The embedder and dispatcher handles of one transport."""
+class ServeEmbedder:
+    """The Embedder deployment as the Dispatcher's `Embed`: one call per request, answered
+    through Ray's object store whatever Serve's default transport. The encoded embeddings
+    are pickled out of band (`EncodedPromptEmbeds`), so Ray copies them into the store once
+    and this replica reads them in place; Serve's gRPC channel would copy them through
+    pickle streams and refuse any answer over 4 MiB."""
 
-    embedder: DeploymentHandle
-    dispatcher: DeploymentHandle
-    streaming_dispatcher: DeploymentHandle
+    def __init__(self, embedder: DeploymentHandle) -> None:
+        self.handle = via_object_store(embedder)
 
-    @classmethod
-    def of(cls, embedder: DeploymentHandle, dispatcher: DeploymentHandle,
-           by_reference: bool) -> _Transport:
-        embedder = embedder.options(_by_reference=by_reference)
-        dispatcher = dispatcher.options(_by_reference=by_reference)
-        return cls(embedder, dispatcher, dispatcher.options(stream=True))
-
-    def embeds(self, prompts: Sequence[PromptInput], tenant: str) -> list[Any]:
-        """The dispatcher call's arguments: the embedder's responses, unawaited."""
-        return [self.embedder.embed.remote((prompt, tenant)) for prompt in prompts]
+    async def __call__(self, prompts: Sequence[PromptInput],
+                       tenant: str) -> Sequence[EncodedPromptEmbeds]:
+        response = self.handle.embed.remote(EmbedRequest(tuple(prompts), tenant))
+        try:
+            embeds: Sequence[EncodedPromptEmbeds] = await response
+        except asyncio.CancelledError:
+            response.cancel()  # the request is gone: so is its place in a batch
+            raise
+        return embeds
 
 
 class ServePipeline:
-    """Embedder and dispatcher reached through Serve handles, by one of two transports.
+    """The Dispatcher reached through its Serve handle; it calls the Embedder itself.
 
-    The embedder's DeploymentResponses go into the dispatcher call as top-level arguments.
-    - By reference (Ray's object store), Serve hands the embeddings from replica to replica
-      without this process reading them. Large requests go this way.
-    - By value (Serve's gRPC channel), they pass through this process, but each call skips
-      the object store's per-object bookkeeping, which costs more than copying a megabyte
-      or so twice. Requests up to `TransportConfig.by_value_max_bytes` go this way.
-    Both are pinned here, so `RAY_SERVE_THROUGHPUT_OPTIMIZED` (gRPC for every call by
-    default) cannot send a large payload through gRPC, whose 4 MiB message limit would
-    refuse it.
+    The ingress sends a request's prompts as they are (token ids, or spliced prompts) and
+    never sees their embeddings. A call goes by Serve's default transport (gRPC in
+    throughput-optimized mode), unless its prompts carry client tensors, which can pass
+    gRPC's 4 MiB message limit: those calls go through Ray's object store, as do calls
+    with more token ids than fit in a message.
     """
 
-    def __init__(self, embedder: DeploymentHandle, dispatcher: DeploymentHandle,
-                 by_value_max_bytes: int) -> None:
-        self.by_value = _Transport.of(embedder, dispatcher, by_reference=False)
-        self.by_reference = _Transport.of(embedder, dispatcher, by_reference=True)
-        self.by_value_max_bytes = by_value_max_bytes
+    def __init__(self, dispatcher: DeploymentHandle) -> None:
+        self.dispatcher = dispatcher
+        self.dispatcher_by_reference = via_object_store(dispatcher)
 
-    def transport(self, call: UpstreamCall) -> _Transport:
-        small = call.payload_bytes <= self.by_value_max_bytes
-        return self.by_value if small else self.by_reference
+    def _handle(self, prompts: Sequence[PromptInput]) -> DeploymentHandle:
+        large = (any(isinstance(prompt, SplicedPrompt) for prompt in prompts)
+                 or sum(map(prompt_rows, prompts)) > _GRPC_SAFE_TOKEN_IDS)
+        return self.dispatcher_by_reference if large else self.dispatcher
 
     async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
                        tenant: str) -> UpstreamReply:
-        transport = self.transport(call)
-        reply: UpstreamReply = await transport.dispatcher.complete.remote(
-            call, *transport.embeds(prompts, tenant))
+        reply: UpstreamReply = await self._handle(prompts).complete.remote(
+            call, list(prompts), tenant)
         return reply
 
     async def open_stream(
@@ -97,9 +97,8 @@ class ServePipeline:
     async def _items(self, call: UpstreamCall, prompts: Sequence[PromptInput],
                      tenant: str) -> AsyncGenerator[StreamItem, None]:
         """The Dispatcher's stream; cancelled when this generator closes, however early."""
-        transport = self.transport(call)
-        items = transport.streaming_dispatcher.stream.remote(
-            call, *transport.embeds(prompts, tenant))
+        items = self._handle(prompts).options(stream=True).stream.remote(
+            call, list(prompts), tenant)
         try:
             async for item in items:
                 yield item
@@ -107,9 +106,9 @@ class ServePipeline:
             items.cancel()
 
     async def upstream_status(self) -> list[dict[str, Any]]:
-        status: list[dict[str, Any]] = await self.by_reference.dispatcher.upstream_status.remote()
+        status: list[dict[str, Any]] = await self.dispatcher.upstream_status.remote()
         return status
 
     async def upstream_ready(self) -> bool:
-        ready: bool = await self.by_reference.dispatcher.upstream_ready.remote()
+        ready: bool = await self.dispatcher.upstream_ready.remote()
         return ready

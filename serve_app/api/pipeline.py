@@ -1,8 +1,9 @@
 """The pipeline behind the completions routes: a request's prompts become prompt embeddings
 (Embedder), which go to the upstream fleet (Dispatcher).
 
-`Pipeline` is what the completions service needs of it. In Serve it is the deployment
-handles (`handles.ServePipeline`); `InProcessPipeline` calls the plain cores in this
+`Pipeline` is what the completions service needs of it. In Serve it is the Dispatcher's
+handle (`handles.ServePipeline`), and the Dispatcher asks the Embedder for the embeddings
+(`upstream.payloads`); `InProcessPipeline` runs the same path over the plain cores in this
 process, for tests and for running without Ray.
 """
 
@@ -12,9 +13,11 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from serve_app.prompts.codec import EncodedPromptEmbeds
 from serve_app.prompts.embedder import EmbedderCore, PromptInput
-from serve_app.upstream.call import EventStream, UpstreamCall, UpstreamReply
+from serve_app.upstream.call import EventStream, UpstreamCall, UpstreamReply, split_stream
 from serve_app.upstream.dispatcher import DispatcherCore
+from serve_app.upstream.payloads import PromptDispatcher
 
 
 class Pipeline(Protocol):
@@ -36,24 +39,28 @@ class Pipeline(Protocol):
 
 
 class InProcessPipeline:
-    """The embedder and dispatcher cores called directly, for running without Ray."""
+    """The Serve path's parts in this process, for running without Ray: the Dispatcher's
+    `PromptDispatcher` over its core, asking the embedder core for each request's payload
+    (on a worker thread, as the Embedder deployment runs it)."""
 
     def __init__(self, embedder: EmbedderCore, dispatcher: DispatcherCore) -> None:
         self.embedder = embedder
         self.dispatcher = dispatcher
+        self.prompts = PromptDispatcher(dispatcher, self._embed)
+
+    async def _embed(self, prompts: Sequence[PromptInput],
+                     tenant: str) -> list[EncodedPromptEmbeds]:
+        return await asyncio.to_thread(self.embedder.embed_batch, prompts,
+                                       [tenant] * len(prompts))
 
     async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
                        tenant: str) -> UpstreamReply:
-        embeds = await asyncio.to_thread(self.embedder.embed_batch, prompts,
-                                         [tenant] * len(prompts))
-        return await self.dispatcher.complete(call, embeds)
+        return await self.prompts.complete(call, prompts, tenant)
 
     async def open_stream(
         self, call: UpstreamCall, prompts: Sequence[PromptInput], tenant: str
     ) -> tuple[UpstreamReply, EventStream]:
-        embeds = await asyncio.to_thread(self.embedder.embed_batch, prompts,
-                                         [tenant] * len(prompts))
-        return await self.dispatcher.open_stream(call, embeds)
+        return await split_stream(self.prompts.stream(call, prompts, tenant))
 
     async def upstream_status(self) -> list[dict[str, Any]]:
         return self.dispatcher.status()

@@ -3,8 +3,9 @@
 A prompt is token ids, or segments of token ids and client tensors (`SplicedPrompt`, for
 chat parts and client embeddings): ids are looked up, tensors joined in place, the batch is
 transformed on the matrix's device (`transforms`), and every prompt is encoded for the
-upstream here. Plain Python (no Ray): the Serve deployment in `deployments.py` batches calls
-into it, and records what `embed_measured` says each batch cost as metrics.
+upstream here. Plain Python (no Ray): the Serve deployment in `deployments.py` batches
+calls into it, one `EmbedRequest` per request, and records what `embed_measured` says each
+lookup cost as metrics.
 """
 
 from __future__ import annotations
@@ -45,6 +46,15 @@ PromptInput = Sequence[int] | SplicedPrompt
 """What the embedder takes per prompt: token ids, or ids spliced with tensors."""
 
 
+@dataclass(frozen=True)
+class EmbedRequest:
+    """One request's prompts, in vLLM's order, and its tenant (`prompts.tenants`): what
+    the Dispatcher asks of the Embedder in one call, however many prompts it has."""
+
+    prompts: tuple[PromptInput, ...]
+    tenant: str = SHARED_TENANT
+
+
 def prompt_rows(prompt: PromptInput) -> int:
     """Rows of the prompt's embeddings: one per token id, plus the tensors' rows."""
     return prompt.rows if isinstance(prompt, SplicedPrompt) else len(prompt)
@@ -68,20 +78,42 @@ class BatchStats:
 
 
 class StageClock:
-    """Seconds per stage of one batch, each lap ending one stage. On CUDA a lap waits for
-    the device, so a stage's kernels count in that stage, not the next."""
+    """Seconds per stage of one batch, each lap ending one stage.
+
+    On CUDA a lap records an event on the current stream instead of waiting for the
+    device, so a stage's kernels count in that stage, not the next, at no cost to the
+    batch: the events are read once the batch's rows are on the host (`_to_host` has
+    waited for the stream), when the device has passed every one of them."""
 
     def __init__(self, device: torch.device) -> None:
-        self.seconds: dict[str, float] = {}
-        self._device = device
-        self._last = time.perf_counter()
+        self._stream = torch.cuda.current_stream(device) if device.type == "cuda" else None
+        self._laps: list[tuple[str, float, torch.cuda.Event | None]] = []
+        self._start = time.perf_counter(), self._event()
+
+    def _event(self) -> torch.cuda.Event | None:
+        if self._stream is None:
+            return None
+        event = torch.cuda.Event(enable_timing=True)
+        event.record(self._stream)
+        return event
 
     def lap(self, stage: str) -> None:
-        if self._device.type == "cuda":
-            torch.cuda.current_stream(self._device).synchronize()
-        now = time.perf_counter()
-        self.seconds[stage] = self.seconds.get(stage, 0.0) + now - self._last
-        self._last = now
+        self._laps.append((stage, time.perf_counter(), self._event()))
+
+    @property
+    def seconds(self) -> dict[str, float]:
+        """Each stage's seconds: by the device's events on CUDA, else by the host's clock."""
+        seconds: dict[str, float] = {}
+        last_time, last_event = self._start
+        for stage, now, event in self._laps:
+            if event is not None and last_event is not None:
+                event.synchronize()  # passed already: the rows were copied to the host
+                spent = last_event.elapsed_time(event) / 1e3
+            else:
+                spent = now - last_time
+            seconds[stage] = seconds.get(stage, 0.0) + spent
+            last_time, last_event = now, event
+        return seconds
 
 
 def _to_host(rows: torch.Tensor) -> torch.Tensor:
@@ -136,6 +168,27 @@ class EmbedderCore:
                            stage_seconds=clock.seconds,
                            payload_bytes=sum(item.nbytes for item in encoded))
         return encoded, stats
+
+    def embed_requests(
+        self, requests: Sequence[EmbedRequest], max_prompts: int
+    ) -> tuple[list[list[EncodedPromptEmbeds]], list[BatchStats]]:
+        """Each request's prompts, encoded (`embed_measured`), and what each lookup cost.
+        The requests' prompts are looked up together, at most `max_prompts` at a time: a
+        batch of requests can hold many more prompts than one lookup should."""
+        prompts = [prompt for request in requests for prompt in request.prompts]
+        tenants = [request.tenant for request in requests for _ in request.prompts]
+        encoded: list[EncodedPromptEmbeds] = []
+        stats: list[BatchStats] = []
+        for start in range(0, len(prompts), max(1, max_prompts)):
+            stop = start + max(1, max_prompts)
+            part, cost = self.embed_measured(prompts[start:stop], tenants[start:stop])
+            encoded += part
+            stats.append(cost)
+        answers: list[list[EncodedPromptEmbeds]] = []
+        for request in requests:
+            answers.append(encoded[:len(request.prompts)])
+            del encoded[:len(request.prompts)]
+        return answers, stats
 
     def rows(self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None, *,
              clock: StageClock | None = None) -> list[torch.Tensor]:

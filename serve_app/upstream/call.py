@@ -34,8 +34,8 @@ class UpstreamCall:
     chat: ChatShape | None = None
     """Set for chat requests: answers are turned into the chat shape on the way back."""
     payload_bytes: int = 0
-    """The base64 of all its prompts' embeddings, known before they are made: the ingress
-    picks the transport between replicas by it."""
+    """The base64 of all its prompts' embeddings, known before they are made: the
+    Dispatcher holds that much of its payload budget before asking the Embedder."""
     request_id: str | None = None
     """The client request's id: in the Dispatcher's logs and error bodies, and sent
     upstream as `X-Request-Id`."""

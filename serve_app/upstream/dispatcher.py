@@ -12,10 +12,12 @@ the upstream, and its upstream request is closed as soon as every choice has sto
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import time
 from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import aclosing
+from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import httpx
@@ -91,7 +93,7 @@ class DispatcherCore:
         request_id.bind(call.request_id)
         if not embeds:
             return UpstreamReply.of(_NO_PROMPT)
-        stops = _stop_filter(call, embeds)
+        stops = _stop_filter(call, _Shape.of(embeds))
         if stops is not None:
             return await self._complete_cut(call, embeds, stops)
         deadline = time.monotonic() + self.fleet.config.timeouts.total_s
@@ -105,7 +107,7 @@ class DispatcherCore:
         payload = json_object(content)
         if payload is None:
             return UpstreamReply.of(bad_upstream("upstream sent invalid JSON"))
-        return UpstreamReply(200, _shaper(call, embeds).whole(payload),
+        return UpstreamReply(200, _shaper(call, _Shape.of(embeds)).whole(payload),
                              backend=backend.config.url)
 
     async def _complete_once(self, backend: Backend, call: UpstreamCall,
@@ -156,7 +158,8 @@ class DispatcherCore:
         finally:
             await _close(opened)
             self.fleet.release(backend)
-        return UpstreamReply(200, _shaper(call, embeds).whole(whole.payload(stops.usage())),
+        return UpstreamReply(200, _shaper(call, _Shape.of(embeds)).whole(
+            whole.payload(stops.usage())),
                              backend=backend.config.url)
 
     # ----------------------------------------------------------------- streams
@@ -182,17 +185,22 @@ class DispatcherCore:
             yield UpstreamReply.of(_NO_PROMPT)
             return
         deadline = time.monotonic() + self.fleet.config.timeouts.total_s
+        shape = _Shape.of(embeds)
+        opening = self._failover(
+            functools.partial(self._open_once, call=call, embeds=embeds, deadline=deadline),
+            deadline, call.prefix_key)
+        # Only the attempts hold the payload: it is let go once the stream has opened, so
+        # a long stream does not keep megabytes of embeddings (`upstream.payloads`).
+        del embeds
         try:
-            backend, opened = await self._failover(
-                lambda backend: self._open_once(backend, call, embeds, deadline), deadline,
-                call.prefix_key)
+            backend, opened = await opening
         except GatewayError as exc:
             yield UpstreamReply.of(exc)
             return
         try:
             yield UpstreamReply(200, backend=backend.config.url)
             try:
-                async for event in self._relay(backend, opened, call, embeds, deadline):
+                async for event in self._relay(backend, opened, call, shape, deadline):
                     yield event
             except StreamFailed as failure:
                 yield failure.error.to_sse_event()
@@ -203,12 +211,11 @@ class DispatcherCore:
             self.fleet.release(backend)
 
     async def _relay(self, backend: Backend, opened: _Opened, call: UpstreamCall,
-                     embeds: Sequence[EncodedPromptEmbeds],
-                     deadline: float) -> AsyncIterator[bytes]:
+                     shape: _Shape, deadline: float) -> AsyncIterator[bytes]:
         """The client's events: the upstream's, cut at the gateway's stops if the call has
         any, in the shape the client asked for."""
-        shaper = _shaper(call, embeds)
-        stops = _stop_filter(call, embeds)
+        shaper = _shaper(call, shape)
+        stops = _stop_filter(call, shape)
         payloads = (self._payloads(backend, opened, deadline) if stops is None
                     else self._cut(backend, opened, stops, deadline))
         async with aclosing(payloads):
@@ -405,18 +412,29 @@ class DispatcherCore:
         return build_upstream_body(fields, embeds, backend.config.dialect)
 
 
-def _shaper(call: UpstreamCall, embeds: Sequence[EncodedPromptEmbeds]) -> AnswerShaper:
-    return shaper_for(call, sum(item.rows for item in embeds))
+@dataclass(frozen=True)
+class _Shape:
+    """What answering needs of a call's payload once it has gone: its prompts and rows."""
+
+    prompts: int
+    rows: int
+
+    @classmethod
+    def of(cls, embeds: Sequence[EncodedPromptEmbeds]) -> _Shape:
+        return cls(len(embeds), sum(item.rows for item in embeds))
 
 
-def _stop_filter(call: UpstreamCall,
-                 embeds: Sequence[EncodedPromptEmbeds]) -> StopFilter | None:
+def _shaper(call: UpstreamCall, shape: _Shape) -> AnswerShaper:
+    return shaper_for(call, shape.rows)
+
+
+def _stop_filter(call: UpstreamCall, shape: _Shape) -> StopFilter | None:
     """The call's stop strings over its choices (prompts × n), when the gateway applies them."""
     if call.stops is None:
         return None
     options = call.fields.stream_options
     continuous = call.fields.include_usage and bool(options and options.continuous_usage_stats)
-    return StopFilter(call.stops, len(embeds) * call.fields.n, usage_in_chunks=continuous)
+    return StopFilter(call.stops, shape.prompts * call.fields.n, usage_in_chunks=continuous)
 
 
 async def _close(opened: _Opened) -> None:

@@ -30,3 +30,22 @@ def test_cuda_lookup_equals_cpu_lookup(demo_model_dir: Path, dtype: str) -> None
         decoded = decode_prompt_embeds(encoded.data, spec)
         assert decoded.device.type == "cpu"
         assert torch.equal(decoded, expected)
+
+
+def test_cuda_stage_clock_times_each_stage_from_events(demo_model_dir: Path) -> None:
+    """On CUDA the stages are timed by events read after the batch: every stage that ran
+    is counted, and together they account for the batch's time and no more."""
+    import time
+
+    from serve_app.config import TransformConfig
+
+    core = EmbedderCore.from_checkpoint(demo_model_dir, ModelConfig(device="cuda"),
+                                        TransformConfig(kind="gaussian", sigma=1.0))
+    batch = [list(range(200))] * 16
+    core.embed_measured(batch)  # warm up the kernels
+    started = time.perf_counter()
+    _, stats = core.embed_measured(batch)
+    wall = time.perf_counter() - started
+    assert set(stats.stage_seconds) == {"lookup", "transform", "encode"}
+    assert all(seconds > 0 for seconds in stats.stage_seconds.values())
+    assert sum(stats.stage_seconds.values()) <= wall * 1.01

@@ -89,10 +89,6 @@ class ServeGraph:
     model: str
 
 
-# The demo model's rows are small (hidden 64), so with the default limit every request
-# would go by value; with this one, prompts up to about 45 tokens do and longer ones go by
-# reference, and the suite drives both transports.
-BY_VALUE_MAX_BYTES = 16 * 1024
 # A keyed transform's key, in the environment Ray's workers inherit (as a Kubernetes secret
 # mounted as a variable would be): tests deploy a keyed gateway and look for it in every log.
 TRANSFORM_KEY_ENV = "SERVE_APP_TEST_TRANSFORM_KEY"
@@ -136,7 +132,6 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path,
         for app in config["applications"]:
             args = dict(app.get("args") or {})
             if app["name"] == "gateway":
-                args["transport"] = {"by_value_max_bytes": BY_VALUE_MAX_BYTES}
                 [backend] = args["upstream"]["backends"]
                 args["upstream"] = {**args["upstream"],
                                     "backends": [{**backend, "url": f"{proxy.url}/v1"}]}

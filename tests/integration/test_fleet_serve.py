@@ -50,8 +50,8 @@ class FleetApp:
         embedder = Embedder.options(user_config=self.plain["batching"], **pinned)
         dispatcher = Dispatcher.options(user_config=fleet.model_dump(mode="json"),
                                         num_replicas=dispatchers, **pinned)
-        gateway = Gateway.options(**pinned).bind(self.plain, embedder.bind(self.plain),
-                                                 dispatcher.bind(), {})
+        gateway = Gateway.options(**pinned).bind(
+            self.plain, dispatcher.bind(embedder.bind(self.plain)), {})
         serve.run(gateway, name="fleet", route_prefix=PREFIX)
 
     def redeploy(self, *servers: ServerProcess, dispatchers: int = 1) -> None:

@@ -30,8 +30,8 @@ def overloaded_url(serve_graph) -> Iterator[str]:  # type: ignore[no-untyped-def
     plain = config.model_dump(mode="json")
     embedder = Embedder.options(user_config=plain["batching"]).bind(plain)
     dispatcher = Dispatcher.options(max_ongoing_requests=1, max_queued_requests=1,
-                                    user_config=plain["upstream"]).bind()
-    serve.run(Gateway.bind(plain, embedder, dispatcher, {}), name="overloaded",
+                                    user_config=plain["upstream"]).bind(embedder)
+    serve.run(Gateway.bind(plain, dispatcher, {}), name="overloaded",
               route_prefix=PREFIX)
     try:
         yield f"{serve_graph.base_url}{PREFIX}"

@@ -13,7 +13,7 @@ from safetensors.torch import load_file, save_file
 
 from serve_app.config import ModelConfig
 from serve_app.prompts.checkpoint import ModelSpec, load_input_embeddings, read_model_spec
-from serve_app.prompts.embedder import EmbedderCore, SplicedPrompt
+from serve_app.prompts.embedder import EmbedderCore, EmbedRequest, SplicedPrompt
 from serve_app.prompts.untrusted import EmbedsSpec, decode_prompt_embeds
 
 # Different lengths in one batch, including a single token and the whole vocabulary.
@@ -52,6 +52,44 @@ def test_embed_batch_round_trips_through_codec(core: EmbedderCore, demo_causal_l
     # Each prompt carries only its own rows, not the whole batch's lookup.
     single, whole_vocab = encoded[1], encoded[2]
     assert len(single.data) * 10 < len(whole_vocab.data)
+
+
+class RecordingTransform:
+    """A transform that changes nothing and records each batch's lengths and tenants."""
+
+    def __init__(self) -> None:
+        self.batches: list[tuple[list[int], list[str]]] = []
+
+    def __call__(self, rows: torch.Tensor, ids: torch.Tensor, lengths: list[int],
+                 tenants: list[str]) -> torch.Tensor:
+        self.batches.append((list(lengths), list(tenants)))
+        return rows
+
+
+def test_embed_requests_answers_each_request_its_own_prompts(
+    core: EmbedderCore, demo_causal_lm: Any
+) -> None:
+    """One call per request: a Serve batch's requests are looked up together, at most
+    `max_prompts` prompts at a time, each prompt with its request's tenant, and each
+    request gets back its own prompts' rows in its order."""
+    transform = RecordingTransform()
+    recording = EmbedderCore(core.weight, transform)  # type: ignore[arg-type]
+    requests = [EmbedRequest(([1, 2, 3], [4]), "tenant-a"), EmbedRequest(([5],), "tenant-b"),
+                EmbedRequest(([6, 7], [8], [9, 10, 11]), "tenant-c")]
+    answers, costs = recording.embed_requests(requests, max_prompts=4)
+
+    assert [[item.rows for item in answer] for answer in answers] == [[3, 1], [1], [2, 1, 3]]
+    spec = EmbedsSpec(hidden_size=64, max_rows=512, max_bytes=512 * 64 * 4, dtype=torch.float32)
+    for request, answer in zip(requests, answers, strict=True):
+        for ids, item in zip(request.prompts, answer, strict=True):
+            assert isinstance(ids, list)
+            assert torch.equal(decode_prompt_embeds(item.data, spec),
+                               reference_rows(demo_causal_lm, ids))
+    assert transform.batches == [
+        ([3, 1, 1, 2], ["tenant-a", "tenant-a", "tenant-b", "tenant-c"]),
+        ([1, 3], ["tenant-c", "tenant-c"])]
+    assert [cost.prompts for cost in costs] == [4, 2]
+    assert [cost.rows for cost in costs] == [7, 4]
 
 
 def test_spliced_prompts_join_lookups_and_client_tensors(

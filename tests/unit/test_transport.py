@@ -1,9 +1,12 @@
-"""The transport between replicas: the ingress sizes each request's embeddings before any
-lookup, and `ServePipeline` sends small requests by value and large ones by reference."""
+"""The calls between replicas: the ingress sends a request's prompts to the Dispatcher
+alone (`ServePipeline`), the Dispatcher asks the Embedder for their embeddings in one call
+by reference (`ServeEmbedder`), and the ingress sizes each request's embeddings before any
+lookup (the payload budget counts them)."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Sequence
+import asyncio
+from collections.abc import AsyncIterator, Callable, Generator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -13,13 +16,11 @@ import pytest
 import torch
 
 from serve_app.api.completions import CompletionsService
-from serve_app.config import GRPC_PAYLOAD_LIMIT, AppConfig, BackendConfig, UpstreamConfig
-from serve_app.handles import ServePipeline
+from serve_app.config import AppConfig, BackendConfig, UpstreamConfig
+from serve_app.handles import _GRPC_SAFE_TOKEN_IDS, ServeEmbedder, ServePipeline
 from serve_app.prompts.codec import base64_length, encode_prompt_embeds
-from serve_app.prompts.embedder import PromptInput, SplicedPrompt, prompt_rows
+from serve_app.prompts.embedder import EmbedRequest, PromptInput, SplicedPrompt, prompt_rows
 from serve_app.upstream.call import UpstreamCall, UpstreamReply
-
-LIMIT = 10_000
 
 
 class FakeEvents:
@@ -38,17 +39,39 @@ class FakeEvents:
         self.cancelled = True
 
 
+class FakeResponse:
+    """A DeploymentResponse's surface: awaited for its value, or cancelled."""
+
+    def __init__(self, value: Any, delay_s: float = 0.0) -> None:
+        self.value, self.delay_s = value, delay_s
+        self.cancelled = False
+
+    def __await__(self) -> Generator[Any, None, Any]:
+        return self._get().__await__()
+
+    async def _get(self) -> Any:
+        await asyncio.sleep(self.delay_s)
+        return self.value
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+
+Calls = list[tuple[str, dict[str, Any], tuple[Any, ...]]]
+
+
 class FakeHandle:
     """A DeploymentHandle's surface: `.options(...)` and `.method.remote(...)`; every call
     is recorded with the options of the handle it went through."""
 
-    def __init__(self, name: str, calls: list[tuple[str, dict[str, Any], tuple[Any, ...]]],
-                 options: dict[str, Any] | None = None) -> None:
+    def __init__(self, name: str, calls: Calls, options: dict[str, Any] | None = None,
+                 answer: Callable[[tuple[Any, ...]], FakeResponse] | None = None) -> None:
         self.name, self.calls, self.opts = name, calls, options or {}
+        self.answer = answer or (lambda args: FakeResponse(UpstreamReply(200, b"{}")))
         self.streams: list[FakeEvents] = []
 
     def options(self, **options: Any) -> FakeHandle:
-        handle = FakeHandle(self.name, self.calls, {**self.opts, **options})
+        handle = FakeHandle(self.name, self.calls, {**self.opts, **options}, self.answer)
         handle.streams = self.streams
         return handle
 
@@ -58,99 +81,111 @@ class FakeHandle:
         class Method:
             def remote(self, *args: Any) -> Any:
                 handle.calls.append((f"{handle.name}.{method}", handle.opts, args))
-                if method == "embed":
-                    return ("response", args[0], handle.opts["_by_reference"])
                 if handle.opts.get("stream"):
                     handle.streams.append(FakeEvents([UpstreamReply(200), b"data: [DONE]\n\n"]))
                     return handle.streams[-1]
-
-                async def reply() -> UpstreamReply:
-                    return UpstreamReply(200, b"{}")
-
-                return reply()
+                return handle.answer(args)
 
         return Method()
 
 
 @pytest.fixture
-def calls() -> list[tuple[str, dict[str, Any], tuple[Any, ...]]]:
+def calls() -> Calls:
     return []
 
 
 @pytest.fixture
-def dispatcher() -> FakeHandle:
-    return FakeHandle("dispatcher", [])
+def dispatcher(calls: Calls) -> FakeHandle:
+    return FakeHandle("dispatcher", calls)
 
 
 @pytest.fixture
-def backend(calls: list[tuple[str, dict[str, Any], tuple[Any, ...]]],
-            dispatcher: FakeHandle) -> ServePipeline:
-    dispatcher.calls = calls
-    return ServePipeline(FakeHandle("embedder", calls), dispatcher, LIMIT)
+def pipeline(dispatcher: FakeHandle) -> ServePipeline:
+    return ServePipeline(dispatcher)  # type: ignore[arg-type]
 
 
 CLIENT = SplicedPrompt((torch.ones(1, 4),))
 TENANT = "key:0123456789abcdef"
 
 
-@pytest.mark.parametrize(("payload", "by_reference"),
-                         [(1, False), (LIMIT, False), (LIMIT + 1, True), (10**9, True)])
-async def test_complete_picks_the_transport_by_payload_size(
-    backend: ServePipeline, calls: list[Any], payload: int, by_reference: bool
+@pytest.mark.parametrize(("prompts", "by_reference"), [
+    ([[1, 2, 3], [4]], None),  # token ids: Serve's default transport
+    ([CLIENT, [1, 2, 3]], True),  # client tensors can pass gRPC's message limit
+    ([list(range(_GRPC_SAFE_TOKEN_IDS + 1))], True),
+])
+async def test_the_ingress_sends_prompts_to_the_dispatcher_alone(
+    pipeline: ServePipeline, calls: Calls, prompts: list[PromptInput], by_reference: bool | None
 ) -> None:
-    call = UpstreamCall("m", payload_bytes=payload)
-    reply = await backend.complete(call, [CLIENT, [1, 2, 3], [4]], TENANT)
+    call = UpstreamCall("m")
+    reply = await pipeline.complete(call, prompts, TENANT)
 
     assert reply.status == 200
-    assert [(name, opts["_by_reference"]) for name, opts, _ in calls] == [
-        ("embedder.embed", by_reference), ("embedder.embed", by_reference),
-        ("embedder.embed", by_reference), ("dispatcher.complete", by_reference)]
-    # Every prompt, client tensors included, goes through the embedder with the request's
-    # tenant; the dispatcher gets the embedder's responses unawaited, as top-level arguments
-    # in the request's order.
-    assert calls[-1][2] == (call, ("response", (CLIENT, TENANT), by_reference),
-                            ("response", ([1, 2, 3], TENANT), by_reference),
-                            ("response", ([4], TENANT), by_reference))
+    # One call, to the Dispatcher: the prompts as they are, in the request's order, and
+    # the request's tenant. The Embedder is the Dispatcher's to call.
+    [(name, opts, args)] = calls
+    assert (name, opts.get("_by_reference")) == ("dispatcher.complete", by_reference)
+    assert args == (call, prompts, TENANT)
 
 
-@pytest.mark.parametrize(("payload", "by_reference"), [(LIMIT, False), (LIMIT + 1, True)])
-async def test_stream_picks_the_transport_and_cancels_at_the_end(
-    backend: ServePipeline, dispatcher: FakeHandle, calls: list[Any], payload: int,
-    by_reference: bool
+@pytest.mark.parametrize(("prompts", "by_reference"), [([[7, 8]], None), ([CLIENT], True)])
+async def test_stream_goes_to_the_dispatcher_and_cancels_at_the_end(
+    pipeline: ServePipeline, dispatcher: FakeHandle, calls: Calls,
+    prompts: list[PromptInput], by_reference: bool | None
 ) -> None:
-    call = UpstreamCall("m", stream=True, payload_bytes=payload)
-    head, events = await backend.open_stream(call, [[7, 8]], TENANT)
+    call = UpstreamCall("m", stream=True)
+    head, events = await pipeline.open_stream(call, prompts, TENANT)
     [stream] = dispatcher.streams
     assert head == UpstreamReply(200) and not stream.cancelled
     assert [event async for event in events] == [b"data: [DONE]\n\n"]
 
     assert stream.cancelled
-    name, opts, args = calls[-1]
-    assert (name, opts) == ("dispatcher.stream", {"_by_reference": by_reference, "stream": True})
-    assert args == (call, ("response", ([7, 8], TENANT), by_reference))
+    [(name, opts, args)] = calls
+    assert (name, opts.get("_by_reference"), opts["stream"]) == (
+        "dispatcher.stream", by_reference, True)
+    assert args == (call, prompts, TENANT)
 
 
 async def test_a_stream_left_after_its_head_is_cancelled(
-    backend: ServePipeline, dispatcher: FakeHandle
+    pipeline: ServePipeline, dispatcher: FakeHandle
 ) -> None:
     """A client that goes away before the first event: closing the events cancels the
     Dispatcher's stream, which closes the upstream request."""
-    _, events = await backend.open_stream(UpstreamCall("m", stream=True), [[7, 8]], TENANT)
+    _, events = await pipeline.open_stream(UpstreamCall("m", stream=True), [[7, 8]], TENANT)
     [stream] = dispatcher.streams
     assert not stream.cancelled
     await events.aclose()  # type: ignore[attr-defined]
     assert stream.cancelled
 
 
-def test_zero_limit_sends_everything_by_reference(calls: list[Any]) -> None:
-    backend = ServePipeline(FakeHandle("e", calls), FakeHandle("d", calls), 0)
-    assert backend.transport(UpstreamCall("m", payload_bytes=1)) is backend.by_reference
+async def test_the_dispatcher_asks_the_embedder_once_per_request_by_reference(
+        calls: Calls) -> None:
+    embeds = [encode_prompt_embeds(torch.ones(2, 4)), encode_prompt_embeds(torch.ones(1, 4))]
+    handle = FakeHandle("embedder", calls, answer=lambda args: FakeResponse(embeds))
+    embed = ServeEmbedder(handle)  # type: ignore[arg-type]
+
+    assert await embed([CLIENT, [1, 2]], TENANT) is embeds
+    # Every prompt of the request in one call, with its tenant, answered through the object
+    # store whatever Serve's default transport.
+    [(name, opts, args)] = calls
+    assert (name, opts) == ("embedder.embed", {"_by_reference": True})
+    assert args == (EmbedRequest((CLIENT, [1, 2]), TENANT),)
 
 
-def test_the_limit_cannot_pass_grpcs_message_limit() -> None:
-    with pytest.raises(ValueError, match="by_value_max_bytes"):
-        AppConfig.model_validate({"transport": {"by_value_max_bytes": GRPC_PAYLOAD_LIMIT + 1}})
-    assert GRPC_PAYLOAD_LIMIT < 4 * 1024 * 1024
+async def test_a_dispatcher_request_cancelled_cancels_its_embedding(calls: Calls) -> None:
+    responses: list[FakeResponse] = []
+
+    def answer(args: tuple[Any, ...]) -> FakeResponse:
+        responses.append(FakeResponse([], delay_s=10))
+        return responses[-1]
+
+    embed = ServeEmbedder(FakeHandle("embedder", calls, answer=answer))  # type: ignore[arg-type]
+    task = asyncio.ensure_future(embed([[1]], TENANT))
+    await asyncio.sleep(0.01)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    [response] = responses
+    assert response.cancelled
 
 
 @pytest.mark.parametrize("nbytes", [0, 1, 2, 3, 4, 5, 6, 1000, 4096 * 2 * 128])
