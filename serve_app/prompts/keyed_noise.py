@@ -21,9 +21,10 @@ only the key holder can compute the words (docs/privacy.md says what that leaves
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -122,29 +123,49 @@ class KeyedSeeds:
         if len(tenants) != len(lengths):
             raise ValueError("one tenant per prompt")
         device = content.device
-        counts = torch.tensor(list(lengths), dtype=torch.int64).to(device, non_blocking=True)
-        rows = content.shape[0]
-        starts = torch.cumsum(counts, 0) - counts
-        index = torch.arange(rows, device=device)
-        position = index - torch.repeat_interleave(starts, counts, output_size=rows)
-        # Each row's tenant's words, (rows, 8).
-        words = torch.tensor([self.words(t) for t in tenants], dtype=torch.int32)
-        k = torch.repeat_interleave(words.to(device, non_blocking=True), counts, dim=0,
-                                    output_size=rows).T
-        low, high = halves(content)
-        place = mix32(position.to(torch.int32) * GOLDEN32)
-        sums = []
-        for a, b in ((k[0], k[1]), (k[2], k[3])):
-            # Each lane: a keyed 32-bit hash of (index, content), summed along the prompt.
-            lane = mix32(mix32(low ^ a) ^ high ^ place ^ b).to(torch.int64) & LOW32
-            total = torch.cumsum(lane, 0)  # below 2**63 for any batch that fits in memory
-            # The sum over the prompt alone: the running total less its value before the
-            # prompt's first row.
-            before = torch.cat([total.new_zeros(1), total])[starts]
-            sums.append(total - torch.repeat_interleave(before, counts, output_size=rows))
-        seed_low = _finish(sums[0], k[4], k[5]).to(torch.int64) & LOW32
-        seed_high = _finish(sums[1], k[6], k[7]).to(torch.int64)
-        return (seed_high << 32) | seed_low
+        # One host-to-device copy: each prompt's row count beside its tenant's words.
+        table = torch.tensor([[length, *self.words(tenant)]
+                              for length, tenant in zip(lengths, tenants, strict=True)],
+                             dtype=torch.int64).to(device, non_blocking=True)
+        if content.is_cuda:
+            return _compiled_row_seeds()(content, table)
+        return row_seeds(content, table)
+
+
+def row_seeds(content: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+    """The seeds of `KeyedSeeds.seeds` from `table`: per prompt, its row count and its
+    tenant's eight words (int64 holding int32 values)."""
+    counts = table[:, 0]
+    rows = content.shape[0]
+    starts = torch.cumsum(counts, 0) - counts
+    index = torch.arange(rows, device=content.device)
+    position = index - torch.repeat_interleave(starts, counts, output_size=rows)
+    # Each row's tenant's words, (8, rows).
+    k = torch.repeat_interleave(table[:, 1:].to(torch.int32), counts, dim=0,
+                                output_size=rows).T
+    low, high = halves(content)
+    place = mix32(position.to(torch.int32) * GOLDEN32)
+    sums = []
+    for a, b in ((k[0], k[1]), (k[2], k[3])):
+        # Each lane: a keyed 32-bit hash of (index, content), summed along the prompt.
+        lane = mix32(mix32(low ^ a) ^ high ^ place ^ b).to(torch.int64) & LOW32
+        total = torch.cumsum(lane, 0)  # below 2**63 for any batch that fits in memory
+        # The sum over the prompt alone: the running total less its value before the
+        # prompt's first row.
+        before = torch.cat([total.new_zeros(1), total])[starts]
+        sums.append(total - torch.repeat_interleave(before, counts, output_size=rows))
+    seed_low = _finish(sums[0], k[4], k[5]).to(torch.int64) & LOW32
+    seed_high = _finish(sums[1], k[6], k[7]).to(torch.int64)
+    return (seed_high << 32) | seed_low
+
+
+@functools.cache
+def _compiled_row_seeds() -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """`row_seeds` as one compiled graph for CUDA: eagerly it is about 40 small kernels,
+    whose launches are most of a short batch's keyed transform."""
+    compiled: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = torch.compile(
+        row_seeds, dynamic=True, fullgraph=True)
+    return compiled
 
 
 def _finish(prefix_sum: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:

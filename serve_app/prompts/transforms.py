@@ -192,8 +192,13 @@ def build_keyed_transform(config: TransformConfig, weight: torch.Tensor,
     `key` is the one its `key_env` holds."""
     binding = SeedBinding(sigma=config.sigma, dtype=weight.dtype, model=matrix_digest(weight))
     transform = KeyedGaussianNoise(_noise_scale(config, weight), KeyedSeeds(key, binding))
-    # On CUDA the first call compiles the noise kernel: here, not in a request.
-    transform(weight[:2], torch.arange(2, device=weight.device), [2], [SHARED_TENANT])
+    # On CUDA the first calls compile the seed and noise kernels: here, not in a request.
+    # torch.compile specializes sizes of one, so a batch of one row and one prompt gets
+    # kernels of its own, and any larger batch the dynamic ones.
+    for lengths in ([1], [2, 3]):
+        rows = sum(lengths)
+        transform(weight[:rows], torch.arange(rows, device=weight.device), lengths,
+                  [SHARED_TENANT] * len(lengths))
     return transform
 
 
