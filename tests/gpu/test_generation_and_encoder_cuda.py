@@ -43,7 +43,8 @@ def test_cuda_greedy_generation_equals_cpu(cache_dir: Path, demo_tokenizer: Any,
             ReferenceConfig(model=ModelConfig(device=device)))
         pieces: list[str] = []
 
-        def emit(index: int, delta: Any, finish: str | None, pieces: list[str] = pieces) -> None:
+        def emit(index: int, delta: Any, finish: str | None, reason: Any,
+                 pieces: list[str] = pieces) -> None:
             if delta:
                 pieces.append(delta.text)
 
