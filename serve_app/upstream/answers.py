@@ -74,7 +74,11 @@ def _token_logprob(token: str, logprob: float | None) -> dict[str, Any]:
 
 
 def chat_logprobs(logprobs: Any, top: int | None) -> ChatChoiceLogprobs | None:
-    """Completions logprobs (parallel lists) -> chat logprobs (one entry per token)."""
+    """Completions logprobs (parallel lists) -> chat logprobs (one entry per token).
+
+    Each token's alternatives are the first `top` of its completions entry, in the order
+    vLLM wrote them: the sampled token first, then by rank. vLLM's own chat takes them so
+    (`_get_top_logprobs`), so a sampled token outside the top ranks stays listed."""
     if top is None or not isinstance(logprobs, dict):
         return None
     tokens = logprobs.get("tokens") or []
@@ -82,10 +86,10 @@ def chat_logprobs(logprobs: Any, top: int | None) -> ChatChoiceLogprobs | None:
     tops = logprobs.get("top_logprobs") or [None] * len(tokens)
     content = []
     for token, value, candidates in zip(tokens, values, tops, strict=False):
-        ranked = sorted((candidates or {}).items(), key=lambda item: item[1], reverse=True)
+        listed = list((candidates or {}).items())[:top]
         content.append(ChatTokenLogprob(
             **_token_logprob(token, value),
-            top_logprobs=[ChatTopLogprob(**_token_logprob(t, lp)) for t, lp in ranked[:top]]))
+            top_logprobs=[ChatTopLogprob(**_token_logprob(t, lp)) for t, lp in listed]))
     return ChatChoiceLogprobs(content=content)
 
 
