@@ -171,3 +171,14 @@ def test_stream_options_without_stream_is_vllms_400(gateway: openai.OpenAI,
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(**BASE, stream_options={"include_usage": True})
         assert "stream" in str(refused.value).lower()
+
+
+def test_more_prompts_than_vllm_takes_is_vllms_400(gateway: openai.OpenAI) -> None:
+    """A difference from the fakes: vLLM takes at most 1,024 prompts a request
+    (VLLM_MAX_COMPLETION_PROMPTS), fewer than the gateway's `limits.max_items`, and the
+    gateway sends every prompt as one list of embeddings."""
+    prompts = [f"q{i}" for i in range(1025)]
+    assert LimitsConfig().max_items >= len(prompts)
+    with pytest.raises(openai.BadRequestError) as refused:
+        gateway.completions.create(model=MODEL, prompt=prompts, max_tokens=1)
+    assert "1024" in str(refused.value)
