@@ -6,12 +6,16 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
+import httpx
+import openai
 import pytest
 
 from serve_app.config import ModelConfig
 from serve_app.prompts.checkpoint import read_model_spec
 from serve_app.protocol.sampling import FORWARDED, STRUCTURED_OUTPUT_FIELDS
+from tests.vllm.answers import sdk_options
 from tests.vllm.fields import field_cases
 from tests.vllm.server import (
     ARGS_ENV,
@@ -26,6 +30,25 @@ from tests.vllm.server import (
 def test_every_forwarded_sampling_field_has_a_case() -> None:
     """A field added to the allowlist needs a request in the vllm tier."""
     assert set(field_cases(ord)) == FORWARDED - set(STRUCTURED_OUTPUT_FIELDS)
+
+
+def test_every_case_goes_through_the_openai_sdk_whole() -> None:
+    """The SDK refuses vLLM's own fields as keywords; each case must reach the wire with
+    every field it sets."""
+    bodies: list[dict[str, Any]] = []
+
+    def answer(request: httpx.Request) -> httpx.Response:
+        bodies.append(json.loads(request.content))
+        return httpx.Response(200, json={"id": "c", "object": "text_completion", "created": 0,
+                                         "model": "m", "choices": []})
+
+    client = openai.OpenAI(base_url="http://vllm.test/v1", api_key="EMPTY",
+                           http_client=httpx.Client(transport=httpx.MockTransport(answer)))
+    for case in field_cases(ord).values():
+        if case.get("stream"):
+            continue  # a stream's body is built the same way; its answer would need SSE
+        client.completions.create(**sdk_options({"model": "m", "prompt": "p", **case}))
+        assert bodies[-1] == {"model": "m", "prompt": "p", **case}
 
 
 def test_prefix_cache_counters_add_up_every_engine() -> None:

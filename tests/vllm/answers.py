@@ -3,15 +3,29 @@ joined from its stream, and the comparisons the tier makes between them."""
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
+from openai.resources.completions import Completions
+
 from tests.vllm.server import SERVED_NAME
 
 MODEL = SERVED_NAME
+_SDK_FIELDS = frozenset(inspect.signature(Completions.create).parameters)
+
+
+def sdk_options(options: dict[str, Any]) -> dict[str, Any]:
+    """`options` as `completions.create` takes them: the SDK refuses fields it does not
+    know as keywords, so vLLM's own sampling fields travel in `extra_body`."""
+    known = {name: value for name, value in options.items() if name in _SDK_FIELDS}
+    extra = {name: value for name, value in options.items() if name not in _SDK_FIELDS}
+    if extra:
+        known["extra_body"] = {**known.get("extra_body", {}), **extra}
+    return known
 
 
 def close(got: float, expected: float) -> bool:

@@ -97,8 +97,11 @@ def serve_command(model_dir: Path, port: int) -> list[str]:
 
 
 def serve_environment() -> dict[str, str]:
+    # The carried site leaves FlashInfer out (wheels.txt), and vLLM's sampler imports it to
+    # probe support unless told not to use it.
     env = {**os.environ, "VLLM_NO_USAGE_STATS": "1", "DO_NOT_TRACK": "1",
-           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+           "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1",
+           "VLLM_USE_FLASHINFER_SAMPLER": "0"}
     if site_paths():
         env["PYTHONPATH"] = os.pathsep.join(site_paths())
     return env

@@ -21,6 +21,7 @@ from tests.vllm.answers import (
     assert_same_chat,
     assert_same_completion,
     join_completion,
+    sdk_options,
 )
 from tests.vllm.fields import PROMPT_BLIND, field_cases
 from tests.vllm.gateway import Gateway
@@ -50,7 +51,7 @@ def token_id(vllm_model_dir: Path) -> Callable[[str], int]:
 def test_forwarded_field_is_honoured_as_on_text(name: str, gateway: openai.OpenAI,
                                                 vllm: openai.OpenAI,
                                                 token_id: Callable[[str], int]) -> None:
-    options = {**BASE, **field_cases(token_id)[name]}
+    options = sdk_options({**BASE, **field_cases(token_id)[name]})
     if options.get("stream"):
         got, expected = (join_completion(client.completions.create(**options))
                          for client in (gateway, vllm))

@@ -20,6 +20,7 @@ from tests.vllm.answers import (
     assert_same_completion,
     join_chat,
     join_completion,
+    sdk_options,
     stop_reason,
 )
 from tests.vllm.server import MAX_MODEL_LEN, TIER, VllmServer
@@ -117,9 +118,9 @@ def test_stop_strings_cut_where_vllm_cuts(include: bool, gateway: openai.OpenAI,
     free = vllm.completions.create(model=MODEL, prompt=PROMPTS[0], max_tokens=32,
                                    temperature=0).choices[0].text
     at = next(i for i in range(6, len(free) - 2) if free[i:i + 2] not in free[:i + 1])
-    options: dict[str, Any] = {"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 32,
-                               "temperature": 0, "stop": ["\x00never", free[at:at + 2]],
-                               "include_stop_str_in_output": include, "logprobs": 1}
+    options = sdk_options({"model": MODEL, "prompt": PROMPTS[0], "max_tokens": 32,
+                           "temperature": 0, "stop": ["\x00never", free[at:at + 2]],
+                           "include_stop_str_in_output": include, "logprobs": 1})
     expected = vllm.completions.create(**options)
     assert expected.choices[0].finish_reason == "stop"
     assert stop_reason(expected.choices[0]) == free[at:at + 2]
@@ -131,8 +132,8 @@ def test_stop_strings_cut_where_vllm_cuts(include: bool, gateway: openai.OpenAI,
 
 def test_max_tokens_ends_the_answer_as_in_vllm(gateway: openai.OpenAI,
                                               vllm: openai.OpenAI) -> None:
-    options: dict[str, Any] = {"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 5,
-                               "temperature": 0, "ignore_eos": True}
+    options = sdk_options({"model": MODEL, "prompt": PROMPTS[2], "max_tokens": 5,
+                           "temperature": 0, "ignore_eos": True})
     expected = vllm.completions.create(**options)
     assert expected.choices[0].finish_reason == "length"
     assert expected.usage.completion_tokens == 5
