@@ -27,8 +27,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
+from pydantic import ValidationError
+
 from serve_app.config import ModelConfig, TokenizationConfig, TransformConfig
-from serve_app.errors import GatewayError
+from serve_app.errors import GatewayError, to_gateway_error
 from serve_app.prompts.chat_template import ChatTemplate, load_chat_template
 from serve_app.prompts.checkpoint import (
     ModelSpec,
@@ -119,8 +121,8 @@ class PromptEncoder:
                 "continue_final_message": continue_final_message,
                 "chat_template_kwargs": chat_template_kwargs})
             rendered = self.chat.render(request)
-        except GatewayError as exc:  # its refusals, worded for an API client
-            raise ValueError(exc.message) from None
+        except (GatewayError, ValidationError) as exc:  # its refusals, worded for an API
+            raise ValueError(to_gateway_error(exc).message) from None
         if rendered.embeds:
             raise ValueError("encode_chat takes text content only; send prompt_embeds parts "
                              "to the gateway as they are")

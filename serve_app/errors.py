@@ -114,22 +114,50 @@ def model_on_other_api(name: str, serves: str, routes: str) -> GatewayError:
                         param="model", code="model_not_supported")
 
 
+class InvalidField(ValueError):
+    """A request validator's refusal of one field of the model it validates.
+
+    Validators raise it, never a `GatewayError`: it is a `ValueError`, so pydantic records
+    it at the model's location in the request, and `from_validation_error` adds the field,
+    so the error names the field's whole path (`messages.0.foo`, not `foo`). `message`
+    writes that path as `{param}` where it quotes it.
+    """
+
+    def __init__(self, field: str, message: str, *, code: str = "invalid_request") -> None:
+        super().__init__(message)
+        self.field = field
+        self.message = message
+        self.code = code
+
+
 _TYPE_TAGS = frozenset({"str", "int", "float", "bool", "dict", "list", "none"})
 
 
-def _field_path(loc: tuple[int | str, ...]) -> str | None:
-    """`stop.0`, not `stop.list[constrained-str].0`: pydantic names each member of a union
-    it tried in the location; the client's field path is the rest."""
-    parts = [str(part) for part in loc
-             if isinstance(part, int) or not (part in _TYPE_TAGS or set(part) & set("[]-"))]
-    return ".".join(parts) or None
+def _field_parts(loc: tuple[int | str, ...]) -> list[str]:
+    """`stop, 0`, not `stop, list[constrained-str], 0`: pydantic names each member of a
+    union it tried in the location (tagged unions' tags are bracketed as those names are:
+    `protocol.chat.ContentPart`); the client's field path is the rest."""
+    return [str(part) if isinstance(part, int) else shown(part) for part in loc
+            if isinstance(part, int) or not (part in _TYPE_TAGS or set(part) & set("[]-"))]
 
 
 def from_validation_error(exc: ValidationError) -> GatewayError:
-    """The first pydantic error as a 400 naming the offending field (never its value)."""
-    first = exc.errors(include_url=False, include_input=False)[0]
-    location = _field_path(first["loc"])
-    message = first["msg"]
+    """Pydantic's error as a 400 whose `param` is the field's dotted path (never its value).
+
+    Of several errors, the deepest: a union reports one per member it tried, and the
+    deepest is in the member the client meant (`messages.0.content.1.text`, not
+    `messages.0.content` for not being a string).
+    """
+    errors = exc.errors(include_url=False, include_input=False)
+    deepest = max(errors, key=lambda error: len(_field_parts(error["loc"])))
+    refusal = deepest.get("ctx", {}).get("error")
+    if isinstance(refusal, InvalidField):
+        path = ".".join([*_field_parts(deepest["loc"]), shown(refusal.field)])
+        return GatewayError(refusal.message.replace("{param}", path), 400, param=path,
+                            code=refusal.code)
+    location = ".".join(_field_parts(deepest["loc"])) or None
+    # A validator's own ValueError in its words, without pydantic's "Value error, ".
+    message = str(refusal) if isinstance(refusal, ValueError) else deepest["msg"]
     if location:
         message = f"{location}: {message}"
     return GatewayError(message, 400, param=location, code="invalid_request")

@@ -2,7 +2,8 @@
 
 Every request field is declared, typed and bounded; a field a model does not declare is
 refused as OpenAI's API refuses it, and one it lists in `refused` gets a 400 saying why. A
-null value counts as unset.
+null value counts as unset. Validators raise `ValueError`s (`errors.InvalidField` to name a
+field), never HTTP errors, so every refusal names the field's whole path in the request.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Annotated, Any, ClassVar
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 from pydantic_core import PydanticCustomError
 
-from serve_app.errors import GatewayError, shown
+from serve_app.errors import InvalidField
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -44,10 +45,10 @@ class RequestModel(BaseModel):
                 continue
             reason = _refusals(cls).get(key)
             if reason:
-                raise GatewayError(f"{shown(key)} is not accepted: {reason}.", 400,
-                                   param=shown(key), code="unsupported_parameter")
-            raise GatewayError(f"Unrecognized request argument supplied: {shown(key)}", 400,
-                               param=shown(key), code="unrecognized_argument")
+                raise InvalidField(key, f"{{param}} is not accepted: {reason}.",
+                                   code="unsupported_parameter")
+            raise InvalidField(key, "Unrecognized request argument supplied: {param}",
+                               code="unrecognized_argument")
         return data
 
     @classmethod

@@ -6,10 +6,9 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_core import PydanticCustomError
+from pydantic import Discriminator, Field, Tag, field_validator, model_validator
 
-from serve_app.errors import GatewayError, shown
+from serve_app.errors import InvalidField, shown
 from serve_app.protocol.base import TEXT_UPSTREAM, RequestModel
 from serve_app.protocol.common import ResponseModel, UsageInfo
 from serve_app.protocol.sampling import (
@@ -36,6 +35,17 @@ def json_strings(value: Any) -> Iterator[str]:
 _CONTENT_PART_TYPES = ("text", "prompt_embeds")
 
 
+def known_part_types(content: Any, accepted: tuple[str, ...], advice: str) -> Any:
+    """`content` if each of its parts has an `accepted` type; else the first other part's
+    `type` refused by its path (`messages.0.content.1.type`), with `advice`."""
+    for index, part in enumerate(content if isinstance(content, list) else []):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in accepted:
+            raise InvalidField(f"{index}.type", f"{{param}}: content part type "
+                               f"{shown(repr(kind))} is not supported; {advice}")
+    return content
+
+
 class TextPart(RequestModel):
     type: Literal["text"]
     text: str
@@ -46,8 +56,17 @@ class EmbedsPart(RequestModel):
     data: str = Field(description="Base64 of torch.save of a (rows, hidden) tensor (vLLM).")
 
 
+def _part_tag(part: Any) -> str | None:
+    kind = part.get("type") if isinstance(part, dict) else getattr(part, "type", None)
+    return f"part[{kind}]" if kind in _CONTENT_PART_TYPES else None
+
+
 # Discriminated: only the part's own model validates it (and refuses its unknown fields).
-ContentPart = Annotated[TextPart | EmbedsPart, Field(discriminator="type")]
+# Pydantic writes the tag into an error's location; bracketed, as its own markers are, it
+# stays out of the field path (`messages.0.content.1.text`, not `...1.text.text`).
+ContentPart = Annotated[
+    Annotated[TextPart, Tag("part[text]")] | Annotated[EmbedsPart, Tag("part[prompt_embeds]")],
+    Discriminator(_part_tag)]
 
 
 class ChatMessage(RequestModel):
@@ -70,23 +89,21 @@ class ChatMessage(RequestModel):
     @model_validator(mode="before")
     @classmethod
     def _no_tools(cls, data: Any) -> Any:
-        if isinstance(data, dict) and (data.get("tool_calls") or data.get("function_call")
-                                       or data.get("role") in ("tool", "function")):
-            raise GatewayError("Tool calls are not supported by this gateway.", 400,
-                               param="messages", code="unsupported_parameter")
+        if not isinstance(data, dict):
+            return data
+        refusal = "Tool calls are not supported by this gateway ({param})."
+        for field in ("tool_calls", "function_call"):
+            if data.get(field):
+                raise InvalidField(field, refusal, code="unsupported_parameter")
+        if data.get("role") in ("tool", "function"):
+            raise InvalidField("role", refusal, code="unsupported_parameter")
         return data
 
     @field_validator("content", mode="before")
     @classmethod
     def _known_part_types(cls, content: Any) -> Any:
-        for part in content if isinstance(content, list) else []:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind not in _CONTENT_PART_TYPES:
-                raise PydanticCustomError(
-                    "content_part",
-                    "content part type {kind} is not supported; this gateway accepts "
-                    "`text` and `prompt_embeds` parts", {"kind": shown(repr(kind))})
-        return content
+        return known_part_types(content, _CONTENT_PART_TYPES,
+                                "this gateway accepts `text` and `prompt_embeds` parts")
 
     def texts(self) -> list[str]:
         """The message's text, for what tokenizing it will cost."""
@@ -145,10 +162,11 @@ class ChatCompletionRequest(OpenAISampling, VllmSampling, StructuredOutputs):
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:
         if self.top_logprobs is not None and not self.logprobs:
-            raise ValueError("top_logprobs needs logprobs set to true")
+            raise InvalidField("top_logprobs", "top_logprobs needs logprobs set to true")
         if self.add_generation_prompt and self.continue_final_message:
-            raise ValueError("add_generation_prompt and continue_final_message exclude "
-                             "each other; set add_generation_prompt to false")
+            raise InvalidField("continue_final_message", "add_generation_prompt and "
+                               "continue_final_message exclude each other; set "
+                               "add_generation_prompt to false")
         return self
 
     def upstream_fields(self) -> SamplingFields:

@@ -16,11 +16,11 @@ from pydantic import (
     model_validator,
 )
 from pydantic.json_schema import JsonSchemaValue
-from pydantic_core import CoreSchema, PydanticCustomError, core_schema
+from pydantic_core import CoreSchema, core_schema
 
-from serve_app.errors import GatewayError, shown
+from serve_app.errors import InvalidField
 from serve_app.protocol.base import RequestModel, TokenIds, token_id_shape
-from serve_app.protocol.chat import ChatMessage
+from serve_app.protocol.chat import ChatMessage, known_part_types
 from serve_app.protocol.common import ResponseModel
 
 # vLLM's `serial_utils` names, in its order.
@@ -36,14 +36,7 @@ class EmbeddingMessage(ChatMessage):
     @field_validator("content", mode="before")
     @classmethod
     def _known_part_types(cls, content: Any) -> Any:
-        for part in content if isinstance(content, list) else []:
-            kind = part.get("type") if isinstance(part, dict) else None
-            if kind != "text":
-                raise PydanticCustomError(
-                    "content_part",
-                    "content part type {kind} is not supported on /v1/embeddings; send "
-                    "`text` parts", {"kind": shown(repr(kind))})
-        return content
+        return known_part_types(content, ("text",), "/v1/embeddings takes `text` parts")
 
 
 # Options that shape how `messages` are templated; `input` has no template to shape.
@@ -103,19 +96,19 @@ class EmbeddingRequest(RequestModel):
     @model_validator(mode="after")
     def _input_or_messages(self) -> EmbeddingRequest:
         if (self.input is None) == (self.messages is None):
-            raise GatewayError("Send either input or messages.", 400,
-                               param="input" if self.input is None else "messages")
+            raise InvalidField("input" if self.input is None else "messages",
+                               "Send either input or messages.")
         if self.messages is not None:
             if self.add_generation_prompt and self.continue_final_message:
-                raise GatewayError("add_generation_prompt and continue_final_message exclude "
-                                   "each other.", 400, param="continue_final_message")
+                raise InvalidField("continue_final_message", "add_generation_prompt and "
+                                   "continue_final_message exclude each other.")
             return self
         chat_only = [name for name in _CHAT_OPTIONS if name in self.model_fields_set]
         if self.add_special_tokens is False:
             chat_only.append("add_special_tokens")
         if chat_only:
-            raise GatewayError(f"{chat_only[0]} applies only to messages.", 400,
-                               param=chat_only[0], code="unsupported_parameter")
+            raise InvalidField(chat_only[0], "{param} applies only to messages.",
+                               code="unsupported_parameter")
         return self
 
     def normalises(self, model_default: bool) -> bool:

@@ -229,9 +229,11 @@ async def test_stop_strings_are_bounded(
     make_gateway: GatewayFactory, recorder: RecordingASGITransport, forward_stop: bool,
 ) -> None:
     gateway = make_gateway(recorder, privacy=PrivacyConfig(forward_stop=forward_stop))
-    for stop in (["x"] * (MAX_STOP_STRINGS + 1), "x" * (MAX_STOP_CHARS + 1), "", ["x", ""]):
+    for stop, param in ((["x"] * (MAX_STOP_STRINGS + 1), "stop"),
+                        ("x" * (MAX_STOP_CHARS + 1), "stop"), ("", "stop"),
+                        (["x", ""], "stop.1")):
         error = error_of(await post(gateway, prompt=FRANCE, stop=stop), 400)
-        assert error["param"] == "stop"
+        assert error["param"] == param
     assert recorder.bodies == []
     stops = ["y" * MAX_STOP_CHARS] * MAX_STOP_STRINGS
     assert (await post(gateway, prompt=FRANCE, stop=stops, **GREEDY)).status_code == 200

@@ -1,0 +1,121 @@
+"""A refused field deep in a request is named by its dotted path (`messages.0.foo`), in the
+error's `param` and message, on every API: unknown fields, bad values and tool fields in
+messages, content parts and options. The request models refuse with pydantic's errors
+(validators raise `ValueError`s, never HTTP errors), and one mapping turns them into the
+OpenAI error."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import httpx
+import pytest
+from pydantic import ValidationError
+
+from serve_app.protocol import (
+    ChatCompletionRequest,
+    CohereEmbedRequest,
+    CompletionRequest,
+    EmbeddingRequest,
+    RequestModel,
+)
+from tests.unit.gateway_client import CANARY, FRANCE, MODEL, RecordingASGITransport, error_of
+
+COMPLETIONS, CHAT = "/v1/completions", "/v1/chat/completions"
+EMBEDDINGS, COHERE = "/v1/embeddings", "/v2/embed"
+EMBED = "serve-app-demo-embed"
+MODELS: dict[str, type[RequestModel]] = {
+    COMPLETIONS: CompletionRequest, CHAT: ChatCompletionRequest,
+    EMBEDDINGS: EmbeddingRequest, COHERE: CohereEmbedRequest,
+}
+BASE: dict[str, dict[str, Any]] = {
+    COMPLETIONS: {"model": MODEL, "prompt": FRANCE},
+    CHAT: {"model": MODEL},
+    EMBEDDINGS: {"model": EMBED},
+    COHERE: {"model": EMBED, "texts": [FRANCE]},
+}
+USER = {"role": "user", "content": FRANCE}
+TEXT = {"type": "text", "text": FRANCE}
+
+
+def said(*content: Any, **message: Any) -> dict[str, Any]:
+    """A user message whose content is `content`'s parts, with `message`'s fields."""
+    return {"role": "user", "content": list(content), **message}
+
+
+CASES = [
+    # chat: messages and their fields
+    (CHAT, {"messages": [USER, {**USER, "foo": CANARY}]}, "messages.1.foo",
+     "unrecognized_argument"),
+    (CHAT, {"messages": [{"role": CANARY, "content": FRANCE}]}, "messages.0.role",
+     "invalid_request"),
+    (CHAT, {"messages": [USER, {**USER, "name": 7}]}, "messages.1.name", "invalid_request"),
+    # chat: content parts
+    (CHAT, {"messages": [USER, said(TEXT, {**TEXT, "image_url": {"url": CANARY}})]},
+     "messages.1.content.1.image_url", "unrecognized_argument"),
+    (CHAT, {"messages": [said(TEXT, {"type": "text", "text": 7})]}, "messages.0.content.1.text",
+     "invalid_request"),
+    (CHAT, {"messages": [said({"type": "text"})]}, "messages.0.content.0.text",
+     "invalid_request"),
+    (CHAT, {"messages": [said({"type": "prompt_embeds", "data": 7})]},
+     "messages.0.content.0.data", "invalid_request"),
+    (CHAT, {"messages": [said({"type": "prompt_embeds", "data": "AAAA", "dtype": CANARY})]},
+     "messages.0.content.0.dtype", "unrecognized_argument"),
+    (CHAT, {"messages": [said(TEXT, {"type": "image_url", "image_url": {"url": CANARY}})]},
+     "messages.0.content.1.type", "invalid_request"),
+    # chat: tool fields, refused where they stand
+    (CHAT, {"messages": [USER, {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "1", "type": "function", "function": {"name": CANARY, "arguments": "{}"}}]}]},
+     "messages.1.tool_calls", "unsupported_parameter"),
+    (CHAT, {"messages": [USER, {"role": "assistant", "content": "x", "tool_call_id": "1"}]},
+     "messages.1.tool_call_id", "unsupported_parameter"),
+    (CHAT, {"messages": [USER, {"role": "tool", "content": CANARY}]}, "messages.1.role",
+     "unsupported_parameter"),
+    (CHAT, {"messages": [USER], "tools": [{"type": "function", "function": {"name": 7}}]},
+     "tools", "unsupported_parameter"),
+    # chat: nested options
+    (CHAT, {"messages": [USER], "stream_options": {"include_usage": True, "foo": 1}},
+     "stream_options.foo", "unrecognized_argument"),
+    (CHAT, {"messages": [USER], "stop": ["a", 7]}, "stop.1", "invalid_request"),
+    # completions
+    (COMPLETIONS, {"stream_options": {"include_usage": "yes"}}, "stream_options.include_usage",
+     "invalid_request"),
+    (COMPLETIONS, {"logit_bias": {"17": 500}}, "logit_bias.17", "invalid_request"),
+    (COMPLETIONS, {"stop": ["a", ""]}, "stop.1", "invalid_request"),
+    (COMPLETIONS, {"prompt_embeds": ["AAAA", 7]}, "prompt_embeds.1", "invalid_request"),
+    # embeddings: chat messages
+    (EMBEDDINGS, {"messages": [{**USER, "foo": CANARY}]}, "messages.0.foo",
+     "unrecognized_argument"),
+    (EMBEDDINGS, {"messages": [said(TEXT, {**TEXT, "x": CANARY})]},
+     "messages.0.content.1.x", "unrecognized_argument"),
+    (EMBEDDINGS, {"messages": [said({"type": "prompt_embeds", "data": "AAAA"})]},
+     "messages.0.content.0.type", "invalid_request"),
+    (EMBEDDINGS, {"messages": [USER, {"role": "tool", "content": CANARY}]},
+     "messages.1.role", "unsupported_parameter"),
+    # Cohere
+    (COHERE, {"texts": [FRANCE, 7]}, "texts.1", "invalid_request"),
+    (COHERE, {"embedding_types": ["float", CANARY]}, "embedding_types.1", "invalid_request"),
+]
+
+
+@pytest.mark.parametrize(("path", "change", "param", "code"), CASES)
+async def test_a_nested_field_is_refused_by_its_path(
+    gateway: httpx.AsyncClient, recorder: RecordingASGITransport, path: str,
+    change: dict[str, Any], param: str, code: str,
+) -> None:
+    body = {**BASE[path], **change}
+    error = error_of(await gateway.post(path, json=body), 400)
+    assert (error["param"], error["code"]) == (param, code)
+    assert param in error["message"]
+    assert CANARY not in error["message"]  # the field's path, never its value
+    assert recorder.bodies == []
+
+
+@pytest.mark.parametrize(("path", "change", "param", "code"), CASES)
+def test_request_models_refuse_with_validation_errors(
+    path: str, change: dict[str, Any], param: str, code: str,
+) -> None:
+    """Validators raise `ValueError`s, which pydantic collects with their location; an HTTP
+    error raised inside one would lose it."""
+    with pytest.raises(ValidationError):
+        MODELS[path].model_validate({**BASE[path], **change})
