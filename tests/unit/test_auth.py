@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +11,7 @@ import httpx
 import pytest
 
 from serve_app import envs
-from serve_app.config import AppConfig
+from serve_app.config import AppConfig, LimitsConfig
 from tests.unit.gateway_client import (
     FRANCE,
     GREEDY,
@@ -71,6 +73,37 @@ async def test_each_accepted_key_passes(
 async def test_health_and_openapi_stay_open(guarded: httpx.AsyncClient) -> None:
     assert (await guarded.get("/health")).status_code == 200
     assert (await guarded.get("/openapi.json")).status_code == 200
+
+
+async def never_sent(read: list[str]) -> AsyncIterator[bytes]:
+    """A body whose first byte never comes; `read` notes that the gateway asked for it."""
+    read.append("asked")
+    await asyncio.sleep(3600)
+    yield b"{}"
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        pytest.param({"content-type": "application/json", "content-length": str(64 << 20)},
+                     id="not-413"),
+        pytest.param({"content-type": "text/plain"}, id="not-415"),
+        pytest.param({"content-type": "application/json"}, id="not-408"),
+    ],
+)
+async def test_the_key_is_checked_before_the_body_is_read(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport, headers: dict[str, str],
+) -> None:
+    """An anonymous client gets its 401 at once, whatever its body: the gateway neither
+    reads a large body first (nor waits for a slow one, the 408) nor judges its type (the
+    415), which would make refusing strangers cost a read of up to 64 MiB."""
+    guarded = make_gateway(recorder, api_keys=KEYS,
+                           limits=LimitsConfig(body_timeout_s=0.2, max_body_bytes=1 << 20))
+    read: list[str] = []
+    response = await guarded.post("/v1/completions", content=never_sent(read),
+                                  headers=headers)
+    assert error_of(response, 401)["code"] == "invalid_api_key"
+    assert read == []
 
 
 # --------------------------------------------------------------------------- deny by default
