@@ -1,23 +1,26 @@
 """Length before work: text that cannot fit is refused before it is tokenized, truncated
-text is cut before it is tokenized, and no request makes the tokenizer read more than
-`limits.max_text_chars` characters."""
+text is cut before it is tokenized, no request makes the tokenizer read more than
+`limits.max_text_chars` characters, and a prompt that exactly fills the context is served."""
 
 from __future__ import annotations
 
+import io
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import pybase64
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 from transformers.tokenization_utils_tokenizers import TokenizersBackend
 
-from serve_app.config import LimitsConfig
+from serve_app.config import LimitsConfig, TokenizationConfig
 from serve_app.prompts.text_budget import MEASURED_CHARS_PER_TOKEN, TextBudget, chars_per_token
 from tests.unit.gateway_client import (
     GREEDY,
@@ -27,6 +30,7 @@ from tests.unit.gateway_client import (
     post,
 )
 
+CHAT = "/v1/chat/completions"
 HUGE = 4_000_000
 """Characters of an over-long prompt: tokenized whole, it costs the demo tokenizer seconds."""
 
@@ -189,6 +193,91 @@ async def test_a_huge_input_is_truncated_without_tokenizing_it_whole(
     whole, head = (item["embedding"] for item in response.json()["data"])
     assert whole == head  # both cut to the same first tokens
     assert max(tokenized) <= 132 * MEASURED_CHARS_PER_TOKEN  # the model's 128 tokens, and 4
+
+
+# --------------------------------------------------------------------------- the context, exactly
+
+CONTEXT = 512
+"""The demo model's context length, in tokens."""
+ROOM = CONTEXT - GREEDY["max_tokens"]
+"""The prompt tokens that fit beside GREEDY's max_tokens: a prompt of this many fills the
+context exactly."""
+
+Filler = Callable[[httpx.AsyncClient, int], Awaitable[tuple[str, dict[str, Any]]]]
+
+
+def tensor_b64(rows: int) -> str:
+    buffer = io.BytesIO()
+    torch.save(torch.full((rows, 64), 0.01), buffer)  # the demo model's hidden size
+    return pybase64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+async def chat_rows(gateway: httpx.AsyncClient, content: list[dict[str, str]]) -> int:
+    """The prompt tokens of a one-message chat, as the gateway counts them."""
+    response = await post(gateway, CHAT, messages=[{"role": "user", "content": content}],
+                          temperature=0, max_tokens=1)
+    assert response.status_code == 200, response.text
+    rows: int = response.json()["usage"]["prompt_tokens"]
+    return rows
+
+
+async def chat_text(gateway: httpx.AsyncClient, rows: int) -> tuple[str, dict[str, Any]]:
+    """A chat whose one message's text brings the rendered prompt to `rows` tokens (the
+    demo tokenizer reads each ASCII letter as one token)."""
+    template = await chat_rows(gateway, [{"type": "text", "text": "x"}]) - 1
+    text = "x" * (rows - template)
+    return CHAT, {"messages": [{"role": "user", "content": text}]}
+
+
+async def chat_embeds(gateway: httpx.AsyncClient, rows: int) -> tuple[str, dict[str, Any]]:
+    """A chat whose `prompt_embeds` part brings the spliced prompt to `rows` rows."""
+    parts = [{"type": "text", "text": "x"}, {"type": "prompt_embeds", "data": tensor_b64(1)}]
+    template = await chat_rows(gateway, parts) - 1
+    parts[1]["data"] = tensor_b64(rows - template)
+    return CHAT, {"messages": [{"role": "user", "content": parts}]}
+
+
+def completions(body: Callable[[int], dict[str, Any]]) -> Filler:
+    async def fill(_: httpx.AsyncClient, rows: int) -> tuple[str, dict[str, Any]]:
+        return "/v1/completions", body(rows)
+
+    return fill
+
+
+FILLERS: dict[str, tuple[Filler, dict[str, Any]]] = {
+    "completions token ids": (completions(lambda rows: {"prompt": [5] * rows}), {}),
+    "completions text": (completions(
+        lambda rows: {"prompt": "x" * rows, "add_special_tokens": False}), {}),
+    # Special-token strings read as text: one character per token, the tightest bound the
+    # text is held to before it is tokenized (`prompts.text_budget`).
+    "completions text, special tokens as text": (completions(
+        lambda rows: {"prompt": "x" * rows, "add_special_tokens": False}),
+        {"tokenization": TokenizationConfig(completion_special_tokens="text")}),
+    "completions prompt_embeds": (completions(
+        lambda rows: {"prompt_embeds": tensor_b64(rows)}), {}),
+    "chat text": (chat_text, {}),
+    "chat prompt_embeds part": (chat_embeds, {}),
+}
+
+
+@pytest.mark.parametrize(("form", "config"), FILLERS.values(), ids=list(FILLERS))
+async def test_a_prompt_that_exactly_fills_the_context_is_served(
+    make_gateway: GatewayFactory, recorder: RecordingASGITransport, form: Filler,
+    config: dict[str, Any],
+) -> None:
+    """Prompt tokens plus max_tokens equal to the context is a request vLLM serves; one
+    token more is the first it refuses."""
+    gateway = make_gateway(recorder, **config)
+    path, body = await form(gateway, ROOM)
+    recorder.bodies.clear()
+    response = await post(gateway, path, **body, **GREEDY)
+    assert response.status_code == 200, response.text
+    assert response.json()["usage"]["prompt_tokens"] == ROOM
+    assert len(recorder.bodies) == 1
+
+    path, body = await form(gateway, ROOM + 1)
+    error = error_of(await post(gateway, path, **body, **GREEDY), 400)
+    assert error["code"] == "context_length_exceeded"
 
 
 # --------------------------------------------------------------------------- per request
