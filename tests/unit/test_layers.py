@@ -42,16 +42,33 @@ def _module_name(path: Path) -> str:
     return ".".join(parts)
 
 
-def _imports(path: Path) -> set[str]:
-    """Every serve_app module the file imports, at its top or inside a function."""
+def _imported_from(node: ast.ImportFrom, module: str, is_package: bool) -> str:
+    """The absolute module a `from` import names: `from ..deployments import x` in
+    `serve_app.api.app` is `serve_app.deployments`, as Python resolves it."""
+    if node.level == 0:
+        return node.module or ""
+    package = module.split(".") if is_package else module.split(".")[:-1]
+    if node.level > len(package):
+        raise ValueError(f"{module}: a relative import above the package")
+    base = package[:len(package) - node.level + 1]
+    return ".".join([*base, node.module] if node.module else base)
+
+
+def imports_of(source: str, module: str, is_package: bool = False) -> set[str]:
+    """Every serve_app module `source` (the text of `module`) imports, at its top or inside
+    a function, relative imports resolved."""
     found = set()
-    for node in ast.walk(ast.parse(path.read_text())):
-        if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
-            base = node.module
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.ImportFrom):
+            base = _imported_from(node, module, is_package)
             found |= {base} | {f"{base}.{alias.name}" for alias in node.names}
         elif isinstance(node, ast.Import):
             found |= {alias.name for alias in node.names}
     return {name for name in found if name.startswith("serve_app.")}
+
+
+def _imports(path: Path) -> set[str]:
+    return imports_of(path.read_text(), _module_name(path), path.name == "__init__.py")
 
 
 MODULES = sorted(PACKAGE.rglob("*.py"))
@@ -72,6 +89,26 @@ def test_imports_run_downward(path: Path) -> None:
         if there not in LAYERS or there == here:
             continue  # a name imported from a module (`from serve_app.x import y`)
         assert LAYERS[there] < LAYERS[here], f"{here} imports {imported}"
+
+
+@pytest.mark.parametrize(
+    ("source", "module", "is_package", "imported"),
+    [
+        ("from ..deployments import build", "serve_app.api.app", False,
+         "serve_app.deployments"),
+        ("from .. import handles", "serve_app.api.app", False, "serve_app.handles"),
+        ("from .middleware import deny", "serve_app.api.app", False,
+         "serve_app.api.middleware"),
+        ("from ..api import app", "serve_app.prompts", True, "serve_app.api"),
+        ("def f():\n    from ...upstream.call import UpstreamCall\n",
+         "serve_app.prompts.x.y", False, "serve_app.upstream.call"),
+    ],
+)
+def test_relative_imports_are_resolved(source: str, module: str, is_package: bool,
+                                       imported: str) -> None:
+    """A relative import is checked as the module it names: `from ..deployments import x`
+    in `api/` imports the edge, whatever its spelling."""
+    assert imported in imports_of(source, module, is_package)
 
 
 def test_every_module_says_what_it_owns() -> None:
