@@ -9,20 +9,11 @@ from __future__ import annotations
 import functools
 import io
 import pickle
-import threading
 from dataclasses import dataclass
 from typing import IO, Any, SupportsIndex, cast
 
 import pybase64
 import torch
-
-# torch.load's unpickler and sparse invariant checking are process-global state.
-_LOAD_LOCK = threading.Lock()
-
-# A torch.save zip adds a few KiB of headers and alignment padding to the raw data.
-_ARCHIVE_OVERHEAD_BYTES = 64 * 1024
-_ACCEPTED_TYPES = (torch.Tensor, torch.nn.Parameter)
-
 
 Buffer = bytes | memoryview
 
