@@ -19,7 +19,6 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 import orjson
-import pybase64
 import torch
 from pydantic import BaseModel
 from starlette.responses import Response
@@ -334,11 +333,6 @@ def _float32_rows(vectors: torch.Tensor) -> npt.NDArray[np.float32]:
     return np.ascontiguousarray(vectors.numpy(), dtype="<f4")
 
 
-def _b64(row: npt.NDArray[np.float32]) -> str:
-    """Little-endian float32 bytes in base64: what the OpenAI SDK decodes by default."""
-    return pybase64.b64encode(row.tobytes()).decode("ascii")
-
-
 def _cohere_encoding(rows: npt.NDArray[np.float32], kind: CohereEmbeddingType,
                      ranges: npt.NDArray[np.float32] | None) -> npt.NDArray[Any] | list[str]:
     if kind == "float":
@@ -347,7 +341,7 @@ def _cohere_encoding(rows: npt.NDArray[np.float32], kind: CohereEmbeddingType,
         assert ranges is not None  # `_ranges` calibrates whenever these are asked for
         return quantize(rows, ranges, kind)
     if kind == "base64":
-        return [_b64(row) for row in rows]
+        return base64_rows(rows)  # the rows are little-endian float32, as Cohere sends them
     packed = np.packbits(rows > 0, axis=-1)
     if kind == "ubinary":
         return packed
