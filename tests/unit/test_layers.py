@@ -4,6 +4,7 @@ own subpackage), as the package docstring and docs/architecture.md draw them."""
 from __future__ import annotations
 
 import ast
+import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +16,7 @@ PACKAGE = Path(__file__).resolve().parents[2] / "serve_app"
 LAYERS: dict[str, float] = {
     # the ground, in its own order
     "serve_app.config": 0, "serve_app.envs": 0, "serve_app.errors": 0, "serve_app.demo": 0,
-    "serve_app.observability": -1,  # under the ground (errors uses its request ids): ray, stdlib
+    "serve_app.observability": -1,  # under the ground (errors uses its request ids)
     "serve_app.json_body": 0.2,
     "serve_app.protocol": 0.3, "serve_app.endpoint": 0.3, "serve_app.limits": 0.6,
     "serve_app.prompts": 1,
@@ -109,6 +110,19 @@ def test_relative_imports_are_resolved(source: str, module: str, is_package: boo
     """A relative import is checked as the module it names: `from ..deployments import x`
     in `api/` imports the edge, whatever its spelling."""
     assert imported in imports_of(source, module, is_package)
+
+
+def test_observability_imports_only_ray_orjson_and_the_standard_library() -> None:
+    """Under the ground, every layer records through it: it may not pull in more."""
+    allowed = {"ray", "orjson", "serve_app", *sys.stdlib_module_names}
+    for path in sorted((PACKAGE / "observability").glob("*.py")):
+        tops = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                tops.add(node.module.split(".")[0])
+            elif isinstance(node, ast.Import):
+                tops |= {alias.name.split(".")[0] for alias in node.names}
+        assert tops <= allowed, f"{path.name} imports {sorted(tops - allowed)}"
 
 
 def test_every_module_says_what_it_owns() -> None:
