@@ -10,7 +10,9 @@ Layers, each importing only from those below it (docs/architecture.md):
 - `prompts`: tokenizer, chat template, wire format, embedding lookup;
 - ground: `protocol`, `errors`, `endpoint`, `limits`, `config`, `envs`, and under them
   `observability` (the metrics, request ids and access records).
-`demo` and `deploy` stand apart from the request path.
+`deploy` stands apart from the request path. `demo` joins it where the config names a demo
+model (the shipped `serve_config.yaml` does): each replica that loads a model (Gateway,
+Embedder, Encoder, the reference upstream) builds it, or finds it in the cache, as it starts.
 """
 
 __version__ = "0.1.0"
