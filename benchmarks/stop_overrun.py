@@ -36,6 +36,7 @@ import uvicorn
 from serve_app import envs
 from serve_app.api.completions import CompletionsService
 from serve_app.api.pipeline import InProcessPipeline
+from serve_app.api.served_model import ServedModel
 from serve_app.config import AppConfig, BackendConfig, ModelConfig, PrivacyConfig, ReferenceConfig
 from serve_app.demo.model import ensure_demo_model
 from serve_app.prompts.embedder import EmbedderCore
@@ -85,17 +86,17 @@ def start_reference(port: int) -> uvicorn.Server:
 
 def gateway(url: str, privacy: PrivacyConfig, embedder: EmbedderCore) -> CompletionsService:
     config = AppConfig(upstream={"backends": [BackendConfig(url=url)]}, privacy=privacy)
-    return CompletionsService.from_config(
-        config, InProcessPipeline(embedder, DispatcherCore.from_config(config.upstream)))
+    return CompletionsService(ServedModel.from_config(
+        config, InProcessPipeline(embedder, DispatcherCore.from_config(config.upstream))))
 
 
 async def ask(service: CompletionsService, body: dict[str, Any]) -> dict[str, Any]:
     """The answer, joined from its events when streamed: texts, usage."""
     if not body.get("stream"):
-        response = await service.completions(orjson.dumps(body))
+        response = await service.create_completion(orjson.dumps(body))
         return orjson.loads(bytes(response.body))
     streamed = {**body, "stream_options": {"include_usage": True}}
-    response = await service.completions(orjson.dumps(streamed))
+    response = await service.create_completion(orjson.dumps(streamed))
     text, usage = "", None
     async for event in response.body_iterator:  # type: ignore[attr-defined]
         data = bytes(event).removeprefix(b"data: ").strip()
@@ -143,7 +144,7 @@ async def measure(args: argparse.Namespace) -> dict[tuple[float, str, bool], lis
                         overruns.setdefault((token_ms, name, stream), []).append(
                             generated.counts[-1] - counted)
     for service in services.values():
-        await service.pipeline.dispatcher.aclose()  # type: ignore[attr-defined]
+        await service.served.pipeline.dispatcher.aclose()  # type: ignore[attr-defined]
     server.should_exit = True
     return overruns
 

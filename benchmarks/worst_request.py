@@ -93,8 +93,8 @@ from serve_app.sentence.service import SentenceService, InProcessEncoderClient
 from serve_app.sentence.encoder import EncoderCore, resolve_encoder_dir
 from serve_app.prompts.checkpoint import resolve_model_dir
 from serve_app.api.app import create_gateway_app
-from serve_app.api.completions import CompletionsService
 from serve_app.api.pipeline import InProcessPipeline
+from serve_app.api.served_model import ServedModel
 
 ANSWER = {"id": "cmpl-1", "object": "text_completion", "created": 1, "model": "m",
           "choices": [{"index": 0, "text": "ok", "logprobs": None, "finish_reason": "stop"}],
@@ -104,11 +104,11 @@ config = AppConfig(upstream=upstream, embedding_models=[EmbeddingModelConfig()])
 stub = httpx.AsyncClient(transport=httpx.MockTransport(lambda r: httpx.Response(200, json=ANSWER)))
 embedder = EmbedderCore.from_checkpoint(resolve_model_dir(config.model), config.model)
 backend = InProcessPipeline(embedder, DispatcherCore(upstream, stub))
-service = CompletionsService.from_config(config, backend)
+served = ServedModel.from_config(config, backend)
 [model] = config.embedding_models
 encoder = EncoderCore.from_checkpoint(resolve_encoder_dir(model), model)
 embeddings = SentenceService.from_config(config, InProcessEncoderClient({model.name: encoder}))
-app = create_gateway_app(service, embeddings)
+app = create_gateway_app(served, embeddings)
 
 def text(chars: int) -> str:
     if spec.get("kind") == "base64":

@@ -23,7 +23,7 @@ from ray.serve.handle import DeploymentHandle
 from serve_app import envs
 from serve_app.allocator import PAYLOAD_ENV_VARS, keep_payload_memory
 from serve_app.api.app import create_gateway_app
-from serve_app.api.completions import CompletionsService
+from serve_app.api.served_model import ServedModel
 from serve_app.config import (
     AppConfig,
     BatchingConfig,
@@ -209,7 +209,7 @@ class Gateway:
         route_app_logs()
         write_access_log()
         app_config = AppConfig.model_validate(config)
-        self.service = CompletionsService.from_config(app_config, ServePipeline(dispatcher))
+        self.service = ServedModel.from_config(app_config, ServePipeline(dispatcher))
         self.sentence = SentenceService.from_config(app_config, ServeEncoderClient(encoders))
         self.api_keys = envs.api_keys(app_config.auth.api_keys_env,
                                       app_config.auth.api_keys_file)

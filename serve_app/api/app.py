@@ -1,5 +1,5 @@
 """The gateway's FastAPI app: guards, error handlers and routes, each a line or two over
-the completions and sentence-embeddings services."""
+the completions, chat and sentence-embeddings services."""
 
 from __future__ import annotations
 
@@ -10,21 +10,20 @@ from typing import Any
 from fastapi import FastAPI, Request
 from starlette.responses import Response
 
-from serve_app.api.completions import CompletionsService
-from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware, key_tenant
+from serve_app.api import chat, completions
+from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware
 from serve_app.api.openapi import document_request_bodies, route_answers
 from serve_app.api.readiness import Readiness, starting
 from serve_app.api.request_log import RequestLogMiddleware
+from serve_app.api.served_model import ServedModel
 from serve_app.endpoint import add_error_handlers
 from serve_app.errors import model_not_found
 from serve_app.prompts.transforms import describe as describe_transform
 from serve_app.protocol import (
     ChatCompletionRequest,
-    ChatCompletionResponse,
     CohereEmbedRequest,
     CohereEmbedResponse,
     CompletionRequest,
-    CompletionResponse,
     EmbeddingRequest,
     EmbeddingResponse,
     ModelCard,
@@ -33,7 +32,7 @@ from serve_app.protocol import (
 from serve_app.sentence.service import InProcessEncoderClient, SentenceService
 
 
-def create_gateway_app(service: CompletionsService,
+def create_gateway_app(service: ServedModel,
                        sentence: SentenceService | None = None,
                        api_keys: Sequence[str] = (), echo_request_id: bool = True) -> FastAPI:
     """The ingress app; with `api_keys`, the API routes need one of them as a Bearer key.
@@ -107,14 +106,8 @@ def create_gateway_app(service: CompletionsService,
                 return card
         raise model_not_found(model_id)
 
-    @app.post("/v1/completions", responses=route_answers(CompletionResponse))
-    async def completions(request: Request) -> Response:
-        return await service.completions(await request.body(), key_tenant(request.scope))
-
-    @app.post("/v1/chat/completions", responses=route_answers(ChatCompletionResponse))
-    async def chat_completions(request: Request) -> Response:
-        return await service.chat_completions(await request.body(),
-                                              key_tenant(request.scope))
+    completions.attach(app, completions.CompletionsService(service))
+    chat.attach(app, chat.ChatService(service))
 
     @app.post("/v1/embeddings", responses=route_answers(EmbeddingResponse))
     async def openai_embeddings(request: Request) -> Response:

@@ -1,10 +1,10 @@
-"""The pipeline behind the completions routes: a request's prompts become prompt embeddings
-(Embedder), which go to the upstream fleet (Dispatcher).
+"""The pipeline behind the completions and chat routes: a request's prompts become prompt
+embeddings (Embedder), which go to the upstream fleet (Dispatcher).
 
-`Pipeline` is what the completions service needs of it. In Serve it is the Dispatcher's
-handle (`handles.ServePipeline`), and the Dispatcher asks the Embedder for the embeddings
-(`upstream.payloads`); `InProcessPipeline` runs the same path over the plain cores in this
-process, for tests and for running without Ray.
+`Pipeline` is what the served model (`api.served_model`) needs of it. In Serve it is the
+Dispatcher's handle (`handles.ServePipeline`), and the Dispatcher asks the Embedder for the
+embeddings (`upstream.payloads`); `InProcessPipeline` runs the same path over the plain
+cores in this process, for tests and for running without Ray.
 """
 
 from __future__ import annotations

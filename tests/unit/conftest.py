@@ -14,8 +14,8 @@ import pytest
 import torch
 
 from serve_app.api.app import create_gateway_app
-from serve_app.api.completions import CompletionsService
 from serve_app.api.pipeline import InProcessPipeline
+from serve_app.api.served_model import ServedModel
 from serve_app.config import (
     AppConfig,
     BackendConfig,
@@ -69,11 +69,11 @@ async def make_gateway(
         upstream_client = httpx.AsyncClient(transport=transport, base_url="http://ref")
         dispatcher = DispatcherCore(upstream, upstream_client)
         app_config = AppConfig(upstream=upstream, limits=limits or LimitsConfig(), **config)
-        service = CompletionsService.from_config(app_config,
-                                                 InProcessPipeline(core or embedder, dispatcher))
+        served = ServedModel.from_config(app_config,
+                                         InProcessPipeline(core or embedder, dispatcher))
         embeddings = SentenceService(embeddings_service.models, embeddings_service.encoders,
-                                       [service.served_name], app_config.limits)
-        app = create_gateway_app(service, embeddings, api_keys)
+                                     [served.served_name], app_config.limits)
+        app = create_gateway_app(served, embeddings, api_keys)
         gateway = httpx.AsyncClient(
             # Serve keeps an app's route prefix in the path and sets root_path: so does this.
             transport=httpx.ASGITransport(app=app, root_path=root_path),

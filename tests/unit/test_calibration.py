@@ -15,8 +15,8 @@ import torch
 from starlette.testclient import TestClient
 
 from serve_app.api.app import create_gateway_app
-from serve_app.api.completions import CompletionsService
 from serve_app.api.pipeline import InProcessPipeline
+from serve_app.api.served_model import ServedModel
 from serve_app.config import AppConfig, EmbeddingModelConfig
 from serve_app.prompts.embedder import EmbedderCore
 from serve_app.sentence.encoder import EncoderCore
@@ -167,9 +167,9 @@ def test_calibration_starts_with_the_gateway(
     texts.write_text("\n".join(LONG_TEXTS[:50]) + "\n")
     sentences, replica = service(core, texts)
     config = AppConfig(upstream=UPSTREAM)
-    completions = CompletionsService.from_config(
+    served = ServedModel.from_config(
         config, InProcessPipeline(embedder, DispatcherCore(UPSTREAM, httpx.AsyncClient())))
-    app = create_gateway_app(completions, sentences)
+    app = create_gateway_app(served, sentences)
     with TestClient(app):  # runs the app's start, as Serve does
         deadline = time.monotonic() + 60
         while replica.sequences < 50 and time.monotonic() < deadline:

@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 from starlette.testclient import TestClient
 
 from serve_app.api.app import create_gateway_app
-from serve_app.api.completions import CompletionsService
 from serve_app.api.pipeline import InProcessPipeline
+from serve_app.api.served_model import ServedModel
 from serve_app.config import AppConfig, BackendConfig, UpstreamConfig
 from serve_app.prompts.embedder import EmbedderCore
 from serve_app.sentence.service import SentenceService
@@ -36,9 +36,9 @@ def client(reference_app: Any, embedder: EmbedderCore,
     transport = httpx.ASGITransport(app=reference_app)
     dispatcher = DispatcherCore(upstream, httpx.AsyncClient(transport=transport,
                                                             base_url="http://ref"))
-    service = CompletionsService.from_config(AppConfig(upstream=upstream),
-                                             InProcessPipeline(embedder, dispatcher))
-    with TestClient(create_gateway_app(service, embeddings_service),
+    served = ServedModel.from_config(AppConfig(upstream=upstream),
+                                     InProcessPipeline(embedder, dispatcher))
+    with TestClient(create_gateway_app(served, embeddings_service),
                     raise_server_exceptions=False) as test_client:
         yield test_client
 

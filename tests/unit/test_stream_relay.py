@@ -20,7 +20,7 @@ from ray.serve._private.common import DeploymentID
 from ray.serve.exceptions import DeploymentUnavailableError
 
 from serve_app.api.app import create_gateway_app
-from serve_app.api.completions import CompletionsService
+from serve_app.api.served_model import ServedModel
 from serve_app.config import AppConfig, ModelConfig
 from serve_app.errors import GatewayError
 from serve_app.prompts.checkpoint import read_model_spec
@@ -109,8 +109,8 @@ def parts(demo_model_dir: Path, demo_tokenizer: Any) -> tuple[AppConfig, Any, An
 
 async def stream(parts: tuple[AppConfig, Any, Any], pipeline: FailingPipeline, path: str,
                  **body: Any) -> httpx.Response:
-    service = CompletionsService(*parts, pipeline)
-    transport = httpx.ASGITransport(app=create_gateway_app(service))
+    served = ServedModel(*parts, pipeline)
+    transport = httpx.ASGITransport(app=create_gateway_app(served))
     async with httpx.AsyncClient(transport=transport, base_url="http://gateway") as client:
         return await client.post(path, json={"model": MODEL, "stream": True, **body})
 

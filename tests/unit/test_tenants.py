@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from serve_app.api.completions import CompletionsService
+from serve_app.api.served_model import ServedModel
 from serve_app.config import AppConfig, ModelConfig, RoutingConfig, TransformConfig
 from serve_app.prompts.embedder import EmbedderCore, PromptInput
 from serve_app.prompts.prefix import prefix_hashes, prefix_key
@@ -180,10 +181,11 @@ async def test_requests_route_by_tenant_only_where_their_rows_differ(
     config = AppConfig(upstream=UPSTREAM.model_copy(update={"routing": RoutingConfig(
         block_size=4, prefix_blocks=2)}), privacy={"transform": transform})
     pipeline = CallRecorder()
-    service = CompletionsService.from_config(config, pipeline)
+    service = CompletionsService(ServedModel.from_config(config, pipeline))
     body = json.dumps({"model": "serve-app-demo", "prompt": FRANCE, **GREEDY}).encode()
     for key in API_KEYS:
-        assert (await service.completions(body, api_key_tenant(key))).status_code == 200
+        response = await service.create_completion(body, api_key_tenant(key))
+        assert response.status_code == 200
     (first, one), (second, two) = pipeline.calls
     assert first.prefix_key is not None
     assert (first.prefix_key != second.prefix_key) is keys_differ

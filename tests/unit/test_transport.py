@@ -15,7 +15,9 @@ import pybase64
 import pytest
 import torch
 
+from serve_app.api.chat import ChatService
 from serve_app.api.completions import CompletionsService
+from serve_app.api.served_model import ServedModel
 from serve_app.config import AppConfig, BackendConfig, UpstreamConfig
 from serve_app.handles import _GRPC_SAFE_TOKEN_IDS, ServeEmbedder, ServePipeline
 from serve_app.prompts.codec import base64_length, encode_prompt_embeds
@@ -213,51 +215,51 @@ class CapturingBackend:
 
 
 @pytest.fixture
-def capture(cache_dir: Path) -> tuple[CompletionsService, CapturingBackend]:
+def capture(cache_dir: Path) -> tuple[ServedModel, CapturingBackend]:
     backend = CapturingBackend()
     config = AppConfig(upstream=UpstreamConfig(backends=[BackendConfig(url="http://ref/v1")]))
-    return CompletionsService.from_config(config, backend), backend
+    return ServedModel.from_config(config, backend), backend
 
 
-def _wire_bytes(service: CompletionsService, prompt: PromptInput) -> int:
+def _wire_bytes(served: ServedModel, prompt: PromptInput) -> int:
     """What the embedder will actually send for a prompt (the archive around the data
     included)."""
     rows = prompt_rows(prompt)
-    return encode_prompt_embeds(torch.zeros(rows, service.model.hidden_size,
-                                            dtype=service.model.dtype)).nbytes
+    return encode_prompt_embeds(torch.zeros(rows, served.spec.hidden_size,
+                                            dtype=served.spec.dtype)).nbytes
 
 
 async def test_payload_size_of_text_and_client_embeddings(
-    capture: tuple[CompletionsService, CapturingBackend], embed: Callable[[str], str]
+    capture: tuple[ServedModel, CapturingBackend], embed: Callable[[str], str]
 ) -> None:
-    service, backend = capture
-    body = {"model": service.served_name, "prompt": ["short", "a longer prompt " * 8],
+    served, backend = capture
+    body = {"model": served.served_name, "prompt": ["short", "a longer prompt " * 8],
             "prompt_embeds": embed("client side"), "max_tokens": 1}
-    response = await service.completions(orjson.dumps(body))
+    response = await CompletionsService(served).create_completion(orjson.dumps(body))
     assert response.status_code == 200
 
     [(call, prompts)] = backend.seen
     assert isinstance(prompts[0], SplicedPrompt)  # vLLM's order: embeddings first
     assert [type(p) for p in prompts[1:]] == [list, list]
-    row_bytes = service.model.hidden_size * service.model.dtype.itemsize
+    row_bytes = served.spec.hidden_size * served.spec.dtype.itemsize
     assert call.payload_bytes == sum(
         base64_length(prompt_rows(prompt) * row_bytes) for prompt in prompts)
     # The estimate leaves out only the archive around each tensor's data (about 1.5 KiB).
-    actual = sum(_wire_bytes(service, prompt) for prompt in prompts)
+    actual = sum(_wire_bytes(served, prompt) for prompt in prompts)
     assert 0 <= actual - call.payload_bytes <= 2 * 4096
 
 
 async def test_payload_size_of_a_chat_with_embeddings_spliced_in(
-    capture: tuple[CompletionsService, CapturingBackend], embed: Callable[[str], str]
+    capture: tuple[ServedModel, CapturingBackend], embed: Callable[[str], str]
 ) -> None:
-    service, backend = capture
-    body = {"model": service.served_name, "max_tokens": 1, "messages": [{"role": "user",
+    served, backend = capture
+    body = {"model": served.served_name, "max_tokens": 1, "messages": [{"role": "user",
             "content": [{"type": "text", "text": "look:"},
                         {"type": "prompt_embeds", "data": embed("three words here")}]}]}
-    response = await service.chat_completions(orjson.dumps(body))
+    response = await ChatService(served).create_chat_completion(orjson.dumps(body))
     assert response.status_code == 200
 
     [(call, [prompt])] = backend.seen
     assert isinstance(prompt, SplicedPrompt)
-    row_bytes = service.model.hidden_size * service.model.dtype.itemsize
+    row_bytes = served.spec.hidden_size * served.spec.dtype.itemsize
     assert call.payload_bytes == base64_length(prompt.rows * row_bytes)

@@ -1,0 +1,123 @@
+"""CompletionsService: OpenAI completions requests turned into prompts for the pipeline.
+
+A prompt is token ids: text tokenized here, or ids as the client sent them; or a client
+tensor, decoded and checked here, as a `SplicedPrompt` of one segment. The served model
+(`api.served_model`) then calls the pipeline with them, in vLLM's order: the embeddings'
+prompts first, then the text's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from starlette.responses import Response
+
+from serve_app.api.served_model import ServedModel
+from serve_app.endpoint import answer
+from serve_app.errors import GatewayError
+from serve_app.limits import (
+    check_context,
+    check_embeds_compatible,
+    check_items,
+    check_model,
+    check_text_chars,
+)
+from serve_app.prompts.checkpoint import tokenize_off_loop_if_large
+from serve_app.prompts.embedder import PromptInput, SplicedPrompt, prompt_rows
+from serve_app.prompts.text_budget import TextBudget
+from serve_app.protocol import CompletionRequest
+from serve_app.upstream.call import UpstreamCall
+
+
+class CompletionsService:
+    """`/v1/completions` for the served model."""
+
+    def __init__(self, served: ServedModel) -> None:
+        self.served = served
+        tokenization = served.tokenization
+        self.split_special_tokens = tokenization.completion_special_tokens == "text"
+        self.budget = TextBudget.of(served.tokenizer, not self.split_special_tokens)
+
+    async def create_completion(self, body: bytes, key_tenant: str | None = None) -> Response:
+        """`/v1/completions`; `key_tenant` is the tenant of the API key the request was
+        accepted with, if any (`ServedModel.tenant`)."""
+        tenant = self.served.tenant(key_tenant)
+        return await answer(body, CompletionRequest,
+                            lambda request: self._complete(request, tenant))
+
+    async def _complete(self, request: CompletionRequest, tenant: str) -> Response:
+        call, prompts = await self._prepare(request, tenant)
+        return await self.served.respond(call, prompts, tenant)
+
+    async def _prepare(
+        self, request: CompletionRequest, tenant: str
+    ) -> tuple[UpstreamCall, list[PromptInput]]:
+        served = self.served
+        check_model(request.model, served.served_name, served.embedding_models)
+        prompts, client_embeds = request.text_prompts(), request.embeds_list()
+        check_items(len(prompts) + len(client_embeds), served.limits, "prompt")
+        served.check_sampling(request, request.max_tokens, request.logprobs)
+        # Every prompt goes upstream as embeddings, so vLLM's refusals apply to all of them;
+        # answering here also keeps the suffix text from ever leaving the gateway.
+        check_embeds_compatible(request)
+        token_ids = await self._token_ids(prompts, request.add_special_tokens,
+                                          request.max_tokens)
+        if not client_embeds and not token_ids:
+            raise GatewayError("Either prompt or prompt_embeds must be given.", 400,
+                               param="prompt")
+        self._check_token_ids(token_ids, request.max_tokens)
+        upstream: list[PromptInput] = []
+        if client_embeds:
+            upstream += await asyncio.to_thread(self._decode, client_embeds, request.max_tokens)
+        # vLLM's order: the embeddings' choices first, then the text prompts'.
+        upstream += token_ids
+        self._check_request_rows(upstream)
+        return await served.upstream_call(request, upstream, tenant), upstream
+
+    async def _token_ids(self, prompts: list[str] | list[list[int]], add_special_tokens: bool,
+                         max_tokens: int | None) -> list[list[int]]:
+        if not prompts or not isinstance(prompts[0], str):
+            return prompts  # type: ignore[return-value]
+        texts: list[str] = prompts
+        # Long text is counted and tokenized off the event loop, its checks included.
+        return await tokenize_off_loop_if_large(sum(map(len, texts)), self._tokenize,
+                                                texts, add_special_tokens, max_tokens)
+
+    def _tokenize(self, texts: list[str], add_special_tokens: bool,
+                  max_tokens: int | None) -> list[list[int]]:
+        """Text prompts to token ids, refused first if they cannot fit."""
+        served = self.served
+        for text in texts:
+            served.check_text_length(self.budget, [text], max_tokens, "prompt")
+        if self.budget.exceeds(texts, served.max_prompt_tokens):
+            raise served.over_request_budget(sum(map(len, texts)), "characters")
+        check_text_chars(sum(map(len, texts)), served.limits, "prompt")
+        encoded = served.tokenizer(texts, add_special_tokens=add_special_tokens,
+                                   split_special_tokens=self.split_special_tokens)
+        return list(encoded.input_ids)
+
+    def _check_token_ids(self, prompts: list[list[int]], max_tokens: int | None) -> None:
+        vocab, context = self.served.spec.vocab_size, self.served.spec.max_model_len
+        for ids in prompts:
+            if not ids:
+                raise GatewayError("A prompt has no tokens.", 400, param="prompt")
+            if any(not 0 <= i < vocab for i in ids):
+                raise GatewayError(f"Token ids must lie in [0, {vocab}).", 400, param="prompt")
+            check_context(len(ids), max_tokens, context)
+
+    def _check_request_rows(self, prompts: Sequence[PromptInput]) -> None:
+        rows = sum(map(prompt_rows, prompts))
+        if rows > self.served.max_prompt_tokens:
+            raise self.served.over_request_budget(rows, "tokens")
+
+    def _decode(self, texts: list[str], max_tokens: int | None) -> list[PromptInput]:
+        """Client embeddings, each checked and in the model's dtype, as prompts of one
+        segment: the Embedder encodes them as it encodes everything it sends."""
+        prompts: list[PromptInput] = []
+        for index, text in enumerate(texts):
+            param = "prompt_embeds" if len(texts) == 1 else f"prompt_embeds[{index}]"
+            tensor = self.served.decode(text, param)
+            check_context(int(tensor.shape[0]), max_tokens, self.served.spec.max_model_len)
+            prompts.append(SplicedPrompt((tensor,)))
+        return prompts
