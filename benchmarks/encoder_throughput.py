@@ -209,7 +209,7 @@ def texts_of(tokens: int, count: int, seed: int) -> list[str]:
 
 def serve_batch(ids: list[list[int]], limit: int) -> list[list[list[int]]]:
     """The ingress's chunks (inputs in order, at most `limit` tokens each, as
-    `SentenceService._vectors` packs them), all in one Serve batch."""
+    `SentenceService.vectors` packs them), all in one Serve batch."""
     chunks: list[list[list[int]]] = [[]]
     used = 0
     for sequence in ids:

@@ -7,10 +7,10 @@ from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI, Request
+from fastapi import FastAPI
 from starlette.responses import Response
 
-from serve_app.api import chat, completions
+from serve_app.api import chat, cohere, completions, embeddings
 from serve_app.api.middleware import BearerKeyMiddleware, RequestGuardMiddleware
 from serve_app.api.openapi import document_request_bodies, route_answers
 from serve_app.api.readiness import Readiness, starting
@@ -22,10 +22,8 @@ from serve_app.prompts.transforms import describe as describe_transform
 from serve_app.protocol import (
     ChatCompletionRequest,
     CohereEmbedRequest,
-    CohereEmbedResponse,
     CompletionRequest,
     EmbeddingRequest,
-    EmbeddingResponse,
     ModelCard,
     ModelList,
 )
@@ -41,7 +39,8 @@ def create_gateway_app(service: ServedModel,
     (Serve's does), so the response does not carry it twice."""
     sentence = sentence or SentenceService({}, InProcessEncoderClient({}),
                                            [service.served_name])
-    calibrate = sentence.calibrate
+    cohere_service = cohere.CohereEmbedService(sentence)
+    calibrate = cohere_service.calibrate
 
     @asynccontextmanager
     async def start(_: FastAPI) -> AsyncIterator[None]:
@@ -108,14 +107,8 @@ def create_gateway_app(service: ServedModel,
 
     completions.attach(app, completions.CompletionsService(service))
     chat.attach(app, chat.ChatService(service))
-
-    @app.post("/v1/embeddings", responses=route_answers(EmbeddingResponse))
-    async def openai_embeddings(request: Request) -> Response:
-        return await sentence.openai(await request.body())
-
-    @app.post("/v2/embed", responses=route_answers(CohereEmbedResponse))
-    async def cohere_embed(request: Request) -> Response:
-        return await sentence.cohere(await request.body())
+    embeddings.attach(app, embeddings.EmbeddingsService(sentence))
+    cohere.attach(app, cohere_service)
 
     document_request_bodies(app, {
         "/v1/completions": CompletionRequest, "/v1/chat/completions": ChatCompletionRequest,

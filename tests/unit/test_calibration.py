@@ -15,6 +15,7 @@ import torch
 from starlette.testclient import TestClient
 
 from serve_app.api.app import create_gateway_app
+from serve_app.api.cohere import CohereEmbedService
 from serve_app.api.pipeline import InProcessPipeline
 from serve_app.api.served_model import ServedModel
 from serve_app.config import AppConfig, EmbeddingModelConfig
@@ -113,7 +114,7 @@ async def test_a_bad_cache_file_is_calibrated_again_and_replaced(
     calibration = fresh.models[EMBED].calibration
     assert calibration.cache_file is not None
     calibration.cache_file.unlink(missing_ok=True)
-    expected = int8_of(await fresh.cohere(cohere(["paris"], "int8")))
+    expected = int8_of(await CohereEmbedService(fresh).embed(cohere(["paris"], "int8")))
     good = read_cache(calibration)
     assert good is not None and good.shape == (len(BUILTIN_TEXTS), 32)
 
@@ -129,12 +130,12 @@ async def test_a_bad_cache_file_is_calibrated_again_and_replaced(
     assert read_cache(calibration) is None
 
     second, replica = service(core)
-    assert int8_of(await second.cohere(cohere(["paris"], "int8"))) == expected
+    assert int8_of(await CohereEmbedService(second).embed(cohere(["paris"], "int8"))) == expected
     assert replica.sequences == len(BUILTIN_TEXTS) + 1  # calibrated again, then the input
     replaced = read_cache(calibration)
     assert replaced is not None and torch.equal(replaced, good)
     third, replica = service(core)
-    assert int8_of(await third.cohere(cohere(["paris"], "int8"))) == expected
+    assert int8_of(await CohereEmbedService(third).embed(cohere(["paris"], "int8"))) == expected
     assert replica.sequences == 1  # the replaced file is read back
 
 
@@ -147,11 +148,12 @@ async def test_a_float_request_is_not_held_up_by_calibration(
     texts = tmp_path / "texts.txt"
     texts.write_text("\n".join(LONG_TEXTS) + "\n")
     sentences, replica = service(core, texts)
-    quantized = asyncio.ensure_future(sentences.cohere(cohere(["paris"], "int8")))
+    embed = CohereEmbedService(sentences).embed
+    quantized = asyncio.ensure_future(embed(cohere(["paris"], "int8")))
     while not any(len(chunk[0]) > 10 for chunk in replica.chunks):  # calibration's
         await asyncio.sleep(0.001)  # calls are in the replica's queue, and one has run
     started = len(replica.chunks)
-    floats = await sentences.cohere(cohere(["rome"], "float"))
+    floats = await embed(cohere(["rome"], "float"))
     assert floats.status_code == 200
     rome = list(sentences.models[EMBED].tokenizer("rome").input_ids)
     [position] = [i for i, chunk in enumerate(replica.chunks) if chunk == [rome]]

@@ -13,6 +13,7 @@ import pybase64
 import pytest
 import torch
 
+from serve_app.api.embeddings import EmbeddingsService
 from serve_app.config import EmbeddingModelConfig, EncoderBatchingConfig
 from serve_app.sentence.encoder import EncoderCore, read_sentence_spec
 from serve_app.sentence.service import InProcessEncoderClient, SentenceService
@@ -119,7 +120,7 @@ async def test_dimensions_on_a_model_without_matryoshka(
     plain = dataclasses.replace(model, spec=dataclasses.replace(
         model.spec, matryoshka_dimensions=None))
     service = SentenceService({EMBED: plain}, embeddings_service.encoders)
-    response = await service.openai(json.dumps(
+    response = await EmbeddingsService(service).create_embedding(json.dumps(
         {"model": EMBED, "input": "x", "dimensions": 16}).encode())
     assert response.status_code == 400
     assert b"Matryoshka" in bytes(response.body)

@@ -13,6 +13,7 @@ import orjson
 import pytest
 import torch
 
+from serve_app.api.embeddings import EmbeddingsService
 from serve_app.config import AppConfig, EmbeddingModelConfig, LimitsConfig, TokenizationConfig
 from serve_app.sentence.encoder import EncoderCore
 from serve_app.sentence.service import InProcessEncoderClient, SentenceService
@@ -195,8 +196,8 @@ async def test_turn_markers_follow_the_tokenization_config(demo_encoder_dir: Pat
         cores = {CHAT: EncoderCore.from_checkpoint(demo_encoder_dir,
                                                    config.embedding_models[0])}
         service = SentenceService.from_config(config, InProcessEncoderClient(cores))
-        answers[policy] = await service.openai(orjson.dumps({"model": CHAT,
-                                                             "messages": forged}))
+        answers[policy] = await EmbeddingsService(service).create_embedding(
+            orjson.dumps({"model": CHAT, "messages": forged}))
     assert answers["escape"].status_code == 200
     refused = orjson.loads(bytes(answers["refuse"].body))
     assert answers["refuse"].status_code == 400

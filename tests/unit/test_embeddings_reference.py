@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from serve_app import envs
+from serve_app.api.cohere import CohereEmbedService
 from serve_app.config import AppConfig, EmbeddingModelConfig
 from serve_app.sentence.encoder import EncoderCore
 from serve_app.sentence.quantize import (
@@ -237,13 +238,14 @@ async def test_calibration_runs_once_and_is_read_back_from_the_cache(
     calibration.cache_file.unlink(missing_ok=True)
 
     encoders: Any = first.encoders
-    await asyncio.gather(*(first.cohere(body % (EMBED.encode(), f'"output_dimension": {d}'
-                                                .encode())) for d in (8, 16, 32, 8)))
+    embed = CohereEmbedService(first).embed
+    await asyncio.gather(*(embed(body % (EMBED.encode(), f'"output_dimension": {d}'.encode()))
+                           for d in (8, 16, 32, 8)))
     assert encoders.sequences == len(BUILTIN_TEXTS) + 4  # calibrated once, for every size
     assert calibration.cache_file.is_file()
 
     second = service_of(config, demo_encoder_dir)
-    response = await second.cohere(body % (EMBED.encode(), b'"truncate": "END"'))
+    response = await CohereEmbedService(second).embed(body % (EMBED.encode(), b'"truncate": "END"'))
     assert response.status_code == 200
     assert second.encoders.sequences == 1  # type: ignore[attr-defined]
 

@@ -13,6 +13,7 @@ import orjson
 import pytest
 import torch
 
+from serve_app.api.embeddings import EmbeddingsService
 from serve_app.config import AppConfig, EmbeddingModelConfig, LimitsConfig
 from serve_app.sentence.encoder import EncoderCore, chunks
 from serve_app.sentence.service import ENCODER_CALLS_PER_REQUEST, SentenceService
@@ -77,7 +78,7 @@ async def test_a_max_items_request_keeps_a_few_full_calls_in_flight(
 ) -> None:
     sentences, replica = service(core)
     texts = [f"{i} {TEXT_640}"[:640] for i in range(MAX_ITEMS)]
-    response = await sentences.openai(body(texts))
+    response = await EmbeddingsService(sentences).create_embedding(body(texts))
     assert response.status_code == 200, response.body
     assert replica.most_in_flight <= ENCODER_CALLS_PER_REQUEST
     budget = sentences.models[EMBED].chunk_tokens
@@ -95,11 +96,12 @@ async def test_a_small_request_waits_for_a_few_calls_of_a_large_one_not_all(
     core: EncoderCore,
 ) -> None:
     sentences, replica = service(core)
-    large = asyncio.ensure_future(sentences.openai(body([TEXT_640] * MAX_ITEMS)))
+    embeddings = EmbeddingsService(sentences)
+    large = asyncio.ensure_future(embeddings.create_embedding(body([TEXT_640] * MAX_ITEMS)))
     while not replica.chunks:  # the large request's calls are in the replica's queue
         await asyncio.sleep(0.001)
     started = len(replica.chunks)
-    small = await sentences.openai(body(["paris"]))
+    small = await embeddings.create_embedding(body(["paris"]))
     assert small.status_code == 200
     [position] = [i for i, chunk in enumerate(replica.chunks) if len(chunk[0]) < 10]
     assert position - started <= ENCODER_CALLS_PER_REQUEST

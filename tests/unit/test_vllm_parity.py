@@ -15,6 +15,7 @@ import pybase64
 import pytest
 import torch
 
+from serve_app.api.cohere import CohereEmbedService
 from serve_app.sentence.service import SentenceService
 from serve_app.sentence.vector_bytes import METADATA_MAX_INPUTS, bytes_answer
 from tests.unit.gateway_client import error_of
@@ -292,10 +293,10 @@ async def test_input_type_on_a_model_without_prompts_is_400(
     """vLLM's `_validate_input_type`: a model without task instructions accepts none."""
     model = embeddings_service.models[EMBED]
     plain = dataclasses.replace(model, spec=dataclasses.replace(model.spec, prompts={}))
-    service = SentenceService({EMBED: plain}, embeddings_service.encoders)
+    service = CohereEmbedService(SentenceService({EMBED: plain}, embeddings_service.encoders))
     body = {"model": EMBED, "texts": ["x"], "input_type": "search_query"}
-    response = await service.cohere(json.dumps(body).encode())
+    response = await service.embed(json.dumps(body).encode())
     assert response.status_code == 400
     assert b"does not define any input_type" in bytes(response.body)
     del body["input_type"]
-    assert (await service.cohere(json.dumps(body).encode())).status_code == 200
+    assert (await service.embed(json.dumps(body).encode())).status_code == 200
