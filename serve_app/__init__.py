@@ -4,7 +4,7 @@ Layers, each importing only from those below it (docs/architecture.md):
 - edge: `deployments` (Serve shells, app builders, deployment options), `handles` (the
   pipeline over deployment handles), `allocator`, `proxy_guard` (what a client may not
   tell Serve's proxy);
-- `api`: the FastAPI app, guards, routes, and the completions service;
+- `api`: the FastAPI app and its guards, and one package per API (its router and service);
 - `upstream` (Dispatcher and fleet), `sentence` (sentence embeddings) and `reference` (the
   embedded upstream), side by side;
 - `prompts`: tokenizer, chat template, wire format, embedding lookup;
