@@ -23,7 +23,7 @@ import secrets
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, NamedTuple, Protocol
 
 from jinja2 import TemplateError
 
@@ -46,12 +46,20 @@ def load_chat_template(value: str | None) -> str | None:
     return path.read_text()
 
 
+class EmbedsData(NamedTuple):
+    """A `prompt_embeds` part's base64 text, and its path in the request
+    (`messages.0.content.1.data`), which a refusal of the tensor names."""
+
+    param: str
+    data: str
+
+
 @dataclass(frozen=True)
 class RenderedChat:
     """Token-id runs, and in between the index of the `prompt_embeds` part that goes there."""
 
     segments: list[list[int] | int]
-    embeds: list[str]
+    embeds: list[EmbedsData]
 
     @property
     def token_count(self) -> int:
@@ -201,14 +209,15 @@ class _Placeholders:
 
     nonce: str
     template: ChatTemplate
-    embeds: list[str] = field(default_factory=list)
+    embeds: list[EmbedsData] = field(default_factory=list)
 
     @property
     def pattern(self) -> str:
         return f"<serve-app-(embeds|text)-{self.nonce}-(\\d+)>"
 
-    def embeds_part(self, data: str) -> str:
-        self.embeds.append(data)
+    def embeds_part(self, part: EmbedsPart, param: str) -> str:
+        """The placeholder of `part` (found at `param`), where its tensor is spliced in."""
+        self.embeds.append(EmbedsData(f"{param}.data", part.data))
         return f"<serve-app-embeds-{self.nonce}-{len(self.embeds) - 1}>"
 
     def text(self, value: Any, param: str) -> Any:
@@ -236,7 +245,8 @@ def _template_message(index: int, message: ChatMessage,
     content = message.content
     if isinstance(content, list):
         content = PART_SEPARATOR.join(
-            placeholders.embeds_part(part.data) if isinstance(part, EmbedsPart)
+            placeholders.embeds_part(part, f"{param}.content.{number}")
+            if isinstance(part, EmbedsPart)
             else placeholders.text(part.text, f"{param}.content.{number}.text")
             for number, part in enumerate(content))
     else:

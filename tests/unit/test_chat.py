@@ -237,7 +237,8 @@ async def test_chat_text_never_goes_upstream(
             {"id": "1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]}]},
          "messages.0.tool_calls"),
         ({"messages": [{"role": "user", "content": [
-            {"type": "prompt_embeds", "data": "bm90IGEgdGVuc29y"}]}]}, "messages"),
+            {"type": "prompt_embeds", "data": "bm90IGEgdGVuc29y"}]}]},
+         "messages.0.content.0.data"),
         ({"chat_template_kwargs": {"tokenize": True}}, "chat_template_kwargs"),
         ({"continue_final_message": True}, "continue_final_message"),
         ({"max_tokens": 0}, "max_tokens"),

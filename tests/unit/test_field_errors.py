@@ -2,7 +2,8 @@
 error's `param` and message, on every API: unknown fields, bad values and tool fields in
 messages, content parts and options. The request models refuse with pydantic's errors
 (validators raise `ValueError`s, never HTTP errors), and one mapping turns them into the
-OpenAI error."""
+OpenAI error. A client tensor refused after validation, by the safe decode, is named by its
+path too."""
 
 from __future__ import annotations
 
@@ -119,3 +120,34 @@ def test_request_models_refuse_with_validation_errors(
     error raised inside one would lose it."""
     with pytest.raises(ValidationError):
         MODELS[path].model_validate({**BASE[path], **change})
+
+
+NOT_A_TENSOR = "bm90IGEgdGVuc29y"  # valid base64 of text, not of a torch.save archive
+
+
+def embeds_part(data: str) -> dict[str, str]:
+    return {"type": "prompt_embeds", "data": data}
+
+
+@pytest.mark.parametrize(("path", "change", "param"), [
+    (CHAT, lambda good: {"messages": [
+        {"role": "system", "content": FRANCE},
+        said(TEXT, embeds_part(good), embeds_part(NOT_A_TENSOR))]},
+     "messages.1.content.2.data"),
+    (CHAT, lambda good: {"messages": [said(embeds_part(NOT_A_TENSOR), embeds_part(good))]},
+     "messages.0.content.0.data"),
+    (COMPLETIONS, lambda good: {"prompt": "", "prompt_embeds": [good, NOT_A_TENSOR]},
+     "prompt_embeds.1"),
+    (COMPLETIONS, lambda good: {"prompt": "", "prompt_embeds": NOT_A_TENSOR}, "prompt_embeds"),
+])
+async def test_a_refused_client_tensor_is_named_by_its_path(
+    gateway: httpx.AsyncClient, recorder: RecordingASGITransport, embed: Any, path: str,
+    change: Any, param: str,
+) -> None:
+    """A tensor the safe decode refuses (after validation) is named by the path of the part
+    or list item that carries it, beside well-formed ones."""
+    body = {**BASE[path], **change(embed(FRANCE))}
+    error = error_of(await gateway.post(path, json=body), 400)
+    assert (error["param"], error["code"]) == (param, "invalid_prompt_embeds")
+    assert param in error["message"]
+    assert recorder.bodies == []

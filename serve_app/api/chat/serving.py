@@ -77,7 +77,7 @@ class ChatService:
 
     def _splice(self, rendered: RenderedChat, max_tokens: int | None) -> PromptInput:
         """The templated prompt: token ids, or ids with the client's tensors in place."""
-        tensors = [self.served.decode(text, "messages") for text in rendered.embeds]
+        tensors = [self.served.decode(part.data, part.param) for part in rendered.embeds]
         rows = rendered.token_count + sum(int(t.shape[0]) for t in tensors)
         if rows == 0:
             raise GatewayError("The chat template produced an empty prompt.", 400,

@@ -69,7 +69,9 @@ class CompletionsService:
         self._check_token_ids(token_ids, request.max_tokens)
         upstream: list[PromptInput] = []
         if client_embeds:
-            upstream += await asyncio.to_thread(self._decode, client_embeds, request.max_tokens)
+            upstream += await asyncio.to_thread(
+                self._decode, client_embeds, isinstance(request.prompt_embeds, list),
+                request.max_tokens)
         # vLLM's order: the embeddings' choices first, then the text prompts'.
         upstream += token_ids
         self._check_request_rows(upstream)
@@ -111,12 +113,14 @@ class CompletionsService:
         if rows > self.served.max_prompt_tokens:
             raise self.served.over_request_budget(rows, "tokens")
 
-    def _decode(self, texts: list[str], max_tokens: int | None) -> list[PromptInput]:
+    def _decode(self, texts: list[str], listed: bool,
+                max_tokens: int | None) -> list[PromptInput]:
         """Client embeddings, each checked and in the model's dtype, as prompts of one
-        segment: the Embedder encodes them as it encodes everything it sends."""
+        segment: the Embedder encodes them as it encodes everything it sends. A refusal
+        names the tensor's path: `prompt_embeds`, or `prompt_embeds.1` in a `listed` one."""
         prompts: list[PromptInput] = []
         for index, text in enumerate(texts):
-            param = "prompt_embeds" if len(texts) == 1 else f"prompt_embeds[{index}]"
+            param = f"prompt_embeds.{index}" if listed else "prompt_embeds"
             tensor = self.served.decode(text, param)
             check_context(int(tensor.shape[0]), max_tokens, self.served.spec.max_model_len)
             prompts.append(SplicedPrompt((tensor,)))
