@@ -34,6 +34,8 @@ def json_strings(value: Any) -> Iterator[str]:
 
 _CONTENT_PART_TYPES = ("text", "prompt_embeds")
 
+_NO_TOOLS = "Tool calls are not supported by this gateway ({param})."
+
 
 def known_part_types(content: Any, accepted: tuple[str, ...], advice: str) -> Any:
     """`content` if each of its parts has an `accepted` type; else the first other part's
@@ -91,12 +93,11 @@ class ChatMessage(RequestModel):
     def _no_tools(cls, data: Any) -> Any:
         if not isinstance(data, dict):
             return data
-        refusal = "Tool calls are not supported by this gateway ({param})."
         for field in ("tool_calls", "function_call"):
             if data.get(field):
-                raise InvalidField(field, refusal, code="unsupported_parameter")
+                raise InvalidField(field, _NO_TOOLS, code="unsupported_parameter")
         if data.get("role") in ("tool", "function"):
-            raise InvalidField("role", refusal, code="unsupported_parameter")
+            raise InvalidField("role", _NO_TOOLS, code="unsupported_parameter")
         return data
 
     @field_validator("content", mode="before")
@@ -158,6 +159,14 @@ class ChatCompletionRequest(OpenAISampling, VllmSampling, StructuredOutputs):
         "mm_processor_kwargs": "multimodal inputs are not supported by this gateway",
         "echo": "echo is not supported by this gateway",
     }
+
+    @model_validator(mode="before")
+    @classmethod
+    def _no_tool_choice(cls, data: Any) -> Any:
+        """`tool_choice` other than "none" refused as `tools` is, whatever its shape."""
+        if isinstance(data, dict) and data.get("tool_choice") not in (None, "none"):
+            raise InvalidField("tool_choice", _NO_TOOLS, code="unsupported_parameter")
+        return data
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:

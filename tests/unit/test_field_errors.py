@@ -72,8 +72,14 @@ CASES = [
      "messages.1.tool_call_id", "unsupported_parameter"),
     (CHAT, {"messages": [USER, {"role": "tool", "content": CANARY}]}, "messages.1.role",
      "unsupported_parameter"),
+    (CHAT, {"messages": [USER, {"role": "assistant", "content": None, "function_call": {
+        "name": CANARY, "arguments": "{}"}}]}, "messages.1.function_call",
+     "unsupported_parameter"),
     (CHAT, {"messages": [USER], "tools": [{"type": "function", "function": {"name": 7}}]},
      "tools", "unsupported_parameter"),
+    (CHAT, {"messages": [USER], "tool_choice": "auto"}, "tool_choice", "unsupported_parameter"),
+    (CHAT, {"messages": [USER], "tool_choice": {"type": "function", "function": {
+        "name": CANARY}}}, "tool_choice", "unsupported_parameter"),
     # chat: nested options
     (CHAT, {"messages": [USER], "stream_options": {"include_usage": True, "foo": 1}},
      "stream_options.foo", "unrecognized_argument"),
