@@ -77,20 +77,21 @@ def check_sampling(request: SamplingRequest, max_tokens: int | None, logprobs: i
     if request.min_tokens and max_tokens is not None and request.min_tokens > max_tokens:
         raise GatewayError(f"min_tokens ({request.min_tokens}) is above max_tokens "
                            f"({max_tokens}).", 400, param="min_tokens")
-    for field, ids in _named_token_ids(request).items():
-        if any(i >= vocab_size for i in ids):
-            raise GatewayError(f"{field} names token ids outside the vocabulary "
-                               f"[0, {vocab_size}).", 400, param=field)
+    outside = [path for path, i in _named_token_ids(request).items() if i >= vocab_size]
+    if outside:
+        raise GatewayError(f"{outside[0]} is a token id outside the vocabulary "
+                           f"[0, {vocab_size}).", 400, param=outside[0])
     if request.top_k is not None and request.top_k > vocab_size:
         raise GatewayError(f"top_k is above the vocabulary size ({vocab_size}).", 400,
                            param="top_k")
 
 
-def _named_token_ids(request: SamplingRequest) -> dict[str, list[int]]:
-    """Every token id the request's sampling fields name, by field."""
-    return {"stop_token_ids": request.stop_token_ids or [],
-            "allowed_token_ids": request.allowed_token_ids or [],
-            "logit_bias": [int(key) for key in request.logit_bias or {}]}
+def _named_token_ids(request: SamplingRequest) -> dict[str, int]:
+    """Every token id the request's sampling fields name, by its path in the request
+    (`stop_token_ids.2`, `logit_bias.50000`)."""
+    named = {f"{field}.{index}": i for field in ("stop_token_ids", "allowed_token_ids")
+             for index, i in enumerate(getattr(request, field) or [])}
+    return named | {f"logit_bias.{key}": int(key) for key in request.logit_bias or {}}
 
 
 def check_forwarding(request: SamplingRequest, privacy: PrivacyConfig) -> None:

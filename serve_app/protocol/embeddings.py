@@ -124,9 +124,14 @@ class EmbeddingRequest(RequestModel):
         value: Any = self.input
         if value is None:
             return []
-        if isinstance(value, str) or (value and isinstance(value[0], int)):
-            return [value]
-        return list(value)
+        return list(value) if self.input_listed else [value]
+
+    @property
+    def input_listed(self) -> bool:
+        """Whether `input` lists its inputs (texts or token-id lists), each then named by
+        its index (`input.2`), rather than being one text or one token-id list."""
+        value = self.input
+        return isinstance(value, list) and not (value and isinstance(value[0], int))
 
 
 CohereEmbeddingType = Literal["float", "int8", "uint8", "binary", "ubinary", "base64"]

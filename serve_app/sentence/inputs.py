@@ -21,6 +21,12 @@ from serve_app.sentence.quantize import Calibration
 Truncation = Literal["START", "END"] | None
 
 
+def item_param(param: str, index: int, listed: bool) -> str:
+    """An input's path in the request, which its refusal names: the field `param` itself,
+    or its item (`input.2`, `texts.2`) where the field is a `listed` one."""
+    return f"{param}.{index}" if listed else param
+
+
 @dataclass
 class SentenceModel:
     name: str
@@ -56,50 +62,59 @@ class SentenceModel:
             return self.budget.truncated(text, limit, truncation)
         if self.budget.exceeds([text], limit):
             raise GatewayError(
-                f"An input has {len(text)} characters, more than this model's {limit} "
+                f"{param} has {len(text)} characters, more than this model's {limit} "
                 "tokens can hold. Ask for truncation, or shorten it.", 400, param=param,
                 code="context_length_exceeded")
         return text
 
     def text_chars(self, texts: Sequence[str], prompt: str, truncation: Truncation,
-                   limit: int, param: str) -> int:
+                   limit: int, param: str, listed: bool = True) -> int:
         """The characters tokenizing `texts` reads: each text with the prompt, cut first
         when truncated. An input that cannot fit, untruncated, is refused here."""
         kept = self.budget.kept_chars(limit)
         chars = 0
-        for text in texts:
+        for index, text in enumerate(texts):
             if truncation is None:
-                self._within_budget(text, None, limit, param)
+                self._within_budget(text, None, limit, item_param(param, index, listed))
             chars += len(prompt) + (len(text) if truncation is None else min(len(text), kept))
         return chars
 
     def tokenize(self, texts: Sequence[str], prompt: str, truncation: Truncation,
-                 limit: int, param: str) -> list[list[int]]:
-        prompted = [prompt + self._within_budget(t, truncation, limit, param) for t in texts]
+                 limit: int, param: str, listed: bool = True) -> list[list[int]]:
+        prompted = [prompt + self._within_budget(t, truncation, limit,
+                                                 item_param(param, index, listed))
+                    for index, t in enumerate(texts)]
         if truncation is None:
             ids = self.tokenizer(prompted).input_ids
         else:
             ids = self.truncating[truncation](prompted, truncation=True, max_length=limit)
             ids = ids.input_ids
-        return self.check([list(i) for i in ids], None, limit, param)
+        return self.check([list(i) for i in ids], None, limit, param, listed)
 
     def check(self, ids: list[list[int]], truncation: Truncation, limit: int,
-              param: str) -> list[list[int]]:
+              param: str, listed: bool = True) -> list[list[int]]:
+        """Each input's token ids, refused (by its path) when empty or, untruncated, over
+        `limit`; else cut to `limit` from the `truncation` side."""
         out = []
-        for sequence in ids:
+        for index, sequence in enumerate(ids):
+            item = item_param(param, index, listed)
             if not sequence:
-                raise GatewayError("An input has no tokens.", 400, param=param)
+                raise GatewayError(f"{item} has no tokens.", 400, param=item)
             if len(sequence) > limit:
                 if truncation is None:
                     raise GatewayError(
-                        f"An input has {len(sequence)} tokens; this model takes at most "
-                        f"{limit}. Ask for truncation, or shorten it.", 400, param=param,
+                        f"{item} has {len(sequence)} tokens; this model takes at most "
+                        f"{limit}. Ask for truncation, or shorten it.", 400, param=item,
                         code="context_length_exceeded")
                 sequence = sequence[-limit:] if truncation == "START" else sequence[:limit]
             out.append(sequence)
         return out
 
-    def check_vocab(self, ids: list[TokenIds]) -> None:
+    def check_vocab(self, ids: list[TokenIds], param: str, listed: bool) -> None:
+        """Given token ids within the vocabulary; a refusal names the input's path."""
         vocab = len(self.tokenizer)
-        if any(not 0 <= i < vocab for sequence in ids for i in sequence):
-            raise GatewayError(f"Token ids must lie in [0, {vocab}).", 400, param="input")
+        for index, sequence in enumerate(ids):
+            if any(not 0 <= i < vocab for i in sequence):
+                item = item_param(param, index, listed)
+                raise GatewayError(f"{item}: token ids must lie in [0, {vocab}).", 400,
+                                   param=item)

@@ -137,13 +137,15 @@ class SentenceService:
         return vectors[:, :size]
 
     async def tokenize(self, model: SentenceModel, texts: Sequence[str], prompt: str,
-                        truncation: Truncation, limit: int, param: str) -> list[list[int]]:
-        """A request's texts as token ids: each refused or cut to its limit, and all of
-        them within `limits.max_text_chars`, before any is tokenized."""
-        chars = model.text_chars(texts, prompt, truncation, limit, param)
+                        truncation: Truncation, limit: int, param: str,
+                        listed: bool = True) -> list[list[int]]:
+        """A request's texts as token ids: each refused (by its path, `texts.2`, or the
+        field itself where it is not `listed`) or cut to its limit, and all of them within
+        `limits.max_text_chars`, before any is tokenized."""
+        chars = model.text_chars(texts, prompt, truncation, limit, param, listed)
         check_text_chars(chars, self.limits, param)
         return await tokenize_off_loop_if_large(chars, model.tokenize, texts, prompt,
-                                                truncation, limit, param)
+                                                truncation, limit, param, listed)
 
 
 def normalised(vectors: torch.Tensor, normalise: bool) -> torch.Tensor:

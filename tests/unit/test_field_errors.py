@@ -2,8 +2,9 @@
 error's `param` and message, on every API: unknown fields, bad values and tool fields in
 messages, content parts and options. The request models refuse with pydantic's errors
 (validators raise `ValueError`s, never HTTP errors), and one mapping turns them into the
-OpenAI error. A client tensor refused after validation, by the safe decode, is named by its
-path too."""
+OpenAI error. What is refused after validation, by the safe decode or a check that needs
+the model (a client tensor, an input over the token limit, a token id outside the
+vocabulary), is named by its path too."""
 
 from __future__ import annotations
 
@@ -128,6 +129,7 @@ def test_request_models_refuse_with_validation_errors(
         MODELS[path].model_validate({**BASE[path], **change})
 
 
+
 NOT_A_TENSOR = "bm90IGEgdGVuc29y"  # valid base64 of text, not of a torch.save archive
 
 
@@ -155,5 +157,33 @@ async def test_a_refused_client_tensor_is_named_by_its_path(
     body = {**BASE[path], **change(embed(FRANCE))}
     error = error_of(await gateway.post(path, json=body), 400)
     assert (error["param"], error["code"]) == (param, "invalid_prompt_embeds")
+    assert param in error["message"]
+    assert recorder.bodies == []
+
+
+LONG = "paris " * 200  # more than the embedding model's 128 tokens
+
+
+@pytest.mark.parametrize(("path", "change", "param", "code"), [
+    (EMBEDDINGS, {"input": [[5, 6], []]}, "input.1", 400),
+    (EMBEDDINGS, {"input": [[5], [5, 10_000_000]]}, "input.1", 400),
+    (EMBEDDINGS, {"input": [5, 10_000_000]}, "input", 400),
+    (EMBEDDINGS, {"input": [FRANCE, FRANCE, LONG]}, "input.2", "context_length_exceeded"),
+    (EMBEDDINGS, {"input": LONG}, "input", "context_length_exceeded"),
+    (EMBEDDINGS, {"input": [list(range(5, 200))]}, "input.0", "context_length_exceeded"),
+    (COHERE, {"texts": [FRANCE, LONG], "truncate": "NONE"}, "texts.1",
+     "context_length_exceeded"),
+    (COMPLETIONS, {"stop_token_ids": [1, 300]}, "stop_token_ids.1", 400),
+    (CHAT, {"messages": [USER], "logit_bias": {"5": 1, "300": 1}}, "logit_bias.300",
+     400),
+])
+async def test_a_checked_input_is_refused_by_its_path(
+    gateway: httpx.AsyncClient, recorder: RecordingASGITransport, path: str,
+    change: dict[str, Any], param: str, code: str | int,
+) -> None:
+    """Checks that need the model (its vocabulary, its token limit) run after validation;
+    their refusals name the item of a list that fails, not the list."""
+    error = error_of(await gateway.post(path, json={**BASE[path], **change}), 400)
+    assert (error["param"], error["code"]) == (param, code)
     assert param in error["message"]
     assert recorder.bodies == []

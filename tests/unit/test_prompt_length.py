@@ -157,7 +157,7 @@ def test_truncation_tokenizes_only_what_it_keeps(demo_encoder_dir: Any, side: st
         ("/v1/embeddings", {"model": "serve-app-demo-embed", "input": "x " * (HUGE // 2)},
          "input"),
         ("/v2/embed", {"model": "serve-app-demo-embed", "texts": ["x " * (HUGE // 2)],
-                       "truncate": "NONE"}, "texts"),
+                       "truncate": "NONE"}, "texts.0"),
     ],
 )
 async def test_over_long_text_is_refused_before_it_is_tokenized(

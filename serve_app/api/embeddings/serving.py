@@ -79,10 +79,14 @@ class EmbeddingsService:
         if isinstance(inputs[0], str):
             texts = [t for t in inputs if isinstance(t, str)]
             return await self.sentence.tokenize(model, texts, model.spec.prompt(None),
-                                                truncation, limit, "input")
+                                                truncation, limit, "input",
+                                                request.input_listed)
+        # A chat's templated ids are one input, named by the field they come from.
+        param, listed = ("messages", False) if request.messages else (
+            "input", request.input_listed)
         given = [list(i) for i in inputs if isinstance(i, list)]
-        ids = model.check(given, truncation, limit, "input")
-        model.check_vocab(ids)
+        ids = model.check(given, truncation, limit, param, listed)
+        model.check_vocab(ids, param, listed)
         return ids
 
 
