@@ -8,12 +8,14 @@ vocabulary), is named by its path too."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from pydantic import ValidationError
 
+from serve_app import protocol
 from serve_app.protocol import (
     ChatCompletionRequest,
     CohereEmbedRequest,
@@ -128,6 +130,14 @@ def test_request_models_refuse_with_validation_errors(
     with pytest.raises(ValidationError):
         MODELS[path].model_validate({**BASE[path], **change})
 
+
+def test_request_validators_cannot_raise_http_errors() -> None:
+    """The request models know no HTTP error: one raised in a validator would escape
+    pydantic and reach the client without the field's location."""
+    package = Path(protocol.__file__).parent
+    speaking_http = [path.name for path in sorted(package.glob("*.py"))
+                     if "GatewayError" in path.read_text()]
+    assert speaking_http == []
 
 
 NOT_A_TENSOR = "bm90IGEgdGVuc29y"  # valid base64 of text, not of a torch.save archive
