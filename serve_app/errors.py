@@ -49,6 +49,12 @@ def shown(name: str) -> str:
     return name if len(name) <= 64 else name[:61] + "..."
 
 
+
+def item_param(param: str, index: int, listed: bool) -> str:
+    """An item's path in the request, which its refusal names: the field `param` itself,
+    or its item (`prompt.1`, `input.2`, `texts.2`) where the field is a `listed` one."""
+    return f"{param}.{index}" if listed else param
+
 class GatewayError(Exception):
     """A request failure with its HTTP status and OpenAI error fields."""
 

@@ -25,13 +25,15 @@ def check_model(model: str, served_name: str, embedding_models: Collection[str] 
         raise model_not_found(model)
 
 
-def check_context(rows: int, max_tokens: int | None, context: int) -> None:
-    """A prompt of `rows` tokens and `max_tokens` to generate fit in the model's context."""
+def check_context(rows: int, max_tokens: int | None, context: int,
+                  param: str = "prompt") -> None:
+    """A prompt of `rows` tokens and `max_tokens` to generate fit in the model's context;
+    a refusal names `max_tokens` where it is set, else the prompt's path `param`."""
     if rows + (max_tokens or 0) > context:
         raise GatewayError(
-            f"This model's maximum context length is {context} tokens; the request has "
-            f"{rows} prompt tokens and max_tokens {max_tokens or 0}.",
-            400, param="max_tokens" if max_tokens else "prompt",
+            f"This model's maximum context length is {context} tokens; {param} has "
+            f"{rows} tokens and max_tokens is {max_tokens or 0}.",
+            400, param="max_tokens" if max_tokens else param,
             code="context_length_exceeded")
 
 

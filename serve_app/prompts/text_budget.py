@@ -134,6 +134,6 @@ def too_long(chars: int, room: int, context: int, max_tokens: int | None,
     """The context-length 400, for text refused before it was tokenized."""
     left = f"the {room} tokens max_tokens {max_tokens} leaves" if max_tokens else f"{room} tokens"
     return GatewayError(
-        f"This model's maximum context length is {context} tokens; the prompt's {chars} "
-        f"characters are more than {left} may hold.", 400,
+        f"This model's maximum context length is {context} tokens; {param} has {chars} "
+        f"characters, more than {left} may hold.", 400,
         param="max_tokens" if max_tokens else param, code="context_length_exceeded")

@@ -54,6 +54,11 @@ class CompletionRequest(SamplingFields):
     def _prompt_shape(cls, value: Any) -> Any:
         return token_id_shape(value, "prompt")
 
+    def prompt_listed(self) -> bool:
+        """Whether `prompt` is a list of prompts, whose refusals then name the item."""
+        return isinstance(self.prompt, list) and bool(self.prompt) and not isinstance(
+            self.prompt[0], int)
+
     def text_prompts(self) -> list[str] | list[TokenIds]:
         """The `prompt` field as a list of texts or of token-id lists (maybe empty).
 

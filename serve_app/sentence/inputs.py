@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from serve_app.config import EncoderBatchingConfig, TurnMarkerPolicy
-from serve_app.errors import GatewayError
+from serve_app.errors import GatewayError, item_param
 from serve_app.prompts.chat_template import ChatTemplate
 from serve_app.prompts.text_budget import TextBudget
 from serve_app.protocol import TokenIds
@@ -19,12 +19,6 @@ from serve_app.sentence.encoder import SentenceSpec
 from serve_app.sentence.quantize import Calibration
 
 Truncation = Literal["START", "END"] | None
-
-
-def item_param(param: str, index: int, listed: bool) -> str:
-    """An input's path in the request, which its refusal names: the field `param` itself,
-    or its item (`input.2`, `texts.2`) where the field is a `listed` one."""
-    return f"{param}.{index}" if listed else param
 
 
 @dataclass

@@ -149,7 +149,7 @@ def test_truncation_tokenizes_only_what_it_keeps(demo_encoder_dir: Any, side: st
     ("path", "body", "param"),
     [
         ("/v1/completions", {"prompt": "x" * HUGE}, "prompt"),
-        ("/v1/completions", {"prompt": ["ok", "x" * HUGE]}, "prompt"),
+        ("/v1/completions", {"prompt": ["ok", "x" * HUGE]}, "prompt.1"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x" * HUGE}]},
          "messages"),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}],

@@ -82,7 +82,7 @@ class ChatService:
         if rows == 0:
             raise GatewayError("The chat template produced an empty prompt.", 400,
                                param="messages")
-        check_context(rows, max_tokens, self.served.spec.max_model_len)
+        check_context(rows, max_tokens, self.served.spec.max_model_len, "messages")
         if not tensors:
             return [i for run in rendered.segments if isinstance(run, list) for i in run]
         return SplicedPrompt(tuple(p if isinstance(p, list) else tensors[p]

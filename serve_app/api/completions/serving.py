@@ -15,7 +15,7 @@ from starlette.responses import Response
 
 from serve_app.api.served_model import ServedModel
 from serve_app.endpoint import answer
-from serve_app.errors import GatewayError
+from serve_app.errors import GatewayError, item_param
 from serve_app.limits import (
     check_context,
     check_embeds_compatible,
@@ -61,12 +61,13 @@ class CompletionsService:
         # Every prompt goes upstream as embeddings, so vLLM's refusals apply to all of them;
         # answering here also keeps the suffix text from ever leaving the gateway.
         check_embeds_compatible(request)
+        listed = request.prompt_listed()
         token_ids = await self._token_ids(prompts, request.add_special_tokens,
-                                          request.max_tokens)
+                                          request.max_tokens, listed)
         if not client_embeds and not token_ids:
             raise GatewayError("Either prompt or prompt_embeds must be given.", 400,
                                param="prompt")
-        self._check_token_ids(token_ids, request.max_tokens)
+        self._check_token_ids(token_ids, request.max_tokens, listed)
         upstream: list[PromptInput] = []
         if client_embeds:
             upstream += await asyncio.to_thread(
@@ -78,20 +79,21 @@ class CompletionsService:
         return await served.upstream_call(request, upstream, tenant), upstream
 
     async def _token_ids(self, prompts: list[str] | list[list[int]], add_special_tokens: bool,
-                         max_tokens: int | None) -> list[list[int]]:
+                         max_tokens: int | None, listed: bool) -> list[list[int]]:
         if not prompts or not isinstance(prompts[0], str):
             return prompts  # type: ignore[return-value]
         texts: list[str] = prompts
         # Long text is counted and tokenized off the event loop, its checks included.
         return await tokenize_off_loop_if_large(sum(map(len, texts)), self._tokenize,
-                                                texts, add_special_tokens, max_tokens)
+                                                texts, add_special_tokens, max_tokens, listed)
 
     def _tokenize(self, texts: list[str], add_special_tokens: bool,
-                  max_tokens: int | None) -> list[list[int]]:
-        """Text prompts to token ids, refused first if they cannot fit."""
+                  max_tokens: int | None, listed: bool) -> list[list[int]]:
+        """Text prompts to token ids, refused first (by their path) if they cannot fit."""
         served = self.served
-        for text in texts:
-            served.check_text_length(self.budget, [text], max_tokens, "prompt")
+        for index, text in enumerate(texts):
+            served.check_text_length(self.budget, [text], max_tokens,
+                                     item_param("prompt", index, listed))
         if self.budget.exceeds(texts, served.max_prompt_tokens):
             raise served.over_request_budget(sum(map(len, texts)), "characters")
         check_text_chars(sum(map(len, texts)), served.limits, "prompt")
@@ -99,14 +101,17 @@ class CompletionsService:
                                    split_special_tokens=self.split_special_tokens)
         return list(encoded.input_ids)
 
-    def _check_token_ids(self, prompts: list[list[int]], max_tokens: int | None) -> None:
+    def _check_token_ids(self, prompts: list[list[int]], max_tokens: int | None,
+                         listed: bool) -> None:
         vocab, context = self.served.spec.vocab_size, self.served.spec.max_model_len
-        for ids in prompts:
+        for index, ids in enumerate(prompts):
+            param = item_param("prompt", index, listed)
             if not ids:
-                raise GatewayError("A prompt has no tokens.", 400, param="prompt")
+                raise GatewayError(f"{param} has no tokens.", 400, param=param)
             if any(not 0 <= i < vocab for i in ids):
-                raise GatewayError(f"Token ids must lie in [0, {vocab}).", 400, param="prompt")
-            check_context(len(ids), max_tokens, context)
+                raise GatewayError(f"{param}: token ids must lie in [0, {vocab}).", 400,
+                                   param=param)
+            check_context(len(ids), max_tokens, context, param)
 
     def _check_request_rows(self, prompts: Sequence[PromptInput]) -> None:
         rows = sum(map(prompt_rows, prompts))
@@ -122,6 +127,7 @@ class CompletionsService:
         for index, text in enumerate(texts):
             param = f"prompt_embeds.{index}" if listed else "prompt_embeds"
             tensor = self.served.decode(text, param)
-            check_context(int(tensor.shape[0]), max_tokens, self.served.spec.max_model_len)
+            check_context(int(tensor.shape[0]), max_tokens, self.served.spec.max_model_len,
+                          param)
             prompts.append(SplicedPrompt((tensor,)))
         return prompts
