@@ -1,8 +1,10 @@
 """Real upstream servers on loopback ports, each in its own process, for the fleet tests.
 
 `fake`: a small vLLM-compatible `/v1/completions` server that checks the embeddings
-payload is there and decodes as base64, and can be made slow, failing, stalled or killed
-(mid-stream too) through `POST /admin/mode`, and asked to log digests of the rows it got.
+payload is there and decodes as base64, refuses what vLLM 0.26.0 refuses before it
+generates (`vllm_refusal`) in vLLM's error shape, and can be made slow, failing, stalled or
+killed (mid-stream too) through `POST /admin/mode`, and asked to log digests of the rows it
+got.
 Every request, finished answer and client disconnect is appended to a JSON-lines log,
 which outlives a killed process.
 `reference`: the project's reference upstream on the demo model.
@@ -23,6 +25,7 @@ import sys
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from http import HTTPStatus
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +50,52 @@ DEFAULT_MODE: dict[str, Any] = {
     "health_status": 200,     # status of GET /v1/models and /health
     "row_digests": 0,         # log a digest of each of the first N rows of the first prompt
 }
+
+MAX_PROMPTS = 1024
+"""vLLM's `VLLM_MAX_COMPLETION_PROMPTS` default: the most prompts, or prompt embeddings, one
+request may hold."""
+MAX_LOGPROBS = 20
+"""vLLM's `--max-logprobs` default."""
+
+
+def vllm_error(message: str, status: int = 400, param: str | None = None) -> dict[str, Any]:
+    """vLLM's error body: its `type` names the status, its `code` is the status itself."""
+    kind = "".join(HTTPStatus(status).phrase.split())
+    return {"error": {"message": message, "type": kind if kind.endswith("Error") else
+                      f"{kind}Error", "param": param, "code": status}}
+
+
+def vllm_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+    """The 400 vLLM 0.26.0 gives this completions body before generating, or None.
+
+    Its request model's checks (entrypoints/openai/completion/protocol.py), in its order,
+    then `logprobs` above `--max-logprobs`, which its engine checks: a streamed request
+    meets that one as its stream's first event (`logprobs_refusal`), after the 200.
+    """
+    embeds = body.get("prompt_embeds", body.get("prompt-embeds"))
+    prompt = body.get("prompt")
+    if body.get("stream_options") and not body.get("stream"):
+        return vllm_error("Stream options can only be defined when `stream=True`.",
+                          param="stream_options")
+    if prompt in (None, "") and embeds in (None, []):
+        return vllm_error("Either prompt or prompt_embeds must be provided and non-empty.",
+                          param="prompt")
+    one_token_list = isinstance(prompt, list) and all(isinstance(i, int) for i in prompt)
+    for name, items in (("prompt", None if one_token_list else prompt),
+                        ("prompt_embeds", embeds)):
+        if isinstance(items, list) and len(items) > MAX_PROMPTS:
+            return vllm_error(f"{name} list length {len(items)} exceeds the maximum allowed "
+                              f"count of {MAX_PROMPTS}. To increase this limit, set the "
+                              "VLLM_MAX_COMPLETION_PROMPTS environment variable.", param=name)
+    return logprobs_refusal(body)
+
+
+def logprobs_refusal(body: dict[str, Any]) -> dict[str, Any] | None:
+    logprobs = body.get("logprobs")
+    if isinstance(logprobs, int) and logprobs > MAX_LOGPROBS:
+        return vllm_error(f"Requested sample logprobs of {logprobs}, which is greater than "
+                          f"max allowed: {MAX_LOGPROBS}", param="logprobs")
+    return None
 
 
 def create_fake_app(name: str, log: Path) -> Starlette:
@@ -74,18 +123,22 @@ def create_fake_app(name: str, log: Path) -> Starlette:
         tag = body.get("cache_salt")  # the tests tag requests with an allowlisted field
         record("request", tag=tag, keys=sorted(body), model=body.get("model"),
                prompt=body.get("prompt"))
+        refusal = vllm_refusal({**body, "logprobs": None} if body.get("stream") else body)
+        if refusal is not None:
+            return JSONResponse(refusal, 400)
         items = embeds if isinstance(embeds, list) else [embeds]
         if embeds is None or not all(isinstance(item, str) and pybase64.b64decode(
                 item, validate=True) for item in items):
-            return JSONResponse({"error": {"message": "prompt embeds missing"}}, 400)
+            return JSONResponse(vllm_error("prompt embeds missing or not base64",
+                                           param="prompt_embeds"), 400)
         if mode["row_digests"]:
             record("rows", tag=tag, digests=row_digests(items[0], mode["row_digests"]))
         if mode["delay_s"]:
             await asyncio.sleep(mode["delay_s"])
         if mode["status"] != 200:
             headers = {"retry-after": str(mode["retry_after"])} if mode["retry_after"] else {}
-            return JSONResponse({"error": {"message": f"{name} refuses", "code": mode["status"]}},
-                                mode["status"], headers=headers)
+            return JSONResponse(vllm_error(f"{name} refuses", mode["status"]), mode["status"],
+                                headers=headers)
         answer = {"id": f"cmpl-{name}", "object": "text_completion", "created": 1,
                   "model": body.get("model")}
         usage = {"prompt_tokens": 0, "completion_tokens": mode["events"],
@@ -100,6 +153,13 @@ def create_fake_app(name: str, log: Path) -> Starlette:
                      body: dict[str, Any]) -> AsyncIterator[bytes]:
         finished = False
         try:
+            # vLLM meets `logprobs` above its limit once its stream has begun.
+            if (refusal := logprobs_refusal(body)) is not None:
+                yield b"data: " + json.dumps(refusal).encode() + b"\n\n"
+                yield b"data: [DONE]\n\n"
+                finished = True
+                record("done", tag=tag)
+                return
             for index in range(mode["events"]):
                 if index == mode["exit_after_events"]:
                     record("exit", tag=tag)

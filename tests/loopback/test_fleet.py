@@ -1,5 +1,6 @@
 """The dispatcher's fleet against real servers on loopback ports (no Ray): failover, health,
-routing by load, timeouts, cancellation, saturation, dialects and in-place reconfiguration.
+routing by load, timeouts, cancellation, saturation, dialects, in-place reconfiguration and
+vLLM's own refusals.
 
 Fake vLLM servers run in their own processes and are slowed, failed, killed and restarted
 for real; their logs say which server saw which request, finished it, or saw it cancelled.
@@ -32,7 +33,7 @@ from serve_app.prompts.embedder import EmbedderCore
 from serve_app.protocol import SamplingFields
 from serve_app.upstream.call import UpstreamCall, UpstreamReply
 from serve_app.upstream.dispatcher import DispatcherCore
-from tests.upstream_servers import ServerProcess
+from tests.upstream_servers import MAX_LOGPROBS, MAX_PROMPTS, ServerProcess
 
 DONE = b"data: [DONE]\n\n"
 FAST_HEALTH = HealthConfig(probe_interval_s=0.2, probe_timeout_s=0.5, failure_threshold=2,
@@ -418,6 +419,38 @@ async def test_reconfigure_in_place_keeps_streams_in_flight(fakes, make_core) ->
     assert head.status == 200 and events[-1] == DONE
     assert [p["choices"][0]["text"] for p in payloads(events)][-1] == "a9 "
     assert [row["url"] for row in core.status()] == [fakes["b"].url]
+
+
+# --------------------------------------------------------------------- vLLM's refusals
+
+
+async def test_more_prompts_than_vllm_takes_is_its_400_not_retried(fakes, make_core) -> None:
+    """vLLM 0.26.0 takes at most 1,024 prompt embeddings a request: its refusal reaches the
+    client with vLLM's words, and no other backend is asked."""
+    core = make_core(*fakes.values())
+    tag = new_tag("prompts")
+    reply = await core.complete(call(tag), EMBEDS * (MAX_PROMPTS + 1))
+    assert reply.status == 400
+    error = orjson.loads(reply.body)["error"]
+    assert f"maximum allowed count of {MAX_PROMPTS}" in error["message"]
+    assert sum(len(s.events("request", tag)) for s in fakes.values()) == 1
+
+
+async def test_logprobs_above_vllms_limit_end_the_stream_with_its_400(fakes,
+                                                                       make_core) -> None:
+    """vLLM checks `logprobs` against `--max-logprobs` once its stream has begun: the
+    client's stream carries vLLM's refusal, with vLLM's status, then [DONE]."""
+    core = make_core(fakes["a"])
+    fields = SamplingFields(max_tokens=4, cache_salt=new_tag("logprobs"), stream=True,
+                            logprobs=MAX_LOGPROBS + 1)
+    items = [item async for item in core.stream(
+        UpstreamCall("serve-app-demo", fields, stream=True), EMBEDS)]
+    head, events = items[0], items[1:]
+    assert isinstance(head, UpstreamReply) and head.status == 200
+    [error] = payloads(events)  # type: ignore[arg-type]
+    assert (error["error"]["code"], error["error"]["param"]) == (400, "logprobs")
+    assert "greater than max allowed" in error["error"]["message"]
+    assert events[-1] == DONE
 
 
 # --------------------------------------------------------------------- real generation
