@@ -18,6 +18,7 @@ from serve_app.protocol.sampling import (
     StructuredOutputs,
     VllmSampling,
     sampling_fields,
+    streamed_only,
 )
 
 
@@ -167,6 +168,8 @@ class ChatCompletionRequest(OpenAISampling, VllmSampling, StructuredOutputs):
         if isinstance(data, dict) and data.get("tool_choice") not in (None, "none"):
             raise InvalidField("tool_choice", _NO_TOOLS, code="unsupported_parameter")
         return data
+
+    _streamed_only = field_validator("stream_options")(streamed_only)
 
     @model_validator(mode="after")
     def _supported(self) -> ChatCompletionRequest:

@@ -10,7 +10,12 @@ from pydantic_core import PydanticCustomError
 
 from serve_app.protocol.base import TokenIds, token_id_shape
 from serve_app.protocol.common import ResponseModel, UsageInfo
-from serve_app.protocol.sampling import FORWARDED, SamplingFields, sampling_fields
+from serve_app.protocol.sampling import (
+    FORWARDED,
+    SamplingFields,
+    sampling_fields,
+    streamed_only,
+)
 
 
 class CompletionRequest(SamplingFields):
@@ -48,6 +53,8 @@ class CompletionRequest(SamplingFields):
                                           "send prompt_embeds or prompt-embeds, not both")
             data["prompt_embeds"] = nim_spelling
         return data
+
+    _streamed_only = field_validator("stream_options")(streamed_only)
 
     @field_validator("prompt", mode="before")
     @classmethod

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from typing import Annotated, Any, ClassVar
 
-from pydantic import Field, field_validator
+from pydantic import Field, ValidationInfo, field_validator
 from pydantic_core import PydanticCustomError
 
 from serve_app.protocol.base import TEXT_UPSTREAM, Int64, RequestModel, TokenIds
@@ -29,6 +29,17 @@ class StreamOptions(RequestModel):
     include_usage: bool | None = False
     continuous_usage_stats: bool | None = Field(
         None, description="vLLM: usage in every chunk.")
+
+
+def streamed_only(options: StreamOptions | None,
+                  info: ValidationInfo) -> StreamOptions | None:
+    """A client's `stream_options` on a request that does not stream is a 400, as OpenAI
+    and vLLM (0.26.0) answer it: forwarded, it would be vLLM's 400 or, where the gateway
+    streams from the upstream to apply the stops, silently taken."""
+    if options is not None and options.model_fields_set and not info.data.get("stream"):
+        raise PydanticCustomError("stream_options",
+                                  "stream_options can only be set when stream is true")
+    return options
 
 
 class OpenAISampling(RequestModel):

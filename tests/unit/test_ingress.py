@@ -318,6 +318,25 @@ async def test_fields_vllm_refuses_with_embeds_are_refused_before_upstream(
     assert recorder.bodies == []  # not even the suffix text left the gateway
 
 
+@pytest.mark.parametrize("stop", [None, ["x"]], ids=["no-stop", "gateway-stop"])
+@pytest.mark.parametrize("path", ["/v1/completions", "/v1/chat/completions"])
+async def test_stream_options_without_stream_is_refused_as_vllm_refuses_it(
+    gateway: httpx.AsyncClient, recorder: RecordingASGITransport, path: str,
+    stop: list[str] | None,
+) -> None:
+    """vLLM 0.26.0 and OpenAI answer it with a 400; forwarded, it would be vLLM's 400, or
+    taken silently where the gateway streams from the upstream to apply the stops."""
+    prompt: dict[str, Any] = ({"prompt": FRANCE} if path == "/v1/completions" else
+                              {"messages": [{"role": "user", "content": FRANCE}]})
+    response = await post(gateway, path, **prompt, stop=stop,
+                          stream_options={"include_usage": True}, **GREEDY)
+    error = error_of(response, 400)
+    assert error["param"] == "stream_options" and "stream is true" in error["message"]
+    assert recorder.bodies == []
+    empty = await post(gateway, path, **prompt, stop=stop, stream_options={}, **GREEDY)
+    assert empty.status_code == 200, empty.text  # vLLM takes an empty object too
+
+
 async def test_user_field_is_not_forwarded(
     gateway: httpx.AsyncClient, recorder: RecordingASGITransport
 ) -> None:
