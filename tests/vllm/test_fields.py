@@ -165,9 +165,8 @@ def test_logprobs_above_vllms_limit_is_a_400(gateway: openai.OpenAI) -> None:
 
 def test_stream_options_without_stream_is_vllms_400(gateway: openai.OpenAI,
                                                     vllm: openai.OpenAI) -> None:
-    """A difference from the reference upstream, which ignores it: vLLM refuses
-    `stream_options` on a request that does not stream (as OpenAI does), and the gateway
-    forwards what the client set."""
+    """vLLM refuses `stream_options` on a request that does not stream (as OpenAI does),
+    and so does the gateway, before the request leaves it."""
     for client in (vllm, gateway):
         with pytest.raises(openai.BadRequestError) as refused:
             client.completions.create(**BASE, stream_options={"include_usage": True})
