@@ -29,6 +29,29 @@ class StrictModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class AdapterConfig(StrictModel):
+    """A PEFT prompt adapter (soft prompt) served under a model name of its own
+    (docs/adapters.md)."""
+
+    name: str = Field(
+        description="Model id clients send to select it; /v1/models lists it with `parent` "
+        "the served model.",
+    )
+    path: str = Field(
+        description="The folder PEFT's `save_pretrained` wrote: `adapter_config.json` "
+        "(`peft_type` PROMPT_TUNING or P_TUNING) and `adapter_model.safetensors`, or "
+        "`adapter_model.bin` (read with torch's weights-only loader; pickled objects are "
+        "refused).",
+    )
+
+    @field_validator("name", "path")
+    @classmethod
+    def _not_blank(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be blank")
+        return value
+
+
 class ModelConfig(StrictModel):
     """The LLM the upstream serves: the gateway tokenizes with it and reads only its
     input-embedding matrix."""
@@ -60,6 +83,13 @@ class ModelConfig(StrictModel):
             "Jinja chat template (the text, or a path to a file holding it) for models "
             "without one, or to replace theirs."
         ),
+    )
+    adapters: list[AdapterConfig] = Field(
+        default_factory=list,
+        description="Prompt-tuning and P-tuning adapters of this model: each one's virtual "
+        "tokens lead every prompt of a request that names it. Each takes virtual tokens x "
+        "hidden size x the dtype's bytes on the Embedder's device and in each ingress "
+        "replica's memory.",
     )
 
     @field_validator("source")
@@ -378,6 +408,11 @@ class TransformConfig(StrictModel):
         "clients that send embeddings chose them (perhaps already transformed, with "
         "`serve_app.client`), and noise on top would cost quality twice.",
     )
+    apply_to_adapters: bool = Field(
+        True, description="Transform the virtual tokens' rows of `model.adapters` as text "
+        "rows are. Off: they go upstream as trained, which tells the upstream which adapter "
+        "a request chose (docs/adapters.md).",
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> TransformConfig:
@@ -541,7 +576,8 @@ class AppConfig(StrictModel):
 
     @model_validator(mode="after")
     def _unique_names(self) -> AppConfig:
-        names = [self.model.name] + [m.name for m in self.embedding_models]
+        names = ([self.model.name] + [a.name for a in self.model.adapters]
+                 + [m.name for m in self.embedding_models])
         duplicates = sorted({n for n in names if names.count(n) > 1})
         if duplicates:
             raise ValueError(f"served model names must be unique: {', '.join(duplicates)}")

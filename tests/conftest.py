@@ -79,3 +79,25 @@ def fakes(servers: dict[str, ServerProcess]) -> dict[str, ServerProcess]:
     for server in servers.values():
         server.reset()
     return servers
+
+
+# --------------------------------------------------------------------- prompt adapters
+
+
+@pytest.fixture(scope="session")
+def prompt_tuning_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A PROMPT_TUNING adapter of the demo model, trained and saved by PEFT."""
+    from tests.peft_adapters import train_adapter
+
+    return train_adapter(demo_model_dir, tmp_path_factory.mktemp("prompt-tuning"),
+                         "PROMPT_TUNING")
+
+
+@pytest.fixture(scope="session")
+def p_tuning_dir(demo_model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A P_TUNING adapter (an MLP prompt encoder) of the demo model, trained and saved by
+    PEFT."""
+    from tests.peft_adapters import train_adapter
+
+    return train_adapter(demo_model_dir, tmp_path_factory.mktemp("p-tuning"), "P_TUNING",
+                         virtual_tokens=6)

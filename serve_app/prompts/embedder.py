@@ -1,11 +1,12 @@
 """EmbedderCore: prompts -> input-embedding lookup -> transform -> encoded prompt embeddings.
 
 A prompt is token ids, or segments of token ids and client tensors (`SplicedPrompt`, for
-chat parts and client embeddings): ids are looked up, tensors joined in place, the batch is
-transformed on the matrix's device (`transforms`), and every prompt is encoded for the
-upstream here. Plain Python (no Ray): the Serve deployment in `deployments.py` batches
-calls into it, one `EmbedRequest` per request, and records what `embed_measured` says each
-lookup cost as metrics.
+chat parts and client embeddings): ids are looked up, tensors joined in place, a request's
+prompt adapter's rows put first (`adapters`), the batch is transformed on the matrix's
+device (`transforms`), and every prompt is encoded for the upstream here. Plain Python
+(no Ray): the Serve deployment in `deployments.py` batches calls into it, one
+`EmbedRequest` per request, and records what `embed_measured` says each lookup cost as
+metrics.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import numpy as np
 import torch
 
 from serve_app.config import ModelConfig, TransformConfig
+from serve_app.prompts.adapters import PromptAdapter, load_prompt_adapters
 from serve_app.prompts.checkpoint import load_input_embeddings, read_model_spec, select_device
 from serve_app.prompts.codec import EncodedPromptEmbeds, encode_prompt_embeds
 from serve_app.prompts.tenants import SHARED_TENANT
@@ -48,11 +50,14 @@ PromptInput = Sequence[int] | SplicedPrompt
 
 @dataclass(frozen=True)
 class EmbedRequest:
-    """One request's prompts, in vLLM's order, and its tenant (`prompts.tenants`): what
-    the Dispatcher asks of the Embedder in one call, however many prompts it has."""
+    """One request's prompts, in vLLM's order, its tenant (`prompts.tenants`) and the
+    prompt adapter it names, if any: what the Dispatcher asks of the Embedder in one call,
+    however many prompts it has."""
 
     prompts: tuple[PromptInput, ...]
     tenant: str = SHARED_TENANT
+    adapter: str | None = None
+    """`model.adapters[].name`: its virtual tokens' rows lead each of the prompts."""
 
 
 def prompt_rows(prompt: PromptInput) -> int:
@@ -131,37 +136,45 @@ class EmbedderCore:
     """Holds only the input-embedding matrix of the served model, and its transform."""
 
     def __init__(self, weight: torch.Tensor, transform: PromptTransform | None = None,
-                 transform_client_embeds: bool = False) -> None:
+                 transform_client_embeds: bool = False,
+                 adapters: dict[str, PromptAdapter] | None = None,
+                 transform_adapters: bool = True) -> None:
         if weight.dim() != 2:
             raise ValueError("the input-embedding weight must be (vocab, hidden)")
         self.weight = weight
         self.transform = transform
         self.transform_client_embeds = transform_client_embeds
+        self.adapters = adapters or {}
+        """The prompt adapters by name, their rows on the matrix's device."""
+        self.transform_adapters = transform_adapters
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path, config: ModelConfig,
                         privacy: TransformConfig | None = None) -> EmbedderCore:
         privacy = privacy or TransformConfig()
-        dtype = read_model_spec(model_dir, config).dtype
+        spec = read_model_spec(model_dir, config)
         device = select_device(config.device)
-        weight = load_input_embeddings(model_dir, dtype, device)
-        return cls(weight, build_transform(privacy, weight), privacy.apply_to_client_embeds)
+        weight = load_input_embeddings(model_dir, spec.dtype, device)
+        adapters = load_prompt_adapters(config.adapters, spec, weight.device)
+        return cls(weight, build_transform(privacy, weight), privacy.apply_to_client_embeds,
+                   adapters, privacy.apply_to_adapters)
 
     @property
     def dtype(self) -> torch.dtype:
         return self.weight.dtype
 
-    def embed_batch(self, batch: Sequence[PromptInput],
-                    tenants: Sequence[str] | None = None) -> list[EncodedPromptEmbeds]:
+    def embed_batch(self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None,
+                    adapters: Sequence[str | None] | None = None) -> list[EncodedPromptEmbeds]:
         """Each prompt's rows (`rows`), encoded for the upstream."""
-        return [encode_prompt_embeds(rows) for rows in self.rows(batch, tenants)]
+        return [encode_prompt_embeds(rows) for rows in self.rows(batch, tenants, adapters)]
 
     def embed_measured(
-        self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None
+        self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None,
+        adapters: Sequence[str | None] | None = None,
     ) -> tuple[list[EncodedPromptEmbeds], BatchStats]:
         """`embed_batch`, and what the batch cost."""
         clock = StageClock(self.weight.device)
-        rows = self.rows(batch, tenants, clock=clock)
+        rows = self.rows(batch, tenants, adapters, clock=clock)
         encoded = [encode_prompt_embeds(prompt_rows) for prompt_rows in rows]
         clock.lap("encode")
         stats = BatchStats(prompts=len(batch), rows=sum(int(r.shape[0]) for r in rows),
@@ -177,11 +190,13 @@ class EmbedderCore:
         batch of requests can hold many more prompts than one lookup should."""
         prompts = [prompt for request in requests for prompt in request.prompts]
         tenants = [request.tenant for request in requests for _ in request.prompts]
+        adapters = [request.adapter for request in requests for _ in request.prompts]
         encoded: list[EncodedPromptEmbeds] = []
         stats: list[BatchStats] = []
         for start in range(0, len(prompts), max(1, max_prompts)):
             stop = start + max(1, max_prompts)
-            part, cost = self.embed_measured(prompts[start:stop], tenants[start:stop])
+            part, cost = self.embed_measured(prompts[start:stop], tenants[start:stop],
+                                             adapters[start:stop])
             encoded += part
             stats.append(cost)
         answers: list[list[EncodedPromptEmbeds]] = []
@@ -190,19 +205,22 @@ class EmbedderCore:
             del encoded[:len(request.prompts)]
         return answers, stats
 
-    def rows(self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None, *,
+    def rows(self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None,
+             adapters: Sequence[str | None] | None = None, *,
              clock: StageClock | None = None) -> list[torch.Tensor]:
         """What goes upstream: each prompt's rows, transformed; one CPU tensor per prompt.
 
         `tenants` names each prompt's tenant, in the batch's order (`prompts.tenants`:
         `api_key_tenant(key)`, or `SHARED_TENANT`); None puts every prompt in the shared
-        one. Only a keyed transform reads them. With a `clock`, the lookup and transform
+        one. Only a keyed transform reads them. `adapters` names each prompt's prompt
+        adapter (or None), whose rows go first. With a `clock`, the lookup and transform
         stages are timed on it."""
         tenants = [SHARED_TENANT] * len(batch) if tenants is None else list(tenants)
         if len(tenants) != len(batch):
             raise ValueError("rows() takes one tenant per prompt")
-        if self.transform is None or not any(map(self._transforms, batch)):
-            looked_up = self.lookup(batch)
+        leads = self._leads(adapters, len(batch))
+        if self.transform is None or not any(map(self._transforms, batch, leads)):
+            looked_up = self.lookup(batch, leads)
             if clock:
                 clock.lap("lookup")
             return looked_up
@@ -212,32 +230,54 @@ class EmbedderCore:
             flat = torch.nn.functional.embedding(ids, self.weight)
             if clock:
                 clock.lap("lookup")
-            if all(not isinstance(prompt, SplicedPrompt) for prompt in batch):
+            if all(not isinstance(prompt, SplicedPrompt) and lead is None
+                   for prompt, lead in zip(batch, leads, strict=True)):
                 lengths = [prompt_rows(prompt) for prompt in batch]
                 transformed = self.transform(flat, ids, lengths, tenants)
                 out = list(_to_host(transformed).split(lengths))
             else:
-                out = self._spliced_rows(batch, tenants,
+                out = self._spliced_rows(batch, tenants, leads,
                                          iter(flat.split([len(run) for run in runs])))
         if clock:
             clock.lap("transform")
         return out
 
-    def _transforms(self, prompt: PromptInput) -> bool:
+    def _leads(self, adapters: Sequence[str | None] | None,
+               prompts: int) -> list[PromptAdapter | None]:
+        """Each prompt's adapter, by its name."""
+        if adapters is None:
+            return [None] * prompts
+        if len(adapters) != prompts:
+            raise ValueError("rows() takes one adapter (or None) per prompt")
+        unknown = sorted({name for name in adapters if name and name not in self.adapters})
+        if unknown:
+            raise ValueError(f"no prompt adapter named {', '.join(unknown)} is loaded")
+        return [self.adapters[name] if name else None for name in adapters]
+
+    def _transforms(self, prompt: PromptInput, lead: PromptAdapter | None = None) -> bool:
         """Whether the transform changes any of this prompt's rows."""
-        return self.transform_client_embeds or bool(_token_runs(prompt))
+        return (self.transform_client_embeds or bool(_token_runs(prompt))
+                or (lead is not None and self.transform_adapters))
 
     def _spliced_rows(self, batch: Sequence[PromptInput], tenants: Sequence[str],
+                      leads: Sequence[PromptAdapter | None],
                       looked_up: Iterator[torch.Tensor]) -> list[torch.Tensor]:
-        """Prompts with client tensors: each prompt's rows joined on the device, the batch
-        transformed at once, and client rows put back when they stay as sent."""
+        """Prompts with client tensors or an adapter: each prompt's rows joined on the
+        device, the batch transformed at once, and client and adapter rows put back where
+        they stay as they are."""
         parts: list[torch.Tensor] = []
         positions: list[list[int]] = []
-        kept: list[tuple[int, torch.Tensor]] = []  # (start row, client rows left as sent)
+        kept: list[tuple[int, torch.Tensor]] = []  # (start row, rows left as they are)
         start = 0
-        for prompt in batch:
+        for prompt, lead in zip(batch, leads, strict=True):
             segments = prompt.segments if isinstance(prompt, SplicedPrompt) else [prompt]
             content: list[int] = []
+            if lead is not None:
+                parts.append(lead.rows)
+                content += lead.contents
+                if not self.transform_adapters:
+                    kept.append((start, lead.rows))
+                start += lead.virtual_tokens
             for segment in segments:
                 if isinstance(segment, torch.Tensor):
                     rows = segment.to(self.weight.device, self.dtype)
@@ -258,9 +298,10 @@ class EmbedderCore:
             out[row:row + rows.shape[0]] = rows
         return list(_to_host(out).split(lengths))
 
-    def lookup(self, batch: Sequence[PromptInput]) -> list[torch.Tensor]:
+    def lookup(self, batch: Sequence[PromptInput],
+               leads: Sequence[PromptAdapter | None] | None = None) -> list[torch.Tensor]:
         """The rows before any transform: one lookup for the whole batch; one CPU tensor
-        per prompt.
+        per prompt, after its adapter's rows where `leads` names one.
 
         Plain token-id prompts come back as views of one copy; spliced prompts are joined
         with their tensors, cast to the model's dtype.
@@ -269,12 +310,14 @@ class EmbedderCore:
         looked_up = iter(_to_host(self._device_rows(runs)).split([len(r) for r in runs])
                          if runs else [])
         out = []
-        for prompt in batch:
-            if not isinstance(prompt, SplicedPrompt):
+        for prompt, lead in zip(batch, leads or [None] * len(batch), strict=True):
+            if not isinstance(prompt, SplicedPrompt) and lead is None:
                 out.append(next(looked_up))
                 continue
-            rows = [next(looked_up) if isinstance(segment, list) else segment.to(self.dtype)
-                    for segment in prompt.segments]
+            segments = prompt.segments if isinstance(prompt, SplicedPrompt) else (prompt,)
+            rows = [] if lead is None else [lead.rows.cpu()]
+            rows += [segment.to(self.dtype) if isinstance(segment, torch.Tensor)
+                     else next(looked_up) for segment in segments]
             # A client tensor alone is encoded as it is: joining one segment would copy it.
             out.append(rows[0] if len(rows) == 1 else torch.cat(rows))
         return out
