@@ -53,9 +53,9 @@ class ServeEmbedder:
     def __init__(self, embedder: DeploymentHandle) -> None:
         self.handle = via_object_store(embedder)
 
-    async def __call__(self, prompts: Sequence[PromptInput],
-                       tenant: str) -> Sequence[EncodedPromptEmbeds]:
-        response = self.handle.embed.remote(EmbedRequest(tuple(prompts), tenant))
+    async def __call__(self, prompts: Sequence[PromptInput], tenant: str,
+                       adapter: str | None) -> Sequence[EncodedPromptEmbeds]:
+        response = self.handle.embed.remote(EmbedRequest(tuple(prompts), tenant, adapter))
         try:
             embeds: Sequence[EncodedPromptEmbeds] = await response
         except asyncio.CancelledError:

@@ -48,10 +48,10 @@ class InProcessPipeline:
         self.dispatcher = dispatcher
         self.prompts = PromptDispatcher(dispatcher, self._embed)
 
-    async def _embed(self, prompts: Sequence[PromptInput],
-                     tenant: str) -> list[EncodedPromptEmbeds]:
+    async def _embed(self, prompts: Sequence[PromptInput], tenant: str,
+                     adapter: str | None) -> list[EncodedPromptEmbeds]:
         return await asyncio.to_thread(self.embedder.embed_batch, prompts,
-                                       [tenant] * len(prompts))
+                                       [tenant] * len(prompts), [adapter] * len(prompts))
 
     async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
                        tenant: str) -> UpstreamReply:

@@ -1,10 +1,10 @@
 """ServedModel: what the completions and chat APIs share of the model they serve, and the
 pipeline call that answers both.
 
-Its tokenizer and limits, the length checks before tokenizing, the client-tensor decode,
-the sampling and forwarding checks; for a request's prompts, the payload size, the prefix
-key and the stop rule of its `UpstreamCall`; then the call itself (`respond`), whose stream
-goes back to the client through `relay`.
+Its tokenizer and limits, its prompt adapters (`select`), the length checks before
+tokenizing, the client-tensor decode, the sampling and forwarding checks; for a request's
+prompts, the payload size, the prefix key and the stop rule of its `UpstreamCall`; then
+the call itself (`respond`), whose stream goes back to the client through `relay`.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ from starlette.responses import Response, StreamingResponse
 from serve_app.api.pipeline import Pipeline
 from serve_app.config import AppConfig
 from serve_app.errors import GatewayError, to_gateway_error
-from serve_app.limits import check_forwarding, check_sampling
+from serve_app.limits import check_forwarding, check_model, check_sampling
 from serve_app.observability import access, request_id
+from serve_app.prompts.adapters import PromptAdapter, load_prompt_adapters
 from serve_app.prompts.chat_template import load_chat_template
 from serve_app.prompts.checkpoint import (
     ModelSpec,
@@ -55,7 +56,7 @@ class ServedModel:
 
     def __init__(
         self, config: AppConfig, tokenizer: Any, spec: ModelSpec, pipeline: Pipeline,
-        chat_template: str | None = None,
+        chat_template: str | None = None, adapters: dict[str, PromptAdapter] | None = None,
     ) -> None:
         self.served_name = config.model.name
         self.embedding_models = {model.name for model in config.embedding_models}
@@ -75,16 +76,32 @@ class ServedModel:
         self.keyed = config.privacy.transform.kind == "keyed_gaussian"
         self.tenants_by_key = config.privacy.transform.tenant == "api_key"
         self.max_prompt_tokens = self.limits.prompt_tokens_cap(spec.max_model_len)
+        self.adapters = adapters or {}
+        """The prompt adapters by name, on the CPU: their rows' count bounds a request's
+        length, and their rows' bytes key its route."""
 
     @classmethod
     def from_config(cls, config: AppConfig, pipeline: Pipeline) -> ServedModel:
         model_dir = resolve_model_dir(config.model, weights=False)
         spec = read_model_spec(model_dir, config.model)
         return cls(config, load_tokenizer(model_dir), spec, pipeline,
-                   load_chat_template(config.model.chat_template))
+                   load_chat_template(config.model.chat_template),
+                   load_prompt_adapters(config.model.adapters, spec))
 
-    def model_card(self) -> ModelCard:
-        return ModelCard(id=self.served_name, max_model_len=self.spec.max_model_len)
+    def model_cards(self) -> list[ModelCard]:
+        """The served model, then each prompt adapter with it as `parent`."""
+        context = self.spec.max_model_len
+        return [ModelCard(id=self.served_name, max_model_len=context),
+                *(ModelCard(id=name, max_model_len=context, parent=self.served_name)
+                  for name in self.adapters)]
+
+    def select(self, model: str) -> PromptAdapter | None:
+        """The prompt adapter a request's `model` names, None for the served model itself,
+        else the 404 of an unknown model."""
+        adapter = self.adapters.get(model)
+        if adapter is None:
+            check_model(model, self.served_name, self.embedding_models)
+        return adapter
 
     def tenant(self, key_tenant: str | None) -> str:
         """A request's tenant: its API key's (`key_tenant`, from the key check) under
@@ -94,9 +111,10 @@ class ServedModel:
     # ------------------------------------------------------------------ checks before work
 
     def check_text_length(self, budget: TextBudget, texts: Sequence[str],
-                          max_tokens: int | None, param: str) -> None:
-        """Length before work: refuse text that cannot fit before tokenizing any of it."""
-        room = max(0, self.spec.max_model_len - (max_tokens or 0))
+                          max_tokens: int | None, param: str, virtual_tokens: int = 0) -> None:
+        """Length before work: refuse text that cannot fit before tokenizing any of it,
+        beside an adapter's `virtual_tokens`."""
+        room = max(0, self.spec.max_model_len - (max_tokens or 0) - virtual_tokens)
         if budget.exceeds(texts, room):
             raise too_long(sum(map(len, texts)), room, self.spec.max_model_len, max_tokens,
                            param)
@@ -120,23 +138,34 @@ class ServedModel:
     # ------------------------------------------------------------------ the upstream call
 
     async def upstream_call(self, request: PromptRequest, prompts: Sequence[PromptInput],
-                            tenant: str, chat: ChatShape | None = None) -> UpstreamCall:
-        """The call for a request's prompts: its allowlisted fields and stop rule, the
-        payload size and the routing key."""
+                            tenant: str, chat: ChatShape | None = None,
+                            adapter: PromptAdapter | None = None) -> UpstreamCall:
+        """The call for a request's prompts (each led by `adapter`'s rows, if any): its
+        allowlisted fields and stop rule, the payload size and the routing key."""
         fields, stops = self._stops(request)
         return UpstreamCall(self.served_name, fields, bool(request.stream), chat=chat,
-                            payload_bytes=self._payload_bytes(prompts),
+                            payload_bytes=self._payload_bytes(prompts, adapter),
                             request_id=request_id.current(),
-                            prefix_key=await self._prefix_key(prompts, tenant),
-                            stops=stops)
+                            prefix_key=await self._prefix_key(prompts, tenant, adapter),
+                            stops=stops, adapter=adapter.name if adapter else None)
 
-    def _payload_bytes(self, prompts: Sequence[PromptInput]) -> int:
+    def _payload_bytes(self, prompts: Sequence[PromptInput],
+                       adapter: PromptAdapter | None) -> int:
         """The base64 the upstream call will carry, known before any lookup."""
         row_bytes = self.spec.hidden_size * self.spec.dtype.itemsize
-        return sum(base64_length(prompt_rows(prompt) * row_bytes) for prompt in prompts)
+        virtual = adapter.virtual_tokens if adapter else 0
+        return sum(base64_length((virtual + prompt_rows(prompt)) * row_bytes)
+                   for prompt in prompts)
 
-    async def _prefix_key(self, prompts: Sequence[PromptInput], tenant: str) -> int | None:
-        """The request's routing key; client tensor rows are hashed off the event loop."""
+    async def _prefix_key(self, prompts: Sequence[PromptInput], tenant: str,
+                          adapter: PromptAdapter | None) -> int | None:
+        """The request's routing key; client tensor rows are hashed off the event loop.
+        An adapter's rows lead the prompt as client rows would: the backend's cache keys
+        on the rows, whoever made them."""
+        if prompts and adapter is not None:
+            first = prompts[0]
+            segments = first.segments if isinstance(first, SplicedPrompt) else (list(first),)
+            prompts = [SplicedPrompt((adapter.rows, *segments))]
         key_of = functools.partial(prefix_key, prompts, self.routing.block_size,
                                    self.routing.prefix_blocks, tenant if self.keyed else None)
         if prompts and isinstance(prompts[0], SplicedPrompt):

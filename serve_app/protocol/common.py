@@ -44,6 +44,8 @@ class ModelCard(ResponseModel):
     created: int = Field(default_factory=lambda: int(time.time()))
     owned_by: str = "serve_app"
     max_model_len: int | None = None
+    parent: str | None = Field(None, description="The model a prompt adapter adapts, as "
+                               "vLLM names a LoRA adapter's base; null for a base model.")
 
 
 class ModelList(ResponseModel):

@@ -38,8 +38,8 @@ class AnswerShaper(Protocol):
 
 def shaper_for(call: UpstreamCall, prompt_rows: int) -> AnswerShaper:
     if call.chat is not None:
-        return ChatAnswers(call.served_model, prompt_rows, call.chat)
-    return CompletionAnswers(call.served_model, prompt_rows)
+        return ChatAnswers(call.answered_model, prompt_rows, call.chat)
+    return CompletionAnswers(call.answered_model, prompt_rows)
 
 
 @dataclass

@@ -45,6 +45,15 @@ class UpstreamCall:
     stops: StopRule | None = None
     """The stop strings the gateway applies itself (`fields` carries none of them): the
     upstream streams, and each choice is cut here at its first stop."""
+    adapter: str | None = None
+    """The prompt adapter the request names as its model (`model.adapters`): the Embedder
+    puts its rows before each prompt's, the upstream is asked for the served model, and
+    the answers name the adapter."""
+
+    @property
+    def answered_model(self) -> str:
+        """The model the client's answers name: the one it asked for."""
+        return self.adapter or self.served_model
 
 
 @dataclass(frozen=True)

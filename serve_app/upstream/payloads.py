@@ -25,9 +25,10 @@ from serve_app.prompts.embedder import PromptInput
 from serve_app.upstream.call import StreamItem, UpstreamCall, UpstreamReply
 from serve_app.upstream.dispatcher import DispatcherCore
 
-Embed = Callable[[Sequence[PromptInput], str], Awaitable[Sequence[EncodedPromptEmbeds]]]
-"""A request's prompts and tenant to their encoded embeddings, in the prompts' order:
-one call per request."""
+Embed = Callable[[Sequence[PromptInput], str, str | None],
+                 Awaitable[Sequence[EncodedPromptEmbeds]]]
+"""A request's prompts, tenant and prompt adapter (or None) to their encoded embeddings,
+in the prompts' order: one call per request."""
 
 
 class PayloadBudget:
@@ -117,9 +118,9 @@ class PromptDispatcher:
             PayloadHold]:
         return self.budget.holding(call.payload_bytes, self.core.fleet.config.max_queue_wait_s)
 
-    async def _embeds(self, prompts: Sequence[PromptInput],
+    async def _embeds(self, call: UpstreamCall, prompts: Sequence[PromptInput],
                       tenant: str) -> Sequence[EncodedPromptEmbeds]:
-        return await self.embed(prompts, tenant) if prompts else []
+        return await self.embed(prompts, tenant, call.adapter) if prompts else []
 
     async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
                        tenant: str) -> UpstreamReply:
@@ -128,7 +129,7 @@ class PromptDispatcher:
         request_id.bind(call.request_id)
         try:
             async with self._holding(call):
-                return await self.core.complete(call, await self._embeds(prompts, tenant))
+                return await self.core.complete(call, await self._embeds(call, prompts, tenant))
         except Exception as exc:
             return UpstreamReply.of(to_gateway_error(exc))
 
@@ -139,7 +140,7 @@ class PromptDispatcher:
         request_id.bind(call.request_id)
         try:
             async with self._holding(call):
-                items = self.core.stream(call, await self._embeds(prompts, tenant))
+                items = self.core.stream(call, await self._embeds(call, prompts, tenant))
                 head = await anext(items)  # the core keeps no payload past its head
         except Exception as exc:
             yield UpstreamReply.of(to_gateway_error(exc))

@@ -267,8 +267,10 @@ class Model(Strict):
     created: int
     object: Literal["model"]
     owned_by: str
-    # vLLM: the model's context length (vLLM also sends root, parent and permission).
+    # vLLM: the model's context length, and an adapter's base model (vLLM also sends root
+    # and permission).
     max_model_len: int | None = None
+    parent: str | None = None
 
 
 class ModelList(Strict):
@@ -359,7 +361,7 @@ VLLM_EXTRAS: dict[type[Strict], frozenset[str]] = {
     CompletionChunkChoice: frozenset({"stop_reason"}),
     ChatChoice: frozenset({"stop_reason"}),
     ChatChunkChoice: frozenset({"stop_reason"}),
-    Model: frozenset({"max_model_len"}),
+    Model: frozenset({"max_model_len", "parent"}),
     EmbeddingUsage: frozenset({"completion_tokens"}),
     # Not vLLM's: the gateway's request id, to quote in a ticket (docs/observability.md).
     ErrorObject: frozenset({"request_id"}),

@@ -114,8 +114,8 @@ class Embedder:
         self.failure = failure
         self.arrays: list[weakref.ref[np.ndarray]] = []
 
-    async def __call__(self, prompts: Sequence[PromptInput],
-                       tenant: str) -> list[EncodedPromptEmbeds]:
+    async def __call__(self, prompts: Sequence[PromptInput], tenant: str,
+                       adapter: str | None = None) -> list[EncodedPromptEmbeds]:
         self.calls.append((list(prompts), tenant))
         if self.failure is not None:
             raise self.failure

@@ -1,9 +1,10 @@
 """CompletionsService: OpenAI completions requests turned into prompts for the pipeline.
 
 A prompt is token ids: text tokenized here, or ids as the client sent them; or a client
-tensor, decoded and checked here, as a `SplicedPrompt` of one segment. The served model
-(`api.served_model`) then calls the pipeline with them, in vLLM's order: the embeddings'
-prompts first, then the text's.
+tensor, decoded and checked here, as a `SplicedPrompt` of one segment. A `model` naming a
+prompt adapter puts its virtual tokens before each prompt, in the Embedder; its rows count
+in every length check here. The served model (`api.served_model`) then calls the pipeline
+with them, in vLLM's order: the embeddings' prompts first, then the text's.
 """
 
 from __future__ import annotations
@@ -20,7 +21,6 @@ from serve_app.limits import (
     check_context,
     check_embeds_compatible,
     check_items,
-    check_model,
     check_text_chars,
 )
 from serve_app.prompts.checkpoint import tokenize_off_loop_if_large
@@ -54,7 +54,8 @@ class CompletionsService:
         self, request: CompletionRequest, tenant: str
     ) -> tuple[UpstreamCall, list[PromptInput]]:
         served = self.served
-        check_model(request.model, served.served_name, served.embedding_models)
+        adapter = served.select(request.model)
+        virtual = adapter.virtual_tokens if adapter else 0
         prompts, client_embeds = request.text_prompts(), request.embeds_list()
         check_items(len(prompts) + len(client_embeds), served.limits, "prompt")
         served.check_sampling(request, request.max_tokens, request.logprobs)
@@ -63,37 +64,41 @@ class CompletionsService:
         check_embeds_compatible(request)
         listed = request.prompt_listed()
         token_ids = await self._token_ids(prompts, request.add_special_tokens,
-                                          request.max_tokens, listed)
+                                          request.max_tokens, listed, virtual)
         if not client_embeds and not token_ids:
             raise GatewayError("Either prompt or prompt_embeds must be given.", 400,
                                param="prompt")
-        self._check_token_ids(token_ids, request.max_tokens, listed)
+        self._check_token_ids(token_ids, request.max_tokens, listed, virtual)
         upstream: list[PromptInput] = []
         if client_embeds:
             upstream += await asyncio.to_thread(
                 self._decode, client_embeds, isinstance(request.prompt_embeds, list),
-                request.max_tokens)
+                request.max_tokens, virtual)
         # vLLM's order: the embeddings' choices first, then the text prompts'.
         upstream += token_ids
-        self._check_request_rows(upstream)
-        return await served.upstream_call(request, upstream, tenant), upstream
+        self._check_request_rows(upstream, virtual)
+        call = await served.upstream_call(request, upstream, tenant, adapter=adapter)
+        return call, upstream
 
     async def _token_ids(self, prompts: list[str] | list[list[int]], add_special_tokens: bool,
-                         max_tokens: int | None, listed: bool) -> list[list[int]]:
+                         max_tokens: int | None, listed: bool,
+                         virtual: int) -> list[list[int]]:
         if not prompts or not isinstance(prompts[0], str):
             return prompts  # type: ignore[return-value]
         texts: list[str] = prompts
         # Long text is counted and tokenized off the event loop, its checks included.
         return await tokenize_off_loop_if_large(sum(map(len, texts)), self._tokenize,
-                                                texts, add_special_tokens, max_tokens, listed)
+                                                texts, add_special_tokens, max_tokens, listed,
+                                                virtual)
 
     def _tokenize(self, texts: list[str], add_special_tokens: bool,
-                  max_tokens: int | None, listed: bool) -> list[list[int]]:
-        """Text prompts to token ids, refused first (by their path) if they cannot fit."""
+                  max_tokens: int | None, listed: bool, virtual: int) -> list[list[int]]:
+        """Text prompts to token ids, refused first (by their path) if they cannot fit
+        beside the adapter's `virtual` tokens."""
         served = self.served
         for index, text in enumerate(texts):
             served.check_text_length(self.budget, [text], max_tokens,
-                                     item_param("prompt", index, listed))
+                                     item_param("prompt", index, listed), virtual)
         if self.budget.exceeds(texts, served.max_prompt_tokens):
             raise served.over_request_budget(sum(map(len, texts)), "characters")
         check_text_chars(sum(map(len, texts)), served.limits, "prompt")
@@ -102,7 +107,7 @@ class CompletionsService:
         return list(encoded.input_ids)
 
     def _check_token_ids(self, prompts: list[list[int]], max_tokens: int | None,
-                         listed: bool) -> None:
+                         listed: bool, virtual: int) -> None:
         vocab, context = self.served.spec.vocab_size, self.served.spec.max_model_len
         for index, ids in enumerate(prompts):
             param = item_param("prompt", index, listed)
@@ -111,15 +116,15 @@ class CompletionsService:
             if any(not 0 <= i < vocab for i in ids):
                 raise GatewayError(f"{param}: token ids must lie in [0, {vocab}).", 400,
                                    param=param)
-            check_context(len(ids), max_tokens, context, param)
+            check_context(virtual + len(ids), max_tokens, context, param)
 
-    def _check_request_rows(self, prompts: Sequence[PromptInput]) -> None:
-        rows = sum(map(prompt_rows, prompts))
+    def _check_request_rows(self, prompts: Sequence[PromptInput], virtual: int) -> None:
+        rows = sum(virtual + prompt_rows(prompt) for prompt in prompts)
         if rows > self.served.max_prompt_tokens:
             raise self.served.over_request_budget(rows, "tokens")
 
-    def _decode(self, texts: list[str], listed: bool,
-                max_tokens: int | None) -> list[PromptInput]:
+    def _decode(self, texts: list[str], listed: bool, max_tokens: int | None,
+                virtual: int) -> list[PromptInput]:
         """Client embeddings, each checked and in the model's dtype, as prompts of one
         segment: the Embedder encodes them as it encodes everything it sends. A refusal
         names the tensor's path: `prompt_embeds`, or `prompt_embeds.1` in a `listed` one."""
@@ -127,7 +132,7 @@ class CompletionsService:
         for index, text in enumerate(texts):
             param = f"prompt_embeds.{index}" if listed else "prompt_embeds"
             tensor = self.served.decode(text, param)
-            check_context(int(tensor.shape[0]), max_tokens, self.served.spec.max_model_len,
-                          param)
+            check_context(virtual + int(tensor.shape[0]), max_tokens,
+                          self.served.spec.max_model_len, param)
             prompts.append(SplicedPrompt((tensor,)))
         return prompts

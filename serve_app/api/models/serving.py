@@ -15,7 +15,7 @@ class ModelsService:
         self.sentence = sentence
 
     def _cards(self) -> list[ModelCard]:
-        return [self.served.model_card(), *self.sentence.model_cards()]
+        return [*self.served.model_cards(), *self.sentence.model_cards()]
 
     def list_models(self) -> ModelList:
         return ModelList(data=self._cards())
