@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 from serve_app.config import AdapterConfig, AppConfig, ModelConfig, TransformConfig
 from serve_app.prompts.adapters import AdapterError, load_prompt_adapter
 from serve_app.prompts.checkpoint import ModelSpec, read_model_spec
-from serve_app.prompts.embedder import EmbedderCore, SplicedPrompt
+from serve_app.prompts.codec import encode_prompt_embeds
+from serve_app.prompts.embedder import EmbedderCore, EmbedRequest, SplicedPrompt
 from tests.peft_adapters import peft_input_embeds, peft_model
 
 NAME = "tuned"
@@ -201,3 +202,17 @@ def test_the_transform_covers_adapter_rows_as_configured(
     virtual = lead.virtual_tokens
     assert torch.equal(rows[:virtual], lead.rows) is not apply
     assert not torch.equal(rows[virtual:], core.lookup([ids])[0])  # text rows: always
+
+
+def test_each_embed_request_of_a_batch_is_led_by_its_own_adapter(
+        adapted: EmbedderCore, demo_tokenizer: Any) -> None:
+    """The Embedder deployment's path: a batch of requests, one with an adapter."""
+    ids = list(demo_tokenizer("Tell me about Japan.").input_ids)
+    answers, _ = adapted.embed_requests(
+        [EmbedRequest((ids,)), EmbedRequest((ids, ids), adapter=NAME)], max_prompts=2)
+    [plain], led = answers
+    lead = adapted.adapters[NAME]
+    assert plain.rows == len(ids)
+    assert [item.rows for item in led] == [lead.virtual_tokens + len(ids)] * 2
+    [expected] = adapted.rows([ids], adapters=[NAME])
+    assert all(item.data == encode_prompt_embeds(expected).data for item in led)
