@@ -54,7 +54,7 @@ class ServeEmbedder:
         self.handle = via_object_store(embedder)
 
     async def __call__(self, prompts: Sequence[PromptInput], tenant: str,
-                       adapter: str | None) -> Sequence[EncodedPromptEmbeds]:
+                       adapter: str | None = None) -> Sequence[EncodedPromptEmbeds]:
         response = self.handle.embed.remote(EmbedRequest(tuple(prompts), tenant, adapter))
         try:
             embeds: Sequence[EncodedPromptEmbeds] = await response

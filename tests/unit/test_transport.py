@@ -171,6 +171,8 @@ async def test_the_dispatcher_asks_the_embedder_once_per_request_by_reference(
     [(name, opts, args)] = calls
     assert (name, opts) == ("embedder.embed", {"_by_reference": True})
     assert args == (EmbedRequest((CLIENT, [1, 2]), TENANT),)
+    await embed([[3]], TENANT, "tuned")  # a prompt adapter's name rides along
+    assert calls[-1][2] == (EmbedRequest(([3],), TENANT, "tuned"),)
 
 
 async def test_a_dispatcher_request_cancelled_cancels_its_embedding(calls: Calls) -> None:
