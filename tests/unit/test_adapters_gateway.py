@@ -147,8 +147,7 @@ async def test_the_context_check_counts_the_virtual_tokens(
     assert (await post(adapted, prompt=ids, max_tokens=fits)).status_code != 400
     error = error_of(await post(adapted, model=TUNED, prompt=ids, max_tokens=fits), 400)
     assert error["code"] == "context_length_exceeded"
-    assert f"{virtual_tokens(adapted_core) + len(ids)} prompt tokens" in (
-        error["message"])
+    assert f"prompt has {virtual_tokens(adapted_core) + len(ids)} tokens" in error["message"]
 
 
 async def test_the_route_key_covers_the_adapter_rows(
