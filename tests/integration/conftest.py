@@ -12,6 +12,7 @@ import io
 import os
 import sys
 import threading
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,7 +25,8 @@ import pytest
 import torch
 import yaml
 
-from tests.upstream_servers import ROOT, free_port
+from serve_app.config import AppConfig, BackendConfig, HealthConfig, UpstreamConfig
+from tests.upstream_servers import ROOT, ServerProcess, free_port
 
 
 @dataclass
@@ -143,6 +145,75 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path,
         proxy.stop()
         serve.shutdown()
         ray.shutdown()
+
+
+# The fleet app: its Dispatcher's backends are the session's fake vLLM servers.
+FLEET_PREFIX = "/fleet"
+FLEET_VERSION = "fleet-test"
+FLEET_HEALTH = HealthConfig(probe_interval_s=0.2, failure_threshold=2, cooldown_s=0.5)
+
+
+class FleetApp:
+    """A gateway app whose Dispatcher's fleet is redeployed as `user_config` only.
+
+    Every deployment keeps one code version, as `serve deploy` gives them while the app's
+    import path and args stay the same, so Serve treats a changed `user_config` as the
+    lightweight update it makes of a `deployments:` override: the running replica's
+    `reconfigure` is called, nothing restarts. (`serve.run` would otherwise draw a new
+    version per call; `_internal` is how Serve's own config path sets it.)
+    """
+
+    def __init__(self, base_url: str) -> None:
+        self.url = f"{base_url}{FLEET_PREFIX}"
+        self.plain = AppConfig().model_dump(mode="json")
+        self.dispatcher_version = FLEET_VERSION
+
+    def deploy(self, *servers: ServerProcess, dispatchers: int = 1) -> None:
+        from ray import serve
+
+        from serve_app.deployments import Dispatcher, Embedder, Gateway
+
+        fleet = UpstreamConfig(backends=[BackendConfig(url=s.url) for s in servers],
+                               health=FLEET_HEALTH)
+        pinned: dict[str, Any] = {"version": FLEET_VERSION, "_internal": True}
+        embedder = Embedder.options(user_config=self.plain["batching"], **pinned)
+        dispatcher = Dispatcher.options(user_config=fleet.model_dump(mode="json"),
+                                        num_replicas=dispatchers,
+                                        **{**pinned, "version": self.dispatcher_version})
+        gateway = Gateway.options(**pinned).bind(
+            self.plain, dispatcher.bind(embedder.bind(self.plain)), {})
+        serve.run(gateway, name="fleet", route_prefix=FLEET_PREFIX)
+
+    def redeploy(self, *servers: ServerProcess, dispatchers: int = 1) -> None:
+        """`deploy` on new Dispatcher replicas: no backend state carries over from earlier
+        tests.
+
+        A Dispatcher replica keeps a backend's state across `reconfigure` (a config change
+        must not forget a Retry-After), so a replica that served an earlier test can hold a
+        throttle or an ejection that a replica started for this one never saw. A new code
+        version for the Dispatcher alone makes Serve replace its replicas (`serve.run`
+        returns once only new ones run) while the Embedder and the Gateway keep theirs."""
+        self.dispatcher_version = f"{FLEET_VERSION}-{uuid.uuid4().hex[:8]}"
+        self.deploy(*servers, dispatchers=dispatchers)
+
+    def upstreams(self) -> dict[str, dict[str, Any]]:
+        rows = httpx.get(f"{self.url}/health/upstreams", timeout=10).json()["data"]
+        return {row["url"]: row for row in rows}
+
+
+@pytest.fixture(scope="session")
+def fleet_app(serve_graph: ServeGraph,
+              servers: dict[str, ServerProcess]) -> Iterator[FleetApp]:
+    """One fleet app for every module that drives it: each test deploys the fleet it needs
+    (a `user_config` update, in place), so the app's start-up is paid once a session."""
+    from ray import serve
+
+    app = FleetApp(serve_graph.base_url)
+    app.deploy(servers["a"])
+    try:
+        yield app
+    finally:
+        serve.delete("fleet")
 
 
 @dataclass

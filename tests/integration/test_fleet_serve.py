@@ -9,77 +9,16 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import openai
 import pytest
 
-from serve_app.config import AppConfig, BackendConfig, HealthConfig, UpstreamConfig
-from serve_app.deployments import Dispatcher, Embedder, Gateway
+from tests.integration.conftest import FleetApp
 from tests.upstream_servers import ServerProcess
 
 pytestmark = pytest.mark.integration
-
-PREFIX = "/fleet"
-VERSION = "fleet-test"
-HEALTH = HealthConfig(probe_interval_s=0.2, failure_threshold=2, cooldown_s=0.5)
-
-
-class FleetApp:
-    """A gateway app whose Dispatcher's fleet is redeployed as `user_config` only.
-
-    Every deployment keeps one code version, as `serve deploy` gives them while the app's
-    import path and args stay the same, so Serve treats a changed `user_config` as the
-    lightweight update it makes of a `deployments:` override: the running replica's
-    `reconfigure` is called, nothing restarts. (`serve.run` would otherwise draw a new
-    version per call; `_internal` is how Serve's own config path sets it.)
-    """
-
-    def __init__(self, base_url: str) -> None:
-        self.url = f"{base_url}{PREFIX}"
-        self.plain = AppConfig().model_dump(mode="json")
-
-    def deploy(self, *servers: ServerProcess, dispatchers: int = 1) -> None:
-        from ray import serve
-
-        fleet = UpstreamConfig(backends=[BackendConfig(url=s.url) for s in servers],
-                               health=HEALTH)
-        pinned: dict[str, Any] = {"version": VERSION, "_internal": True}
-        embedder = Embedder.options(user_config=self.plain["batching"], **pinned)
-        dispatcher = Dispatcher.options(user_config=fleet.model_dump(mode="json"),
-                                        num_replicas=dispatchers, **pinned)
-        gateway = Gateway.options(**pinned).bind(
-            self.plain, dispatcher.bind(embedder.bind(self.plain)), {})
-        serve.run(gateway, name="fleet", route_prefix=PREFIX)
-
-    def redeploy(self, *servers: ServerProcess, dispatchers: int = 1) -> None:
-        """`deploy` on new replicas: no backend state carries over from earlier tests.
-
-        A Dispatcher replica keeps a backend's state across `reconfigure` (a config change
-        must not forget a Retry-After), so a replica that served an earlier test can hold a
-        throttle or an ejection that a replica started for this one never saw."""
-        from ray import serve
-
-        serve.delete("fleet")
-        self.deploy(*servers, dispatchers=dispatchers)
-
-    def upstreams(self) -> dict[str, dict[str, Any]]:
-        rows = httpx.get(f"{self.url}/health/upstreams", timeout=10).json()["data"]
-        return {row["url"]: row for row in rows}
-
-
-@pytest.fixture(scope="module")
-def fleet_app(serve_graph, servers) -> Iterator[FleetApp]:  # type: ignore[no-untyped-def]
-    from ray import serve
-
-    app = FleetApp(serve_graph.base_url)
-    app.deploy(servers["a"])
-    try:
-        yield app
-    finally:
-        serve.delete("fleet")
 
 
 def body(tag: str, stream: bool = True) -> dict[str, Any]:

@@ -18,15 +18,14 @@ import json
 import os
 import time
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
 from serve_app.observability.request_id import well_formed
-from tests.integration.conftest import ServeGraph
-from tests.integration.test_fleet_serve import FleetApp, body
+from tests.integration.conftest import FleetApp, ServeGraph
+from tests.integration.test_fleet_serve import body
 from tests.upstream_servers import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -176,18 +175,6 @@ def test_serves_route_listing_is_closed_and_liveness_open(serve_graph: ServeGrap
     assert routes.json()["error"]["type"] == "NotFoundError"
     assert "reference" not in routes.text and "gateway" not in routes.text
     assert httpx.get(f"{serve_graph.base_url}/-/healthz", timeout=10).status_code == 200
-
-
-@pytest.fixture(scope="module")
-def fleet_app(serve_graph: ServeGraph, servers: dict[str, ServerProcess]) -> Iterator[FleetApp]:
-    from ray import serve
-
-    app = FleetApp(serve_graph.base_url)
-    app.deploy(servers["a"])
-    try:
-        yield app
-    finally:
-        serve.delete("fleet")
 
 
 @pytest.mark.parametrize("stream", [False, True])
