@@ -147,6 +147,18 @@ def serve_graph(cache_dir: Path, demo_model_dir: Path,
         ray.shutdown()
 
 
+def delete_app(name: str) -> None:
+    """Deletes an application without waiting for its replicas to stop.
+
+    With HAProxy as the proxy, an ingress replica drains for Serve's minimum of 30 s
+    (`RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S`, for load balancers to deregister it)
+    before it stops, and no test waits on that: the session's `serve.shutdown` waits for
+    every replica still draining at once."""
+    from ray import serve
+
+    serve.delete(name, _blocking=False)
+
+
 # The fleet app: its Dispatcher's backends are the session's fake vLLM servers.
 FLEET_PREFIX = "/fleet"
 FLEET_VERSION = "fleet-test"
@@ -206,14 +218,12 @@ def fleet_app(serve_graph: ServeGraph,
               servers: dict[str, ServerProcess]) -> Iterator[FleetApp]:
     """One fleet app for every module that drives it: each test deploys the fleet it needs
     (a `user_config` update, in place), so the app's start-up is paid once a session."""
-    from ray import serve
-
     app = FleetApp(serve_graph.base_url)
     app.deploy(servers["a"])
     try:
         yield app
     finally:
-        serve.delete("fleet")
+        delete_app("fleet")
 
 
 @dataclass
@@ -253,7 +263,7 @@ def keyed_gateway(serve_graph: ServeGraph,
     built = call_user_app_builder_with_args_if_necessary(import_attr(app["import_path"]), args)
     serve.run(built, name="keyed", route_prefix="/keyed")
     yield KeyedGateway(f"{serve_graph.base_url}/keyed", KEYED_API_KEYS)
-    serve.delete("keyed")
+    delete_app("keyed")
 
 
 @pytest.fixture(scope="session")

@@ -13,6 +13,7 @@ import numpy as np
 import pytest
 
 from serve_app.config import AppConfig, EmbeddingModelConfig
+from tests.integration.conftest import delete_app
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def gateway(serve_graph: Any) -> Iterator[str]:
     try:
         yield f"{serve_graph.base_url}{PREFIX}"
     finally:
-        serve.delete("small-batches")
+        delete_app("small-batches")
 
 
 def test_a_chunk_over_the_encoders_budget_is_encoded_in_pieces(

@@ -23,6 +23,7 @@ from serve_app.config import (
     UpstreamConfig,
 )
 from serve_app.protocol import SamplingFields
+from tests.integration.conftest import delete_app
 from tests.upstream_servers import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -61,7 +62,7 @@ def gateway(serve_graph: Any, fake: ServerProcess,
     try:
         yield f"{serve_graph.base_url}{PREFIX}"
     finally:
-        serve.delete("hardened")
+        delete_app("hardened")
 
 
 @pytest.fixture

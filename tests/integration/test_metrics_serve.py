@@ -13,7 +13,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from tests.integration.conftest import ServeGraph, client_side_embeds
+from tests.integration.conftest import ServeGraph, client_side_embeds, delete_app
 from tests.metrics_traffic import (
     APP,
     EMBED_MODEL,
@@ -37,13 +37,11 @@ Expected = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 
 @pytest.fixture(scope="module")
 def observed(serve_graph: ServeGraph) -> Iterator[ObservedApp]:
-    from ray import serve
-
     app = deploy_observed_app(serve_graph.base_url, serve_graph.proxy.url)
     try:
         yield app
     finally:
-        serve.delete(APP)
+        delete_app(APP)
 
 
 def metrics_url() -> str:

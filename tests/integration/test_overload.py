@@ -12,6 +12,7 @@ import pytest
 
 from serve_app.config import AppConfig, BackendConfig, UpstreamConfig
 from serve_app.deployments import Dispatcher, Embedder, Gateway
+from tests.integration.conftest import delete_app
 
 pytestmark = pytest.mark.integration
 
@@ -36,7 +37,7 @@ def overloaded_url(serve_graph) -> Iterator[str]:  # type: ignore[no-untyped-def
     try:
         yield f"{serve_graph.base_url}{PREFIX}"
     finally:
-        serve.delete("overloaded")
+        delete_app("overloaded")
 
 
 async def test_full_queue_is_an_openai_429_with_retry_after(overloaded_url: str) -> None:

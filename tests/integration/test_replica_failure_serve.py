@@ -19,6 +19,7 @@ import orjson
 import pytest
 
 from serve_app.config import AppConfig, BackendConfig, UpstreamConfig
+from tests.integration.conftest import delete_app
 from tests.upstream_servers import ServerProcess
 
 pytestmark = pytest.mark.integration
@@ -51,7 +52,7 @@ def gateway(serve_graph: Any, fake: ServerProcess) -> Iterator[str]:
     try:
         yield f"{serve_graph.base_url}{PREFIX}"
     finally:
-        serve.delete(APP)
+        delete_app(APP)
 
 
 def dispatcher_replicas() -> list[str]:
