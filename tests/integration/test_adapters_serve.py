@@ -15,7 +15,7 @@ import openai
 import pytest
 import yaml
 
-from tests.integration.conftest import ServeGraph
+from tests.integration.conftest import ServeGraph, delete_app
 from tests.peft_adapters import peft_greedy, peft_model
 from tests.upstream_servers import ROOT
 
@@ -54,7 +54,7 @@ def adapted_gateway(serve_graph: ServeGraph, prompt_tuning_dir: Path,
     client = openai.OpenAI(base_url=f"{serve_graph.base_url}/adapted/v1", api_key="EMPTY",
                            max_retries=0)
     yield AdaptedGateway(client, folders)
-    serve.delete("adapted")
+    delete_app("adapted")
 
 
 @pytest.mark.parametrize("name", [PROMPT_TUNED, P_TUNED])
