@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The vllm tier on the GPU host, in one command of at most 600 s: unpack Ray Serve's wheels
-# (../shared/tools/gpu-wheels.sh) and the vLLM site (tests/vllm/wheels.sh), then run
-# `pytest -m vllm tests/vllm` against a real `vllm serve`.
+# (../shared/tools/gpu-wheels.sh) and the vLLM site (tests/vllm/wheels.sh) with
+# tests/vllm/unpack.sh, then run `pytest -m vllm tests/vllm` against a real `vllm serve`.
 #
 # From the repository root on the host, after earlier runs (one per part, the host kept
 # warm) copied .gpu-wheels/part.* into /tmp/parts/ and .gpu-wheels-vllm/part.* into
@@ -11,33 +11,16 @@
 # ($OUT/vllm-server.log) and a JUnit report ($OUT/vllm-tier.xml).
 set -uo pipefail
 out=${OUT:-/tmp/vllm-tier-out}
-mkdir -p "$out" /tmp/parts /tmp/parts-vllm
+mkdir -p "$out"
 exec > >(tee "$out/vllm-tier.log") 2>&1
 budget=${VLLM_TIER_BUDGET_S:-585}
 elapsed() { echo "[$SECONDS s] $*"; }
 
-cp .gpu-wheels/part.* /tmp/parts/ 2>/dev/null
-cp .gpu-wheels-vllm/part.* .gpu-wheels-vllm/SHA256SUMS /tmp/parts-vllm/ 2>/dev/null
-ls -l /tmp/parts /tmp/parts-vllm
-if [ -f /tmp/parts-vllm/SHA256SUMS ]; then
-  (cd /tmp/parts-vllm && sha256sum -c --quiet SHA256SUMS) || { echo "vLLM parts missing or damaged"; exit 2; }
-fi
-
-if [ ! -d /tmp/site/ray ]; then
-  cat /tmp/parts/part.* | tar x -C /tmp \
-    && python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site /tmp/w/*.whl \
-    || { echo "Ray wheels: install failed (are all of .gpu-wheels/part.* in /tmp/parts?)"; exit 2; }
-fi
+source tests/vllm/unpack.sh
+ls -l /tmp/parts /tmp/parts-vllm 2>/dev/null
+unpack_ray_site || exit 2
 elapsed "Ray Serve's wheels in /tmp/site"
-unxz_tar() {  # the xz tool where the image has it, else Python's lzma
-  if command -v xz > /dev/null; then xz -dc | tar x -C /tmp; else python3 -c 'import sys, tarfile
-with tarfile.open(fileobj=sys.stdin.buffer, mode="r|xz") as archive:
-    archive.extractall("/tmp", filter="tar")'; fi
-}
-if [ ! -d /tmp/vllm-site/vllm ]; then
-  cat /tmp/parts-vllm/part.* | unxz_tar \
-    || { echo "vLLM site: unpacking failed (are all of .gpu-wheels-vllm/part.* in /tmp/parts-vllm?)"; exit 2; }
-fi
+unpack_vllm_site || exit 2
 elapsed "vLLM in /tmp/vllm-site"
 
 nvidia-smi -L

@@ -1,5 +1,6 @@
 """A real vLLM server for the vllm tier: where its install is found, how it is started on the
-demo checkpoint, and what its `/metrics` says of the prefix cache.
+demo checkpoint, and what its `/metrics` says of the prefix cache. `benchmarks/vllm_upstream.py`
+starts its server with the same class and its own options.
 
 vLLM may live outside the test's own environment (on the GPU host it is unpacked into a
 folder of its own, `tests/vllm/gpu-run.sh`, so that its pinned FastAPI and pydantic never
@@ -16,6 +17,7 @@ import shutil
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from importlib.machinery import PathFinder
 from pathlib import Path
@@ -77,21 +79,29 @@ def long_context_copy(model_dir: Path, target: Path, context: int) -> Path:
     return target
 
 
-def serve_command(model_dir: Path, port: int) -> list[str]:
-    """`vllm serve` on the checkpoint: eager (no compile, no CUDA graphs: a fast start), a
-    small share of the GPU, prefix caching on (its default, said explicitly)."""
+TIER_OPTIONS = (
+    "--served-model-name", SERVED_NAME,
+    "--dtype", "bfloat16",
+    "--max-model-len", str(MAX_MODEL_LEN),
+    "--max-logprobs", str(MAX_LOGPROBS),
+    "--gpu-memory-utilization", "0.2",
+    "--enforce-eager",
+    "--enable-prefix-caching",
+    "--seed", "0",
+)
+"""The tier's server on the demo checkpoint: eager (no compile, no CUDA graphs: a fast
+start), a small share of the GPU, prefix caching on (its default, said explicitly)."""
+
+
+def serve_command(model_dir: Path, port: int,
+                  options: Sequence[str] = TIER_OPTIONS) -> list[str]:
+    """`vllm serve` on the checkpoint with prompt embeddings enabled, then `options`, then
+    the extra arguments of `SERVE_APP_VLLM_ARGS`."""
     return [
         sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", str(model_dir),
-        "--served-model-name", SERVED_NAME,
         "--host", "127.0.0.1", "--port", str(port),
         "--enable-prompt-embeds",
-        "--dtype", "bfloat16",
-        "--max-model-len", str(MAX_MODEL_LEN),
-        "--max-logprobs", str(MAX_LOGPROBS),
-        "--gpu-memory-utilization", "0.2",
-        "--enforce-eager",
-        "--enable-prefix-caching",
-        "--seed", "0",
+        *options,
         *os.environ.get(ARGS_ENV, "").split(),
     ]
 
@@ -111,6 +121,8 @@ def serve_environment() -> dict[str, str]:
 class VllmServer:
     model_dir: Path
     log: Path
+    options: Sequence[str] = TIER_OPTIONS
+    start_timeout_s: float = START_TIMEOUT_S
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
 
@@ -119,11 +131,20 @@ class VllmServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
+        self.launch()
+        self.wait_ready()
+
+    def launch(self) -> None:
+        """Starts the server without waiting for it (`wait_ready` does)."""
         with self.log.open("wb") as out:
-            self.process = subprocess.Popen(serve_command(self.model_dir, self.port),
+            self.process = subprocess.Popen(serve_command(self.model_dir, self.port,
+                                                          self.options),
                                             env=serve_environment(), stdout=out,
                                             stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + START_TIMEOUT_S
+
+    def wait_ready(self) -> None:
+        assert self.process is not None, "launch first"
+        deadline = time.monotonic() + self.start_timeout_s
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
                 raise RuntimeError(f"vllm serve exited ({self.process.returncode}):\n"
@@ -135,7 +156,7 @@ class VllmServer:
                 pass
             time.sleep(0.5)
         self.stop()
-        raise TimeoutError(f"vllm serve did not answer in {START_TIMEOUT_S:.0f} s:\n"
+        raise TimeoutError(f"vllm serve did not answer in {self.start_timeout_s:.0f} s:\n"
                            + self.log_tail())
 
     def stop(self) -> None:
