@@ -3,7 +3,8 @@ benchmarks: the embedding matrix (128256 x 4096 bf16, 1 GiB) is the real size; o
 layer stands in for 32, so the whole model still loads in seconds on a small machine.
 
 Its word-level tokenizer maps `w0 ... w128255` to one token each, so a prompt of N words
-is exactly N tokens.
+is exactly N tokens. `ensure_llama8b_shape` writes the same model with all 32 layers and no
+weights, for `vllm serve --load-format dummy` (random weights made on the GPU).
 
     python benchmarks/llama8b_sized.py DIR
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import shutil
 from pathlib import Path
 
 VOCAB, HIDDEN = 128256, 4096
@@ -35,25 +37,47 @@ def _tokenizer() -> object:
                                    eos_token="<unk>", model_max_length=131072)
 
 
+def llama8b_config(layers: int) -> object:
+    """Llama-3.1-8B's shape (but its RoPE scaling) with `layers` decoder layers."""
+    from transformers import LlamaConfig
+
+    # `architectures` is what vLLM picks its model class by; save_pretrained of a model
+    # writes it, of a bare config not.
+    return LlamaConfig(
+        architectures=["LlamaForCausalLM"], vocab_size=VOCAB, hidden_size=HIDDEN,
+        intermediate_size=14336, num_hidden_layers=layers, num_attention_heads=32,
+        num_key_value_heads=8, max_position_embeddings=8192, rope_theta=500000.0,
+        tie_word_embeddings=False, torch_dtype="bfloat16",
+    )
+
+
 def ensure_llama8b_sized(directory: Path) -> Path:
     """Build the checkpoint once into `directory` (about 2.6 GB); later calls reuse it."""
     if (directory / "config.json").exists():
         return directory
     # Imported here: the load generator's processes import this module for `prompt_of`.
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     logger.warning("building the Llama-3.1-8B-sized benchmark checkpoint in %s", directory)
-    config = LlamaConfig(
-        vocab_size=VOCAB, hidden_size=HIDDEN, intermediate_size=14336, num_hidden_layers=1,
-        num_attention_heads=32, num_key_value_heads=8, max_position_embeddings=8192,
-        rope_theta=500000.0, tie_word_embeddings=False, torch_dtype="bfloat16",
-    )
     torch.manual_seed(0)
     with torch.device("cpu"):
-        model = LlamaForCausalLM(config).to(torch.bfloat16)
+        model = LlamaForCausalLM(llama8b_config(layers=1)).to(torch.bfloat16)
     partial = directory.with_name(directory.name + ".partial")
     model.save_pretrained(partial)
+    _tokenizer().save_pretrained(partial)  # type: ignore[attr-defined]
+    partial.rename(directory)
+    return directory
+
+
+def ensure_llama8b_shape(directory: Path) -> Path:
+    """Llama-3.1-8B's config (32 layers) and the word-level tokenizer, without weights:
+    what `vllm serve --load-format dummy` reads. Written once; later calls reuse it."""
+    if (directory / "config.json").exists():
+        return directory
+    partial = directory.with_name(directory.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)  # a run stopped while writing it
+    llama8b_config(layers=32).save_pretrained(partial)  # type: ignore[attr-defined]
     _tokenizer().save_pretrained(partial)  # type: ignore[attr-defined]
     partial.rename(directory)
     return directory

@@ -49,6 +49,8 @@ DEFAULT_MODE: dict[str, Any] = {
     "stall_after_events": None,  # goes silent after this many events, connection open
     "health_status": 200,     # status of GET /v1/models and /health
     "row_digests": 0,         # log a digest of each of the first N rows of the first prompt
+    "accept_text": False,     # answer a text `prompt` too, as vLLM's own text path would
+                              # (benchmarks/vllm_upstream.py's direct clients, on a CPU)
 }
 
 MAX_PROMPTS = 1024
@@ -126,12 +128,13 @@ def create_fake_app(name: str, log: Path) -> Starlette:
         refusal = vllm_refusal({**body, "logprobs": None} if body.get("stream") else body)
         if refusal is not None:
             return JSONResponse(refusal, 400)
-        items = embeds if isinstance(embeds, list) else [embeds]
-        if embeds is None or not all(isinstance(item, str) and pybase64.b64decode(
-                item, validate=True) for item in items):
+        text = mode["accept_text"] and embeds is None and isinstance(body.get("prompt"), str)
+        items = [] if text else embeds if isinstance(embeds, list) else [embeds]
+        if not text and (embeds is None or not all(isinstance(item, str) and pybase64.b64decode(
+                item, validate=True) for item in items)):
             return JSONResponse(vllm_error("prompt embeds missing or not base64",
                                            param="prompt_embeds"), 400)
-        if mode["row_digests"]:
+        if mode["row_digests"] and items:
             record("rows", tag=tag, digests=row_digests(items[0], mode["row_digests"]))
         if mode["delay_s"]:
             await asyncio.sleep(mode["delay_s"])
