@@ -48,7 +48,6 @@ from streaming_load import Cell, added_latency, run_cell  # noqa: E402
 from serve_app import envs  # noqa: E402
 
 MODEL = "llama-3.1-8b-sized"  # end_to_end.MODEL: the gateway's served name and vLLM's
-HERE = Path(__file__).resolve().parent
 _STARTED = time.monotonic()
 # Left of the budget for stopping the gateway and vLLM once the cells are done.
 _TEARDOWN_S = 30.0
@@ -339,7 +338,8 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=540.0,
                         help="wall seconds for the whole run; cells left when it is spent "
                         "are not run")
-    parser.add_argument("--out", type=Path, default=HERE / "results")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="where the tables and vLLM's log go")
     args = parser.parse_args()
     args.vllm_url = args.vllm_url.rstrip("/").removesuffix("/v1") if args.vllm_url else None
     args.out.mkdir(parents=True, exist_ok=True)
