@@ -140,7 +140,7 @@ async def run_cell(target: str, url: str, bodies: Sequence[dict[str, Any]], conc
                    deadline: float) -> Cell:
     """`bodies` in order, `concurrency` in flight; the first `concurrency` (each worker's
     first request) are a warm-up and not counted. No request starts after `deadline`
-    (`time.monotonic`): the cell is then marked incomplete."""
+    (`time.monotonic`): the cell is then marked incomplete, and may hold no timing."""
     import aiohttp
 
     cell = Cell(target, concurrency)
@@ -164,6 +164,4 @@ async def run_cell(target: str, url: str, bodies: Sequence[dict[str, Any]], conc
 
         await asyncio.gather(*(worker() for _ in range(concurrency)))
         cell.client_cpu_s = cpu_now() - cpu_start
-    if not cell.timings:
-        raise StreamError(f"{target} at concurrency {concurrency}: no request measured")
     return cell

@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.metadata
 import json
 import os
 import platform
@@ -42,17 +43,24 @@ import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(1, str(Path(__file__).resolve().parents[1]))
+# end_to_end imports Ray only where it starts it, so MODES can be set before that.
+from end_to_end import MODEL, MODES, free_port, gateway_app, start_serve  # noqa: E402
 from llama8b_sized import ensure_llama8b_shape, ensure_llama8b_sized, prompt_of  # noqa: E402
 from streaming_load import Cell, added_latency, run_cell  # noqa: E402
 
 from serve_app import envs  # noqa: E402
+from tests.vllm.server import (  # noqa: E402
+    VllmServer,
+    prefix_cache_counters,
+    serve_command,
+    site_paths,
+)
 
-MODEL = "llama-3.1-8b-sized"  # end_to_end.MODEL: the gateway's served name and vLLM's
 _STARTED = time.monotonic()
 # Left of the budget for stopping the gateway and vLLM once the cells are done.
 _TEARDOWN_S = 30.0
-# A cell's prompts are offsets [level * _OFFSETS_PER_LEVEL, ...): distinct first tokens across
-# the whole run (prompt_of's offsets differ mod the vocabulary below 128255).
+# A cell's prompts are offsets [level * _OFFSETS_PER_LEVEL, ...) of prompt_of, whose first
+# word is offset x 7919 mod 128255: distinct offsets below 128255 start distinct prompts.
 _OFFSETS_PER_LEVEL = 10_000
 
 
@@ -83,39 +91,32 @@ def vllm_options(args: argparse.Namespace) -> list[str]:
     return options
 
 
-def start_vllm(args: argparse.Namespace) -> Any:
+def start_vllm(args: argparse.Namespace) -> VllmServer:
     """Launches `vllm serve` on the 32-layer config without waiting for it."""
-    from tests.vllm.server import VllmServer
-
     shape = ensure_llama8b_shape(envs.cache_dir() / "bench-llama8b-shape")
     server = VllmServer(shape, args.out / "vllm-server.log", options=vllm_options(args),
                         start_timeout_s=args.vllm_start_timeout)
-    log("launching " + shlex.join(server_command(server)))
+    log("launching " + shlex.join(serve_command(shape, server.port, server.options)))
     server.launch()
     return server
 
 
-def server_command(server: Any) -> list[str]:
-    from tests.vllm.server import serve_command
-
-    return serve_command(server.model_dir, server.port, server.options)
-
-
 def vllm_version(root: str) -> str:
-    """vLLM's own `/version`; a server without one (the fakes) says so."""
+    """vLLM's own `/version`, else the version installed in its site; a server with
+    neither (the fakes) says so."""
     try:
         answer = httpx.get(f"{root}/version", timeout=10)
         if answer.status_code == 200:
             return str(answer.json()["version"])
     except (httpx.HTTPError, ValueError, KeyError):
         pass
+    for found in importlib.metadata.distributions(name="vllm", path=site_paths() or sys.path):
+        return f"{found.version} (installed; the server has no /version)"
     return "unknown (no /version)"
 
 
 def prefix_cache(root: str) -> dict[str, float] | None:
     """vLLM's prefix-cache counters (queried and hit tokens), or None without /metrics."""
-    from tests.vllm.server import prefix_cache_counters
-
     try:
         answer = httpx.get(f"{root}/metrics", timeout=10)
     except httpx.HTTPError:
@@ -128,7 +129,6 @@ def prefix_cache(root: str) -> dict[str, float] | None:
 
 def start_gateway(args: argparse.Namespace, model_dir: Path, vllm_root: str) -> str:
     """A local Ray with the gateway graph in front of vLLM; returns its OpenAI base URL."""
-    from end_to_end import free_port, gateway_app, start_serve
     from ray import serve
 
     port = free_port()
@@ -146,6 +146,7 @@ def start_gateway(args: argparse.Namespace, model_dir: Path, vllm_root: str) -> 
 
 
 def bodies(args: argparse.Namespace, level: int, count: int) -> list[dict[str, Any]]:
+    assert count <= _OFFSETS_PER_LEVEL, "a cell's prompts would repeat the next cell's"
     return [{"model": MODEL, "prompt": prompt_of(args.tokens, level * _OFFSETS_PER_LEVEL + n),
              "max_tokens": args.max_tokens, "temperature": 0.0, "ignore_eos": True,
              "stream": True, "stream_options": {"include_usage": True}}
@@ -262,6 +263,9 @@ def measure(args: argparse.Namespace, urls: dict[str, str], context: dict[str, A
                 log(f"budget spent: {target} at concurrency {concurrency} not run")
                 continue
             cell = asyncio.run(run_cell(target, url, prompts, concurrency, deadline))
+            if not cell.timings:
+                log(f"budget spent: {target} at concurrency {concurrency} cut in its warm-up")
+                continue
             cells.append(cell)
             s = cell.summary()
             log(f"{target:7} c={concurrency:3}: {s['requests']} requests, TTFT p50 "
@@ -276,8 +280,9 @@ def run(args: argparse.Namespace) -> None:
     deadline = _STARTED + args.budget_s - _TEARDOWN_S
     context: dict[str, Any] = {"machine": machine()}
     server = None if args.vllm_url else start_vllm(args)
-    context["vllm"] = ("a running server at " + args.vllm_url if args.vllm_url
-                       else " ".join(vllm_options(args)))
+    context["vllm"] = (f"a running server at {args.vllm_url}" if args.vllm_url else
+                       "Llama-3.1-8B's shape (32 layers, llama8b_sized.py's config and "
+                       f"tokenizer), `vllm serve {shlex.join(vllm_options(args))}`")
     try:
         model_dir = ensure_llama8b_sized(envs.cache_dir() / "bench-llama8b-sized")
         log(f"gateway checkpoint ready: {model_dir}")
@@ -295,7 +300,7 @@ def run(args: argparse.Namespace) -> None:
         stop(server)
 
 
-def stop(server: Any) -> None:
+def stop(server: VllmServer | None) -> None:
     import ray
 
     if ray.is_initialized():
@@ -315,8 +320,6 @@ def parse_replicas(text: str) -> dict[str, int]:
 
 
 def main() -> None:
-    from end_to_end import MODES  # serve_app's modules read no Serve variable on import
-
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--vllm-url", help="an OpenAI-compatible server already running "
                         "(its root, the API under /v1) instead of starting vLLM")
