@@ -17,8 +17,10 @@ from serve_app.prompts.checkpoint import read_model_spec
 from serve_app.protocol.sampling import FORWARDED, STRUCTURED_OUTPUT_FIELDS
 from tests.vllm.answers import sdk_options
 from tests.vllm.fields import field_cases
+from tests.vllm.gateway import Gateway, gateway_config
 from tests.vllm.server import (
     ARGS_ENV,
+    SERVED_NAME,
     SITE_ENV,
     long_context_copy,
     prefix_cache_counters,
@@ -49,6 +51,17 @@ def test_every_case_goes_through_the_openai_sdk_whole() -> None:
             continue  # a stream's body is built the same way; its answer would need SSE
         client.completions.create(**sdk_options({"model": "m", "prompt": "p", **case}))
         assert bodies[-1] == {"model": "m", "prompt": "p", **case}
+
+
+def test_the_tiers_gateway_starts_and_serves_the_model(demo_model_dir: Path) -> None:
+    """The tier's in-process gateway is built from the package's own app factory, which
+    CI otherwise never runs it against: it starts, lists vLLM's served name and stops."""
+    gateway = Gateway(gateway_config(demo_model_dir, "http://127.0.0.1:9")).start()
+    try:
+        models = gateway.client().models.list()
+        assert [card.id for card in models.data] == [SERVED_NAME]
+    finally:
+        gateway.stop()
 
 
 def test_prefix_cache_counters_add_up_every_engine() -> None:

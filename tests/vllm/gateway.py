@@ -16,8 +16,8 @@ import openai
 import uvicorn
 
 from serve_app.api.app import create_gateway_app
-from serve_app.api.completions import CompletionsService
 from serve_app.api.pipeline import InProcessPipeline
+from serve_app.api.served_model import ServedModel
 from serve_app.config import AppConfig, BackendConfig, ModelConfig, UpstreamConfig
 from serve_app.prompts.embedder import EmbedderCore
 from serve_app.upstream.dispatcher import DispatcherCore
@@ -80,8 +80,8 @@ class Gateway:
         embedder = EmbedderCore.from_checkpoint(Path(config.model.source), config.model,
                                                 config.privacy.transform)
         dispatcher = DispatcherCore.from_config(config.upstream)
-        service = CompletionsService.from_config(config, InProcessPipeline(embedder, dispatcher))
-        self.server = uvicorn.Server(uvicorn.Config(create_gateway_app(service),
+        served = ServedModel.from_config(config, InProcessPipeline(embedder, dispatcher))
+        self.server = uvicorn.Server(uvicorn.Config(create_gateway_app(served),
                                                     host="127.0.0.1", port=self.port,
                                                     log_level="warning"))
         try:
