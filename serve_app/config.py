@@ -109,7 +109,8 @@ class ModelConfig(StrictModel):
 
 
 class BatchingConfig(StrictModel):
-    """Embedder batching; also the embedder's `user_config`, so it changes without a restart."""
+    """Embedder batching; also in the Embedder's `user_config`, so it changes without a
+    restart."""
 
     max_batch_size: int = Field(
         16, ge=1, le=1024, description="Most prompts one Embedder batch looks up at once."
@@ -120,6 +121,21 @@ class BatchingConfig(StrictModel):
         "batch takes the prompts that queued while the last one ran: no wait when idle, "
         "full batches under load (docs/performance.md).",
     )
+
+
+class AdaptersUserConfig(StrictModel):
+    """The Gateway's `user_config`: its prompt adapters, applied in place (docs/adapters.md)."""
+
+    adapters: list[AdapterConfig] | None = Field(
+        None, description="The adapters served; absent, those of `args.model.adapters`.")
+
+
+class EmbedderUserConfig(BatchingConfig):
+    """The Embedder's `user_config`: its batching and its prompt adapters, both applied in
+    place (docs/adapters.md)."""
+
+    adapters: list[AdapterConfig] | None = Field(
+        None, description="The adapters served; absent, those of `args.model.adapters`.")
 
 
 class AutoscalingConfig(StrictModel):

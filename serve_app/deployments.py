@@ -11,7 +11,7 @@ import asyncio
 import logging
 import os
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,13 +25,16 @@ from serve_app.allocator import PAYLOAD_ENV_VARS, keep_payload_memory
 from serve_app.api.app import create_gateway_app
 from serve_app.api.served_model import ServedModel
 from serve_app.config import (
+    AdapterConfig,
+    AdaptersUserConfig,
     AppConfig,
-    BatchingConfig,
+    EmbedderUserConfig,
     EmbeddingModelConfig,
     EncoderBatchingConfig,
     ReferenceConfig,
     UpstreamConfig,
 )
+from serve_app.errors import GatewayError
 from serve_app.handles import ServeEmbedder, ServeEncoderClient, ServePipeline
 from serve_app.observability import metrics
 from serve_app.observability.access import ACCESS_LOGGER
@@ -87,16 +90,33 @@ class Embedder:
         log_transform(transform, logging.getLogger("ray.serve"))
         self.core = EmbedderCore.from_checkpoint(resolve_model_dir(model), model, transform)
         self.max_prompts = app_config.batching.max_batch_size
+        self.args_adapters = model.adapters
+        self.configured = False
 
-    def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Batching from `user_config`: `serve deploy` changes it without a restart."""
-        batching = BatchingConfig.model_validate(user_config)
-        self.max_prompts = batching.max_batch_size
-        self.embed.set_max_batch_size(batching.max_batch_size)
-        self.embed.set_batch_wait_timeout_s(batching.batch_wait_timeout_s)
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Batching and adapters from `user_config`: `serve deploy` changes them without a
+        restart (`apply_adapters` says what a refused adapter does)."""
+        settings = EmbedderUserConfig.model_validate(user_config)
+        self.max_prompts = settings.max_batch_size
+        self._batched.set_max_batch_size(settings.max_batch_size)
+        self._batched.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
+        wanted = self.args_adapters if settings.adapters is None else settings.adapters
+        # Reading the folders and copying the rows to the device block: off the event loop.
+        await asyncio.to_thread(apply_adapters, self.core.set_adapters, wanted, self.configured)
+        self.configured = True
+
+    async def embed(self, request: EmbedRequest) -> list[EncodedPromptEmbeds]:
+        """One request's prompts, encoded, or its own error: a request naming an adapter
+        this replica does not hold fails alone, not its batch."""
+        answer = await self._batched(request)
+        if isinstance(answer, GatewayError):
+            raise answer
+        return answer
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.0)
-    async def embed(self, requests: list[EmbedRequest]) -> list[list[EncodedPromptEmbeds]]:
+    async def _batched(
+        self, requests: list[EmbedRequest]
+    ) -> list[list[EncodedPromptEmbeds] | GatewayError]:
         """Each call is one request's prompts and its tenant (`prompts.tenants`): a batch
         mixes requests and tenants, and a keyed transform reads each prompt's. The
         prompts are looked up `max_batch_size` at a time."""
@@ -106,6 +126,23 @@ class Embedder:
         for stats in costs:
             _record_batch(stats)
         return encoded
+
+
+def apply_adapters(change: Callable[[list[AdapterConfig]], None],
+                   wanted: list[AdapterConfig], started: bool) -> None:
+    """Serve the `wanted` adapters through `change`. At a replica's start a refused adapter
+    fails the start, and Serve reports the message, which names the adapter and the
+    reason. On a running replica it is logged, and the replica keeps the set it serves:
+    Serve stops a replica whose `reconfigure` raises, so raising would take the old set
+    out of service with it."""
+    try:
+        change(wanted)
+    except ValueError as exc:  # an AdapterError, or names given twice
+        if not started:
+            raise
+        logging.getLogger("ray.serve").error(
+            "%s. The new adapter list is not applied: this replica serves the adapters it "
+            "had. A replica that starts refuses the list until it is corrected.", exc)
 
 
 def _record_batch(stats: BatchStats) -> None:
@@ -213,6 +250,17 @@ class Gateway:
         self.sentence = SentenceService.from_config(app_config, ServeEncoderClient(encoders))
         self.api_keys = envs.api_keys(app_config.auth.api_keys_env,
                                       app_config.auth.api_keys_file)
+        self.args_adapters = app_config.model.adapters
+        self.configured = False
+
+    async def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """Adapters from `user_config`: `serve deploy` changes the names it accepts and
+        lists without a restart (`apply_adapters` says what a refused adapter does)."""
+        settings = AdaptersUserConfig.model_validate(user_config)
+        wanted = self.args_adapters if settings.adapters is None else settings.adapters
+        await asyncio.to_thread(apply_adapters, self.service.set_adapters, wanted,
+                                self.configured)
+        self.configured = True
 
     def __serve_build_asgi_app__(self) -> FastAPI:
         # Serve's proxy returns the request id itself.
@@ -261,20 +309,26 @@ def write_access_log() -> None:
 
 def deployment_options(config: AppConfig) -> dict[str, dict[str, Any]]:
     """Each deployment's Serve options, by deployment name, derived from the config:
-    - Gateway: its ongoing-request cap holds the requests being served and those still
-      sending their bodies (`limits`), so overload is answered by the ingress itself, in the
-      OpenAI shape, before Serve's queue fills;
-    - Embedder and each Encoder: batching as `user_config` (changes without a restart),
+    - Gateway: `model.adapters` as `user_config` (changes in place); its ongoing-request
+      cap holds the requests being served and those still sending their bodies (`limits`),
+      so overload is answered by the ingress itself, in the OpenAI shape, before Serve's
+      queue fills;
+    - Embedder: batching and `model.adapters` as `user_config` (changes in place),
       autoscaling, and room for a few batches;
+    - each Encoder: batching as `user_config` (changes without a restart), autoscaling,
+      and room for a few batches;
     - Dispatcher: the fleet as `user_config` (changes in place), and room for every
       upstream slot and the requests waiting for one.
     """
     limits = config.limits
     slots = sum(backend.max_in_flight for backend in config.upstream.backends)
+    adapters = [adapter.model_dump(mode="json") for adapter in config.model.adapters]
     options: dict[str, dict[str, Any]] = {
-        "Gateway": {"max_ongoing_requests":
+        "Gateway": {"user_config": {"adapters": adapters},
+                    "max_ongoing_requests":
                     limits.max_concurrent_requests + limits.max_receiving_requests},
-        "Embedder": {"user_config": config.batching.model_dump(mode="json"),
+        "Embedder": {"user_config": {**config.batching.model_dump(mode="json"),
+                                     "adapters": adapters},
                      "autoscaling_config": config.autoscaling.model_dump(mode="json"),
                      "max_ongoing_requests": _QUEUED_BATCHES * config.batching.max_batch_size},
         "Dispatcher": {"user_config": config.upstream.model_dump(mode="json"),

@@ -19,11 +19,16 @@ import torch
 from starlette.responses import Response, StreamingResponse
 
 from serve_app.api.pipeline import Pipeline
-from serve_app.config import AppConfig
+from serve_app.config import AdapterConfig, AppConfig
 from serve_app.errors import GatewayError, to_gateway_error
 from serve_app.limits import check_forwarding, check_model, check_sampling
 from serve_app.observability import access, request_id
-from serve_app.prompts.adapters import PromptAdapter, load_prompt_adapters
+from serve_app.prompts.adapters import (
+    AdapterError,
+    PromptAdapter,
+    load_prompt_adapters,
+    reload_prompt_adapters,
+)
 from serve_app.prompts.chat_template import load_chat_template
 from serve_app.prompts.checkpoint import (
     ModelSpec,
@@ -76,9 +81,10 @@ class ServedModel:
         self.keyed = config.privacy.transform.kind == "keyed_gaussian"
         self.tenants_by_key = config.privacy.transform.tenant == "api_key"
         self.max_prompt_tokens = self.limits.prompt_tokens_cap(spec.max_model_len)
-        self.adapters = adapters or {}
+        self.adapters: dict[str, PromptAdapter] = adapters or {}
         """The prompt adapters by name, on the CPU: their rows' count bounds a request's
-        length, and their rows' bytes key its route."""
+        length, and their rows' bytes key its route. `set_adapters` replaces the mapping
+        whole; a request keeps the adapter it selected."""
 
     @classmethod
     def from_config(cls, config: AppConfig, pipeline: Pipeline) -> ServedModel:
@@ -94,6 +100,15 @@ class ServedModel:
         return [ModelCard(id=self.served_name, max_model_len=context),
                 *(ModelCard(id=name, max_model_len=context, parent=self.served_name)
                   for name in self.adapters)]
+
+    def set_adapters(self, wanted: list[AdapterConfig]) -> None:
+        """Accept and list the `wanted` adapters (`adapters.reload_prompt_adapters`): on a
+        refusal (`AdapterError`) the set stays as it was."""
+        for adapter in wanted:
+            if adapter.name == self.served_name or adapter.name in self.embedding_models:
+                raise AdapterError(adapter, "the name is a served model's; adapters need "
+                                            "names of their own")
+        self.adapters = reload_prompt_adapters(self.adapters, wanted, self.spec)
 
     def select(self, model: str) -> PromptAdapter | None:
         """The prompt adapter a request's `model` names, None for the served model itself,

@@ -5,13 +5,16 @@ A soft prompt is a block of virtual-token rows that PEFT puts before every promp
 (before BOS). PEFT saves both kinds as that block, the tensor `prompt_embeddings`: for
 P-tuning it is the prompt encoder's output for the virtual tokens, which is what a
 `PeftModel` loaded for inference uses, so the gateway needs neither peft nor the encoder.
-Every refusal names the adapter and its reason, at start.
+Every refusal names the adapter and its reason. `reload_prompt_adapters` applies a changed
+list (a `user_config`): unchanged adapters are kept as loaded, new ones read, removed ones
+dropped, and a refused one leaves the loaded set as it is.
 """
 
 from __future__ import annotations
 
 import io
 import json
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +37,7 @@ _FILE_OVERHEAD_BYTES = 1 << 20
 
 
 class AdapterError(ValueError):
-    """An adapter the gateway refuses to start with; the message names it."""
+    """An adapter the gateway refuses to serve; the message names it."""
 
     def __init__(self, adapter: AdapterConfig, reason: str) -> None:
         super().__init__(f"model.adapters: adapter {adapter.name!r} ({adapter.path}): {reason}")
@@ -51,6 +54,9 @@ class PromptAdapter:
     contents: tuple[int, ...]
     """Each row's stand-in for a token id (`transforms.client_row_contents`, as client
     rows have): a keyed transform's prefix and the routing key cover the adapter's rows."""
+    path: str = ""
+    """The folder it was read from (`AdapterConfig.path`): a reload keeps it while this
+    stays the same."""
 
     @property
     def virtual_tokens(self) -> int:
@@ -82,13 +88,32 @@ def load_prompt_adapter(adapter: AdapterConfig, spec: ModelSpec,
     if not bool(torch.isfinite(rows).all()):
         raise AdapterError(adapter, f"{TENSOR_NAME} holds NaN or infinite values in "
                                     f"{spec.dtype}")
-    return PromptAdapter(adapter.name, peft_type, rows, tuple(client_row_contents(rows)))
+    return PromptAdapter(adapter.name, peft_type, rows, tuple(client_row_contents(rows)),
+                         adapter.path)
 
 
 def load_prompt_adapters(adapters: list[AdapterConfig], spec: ModelSpec,
                          device: str | torch.device = "cpu") -> dict[str, PromptAdapter]:
     """Every configured adapter by name; the first refused stops the start."""
     return {adapter.name: load_prompt_adapter(adapter, spec, device) for adapter in adapters}
+
+
+def reload_prompt_adapters(loaded: Mapping[str, PromptAdapter], wanted: list[AdapterConfig],
+                           spec: ModelSpec, device: str | torch.device = "cpu",
+                           ) -> dict[str, PromptAdapter]:
+    """The `wanted` adapters by name: those `loaded` under the same name and folder as they
+    are (their files are not read again), the others read from their folders. The first
+    refused raises `AdapterError`, and `loaded` is left as it was."""
+    names = [adapter.name for adapter in wanted]
+    repeated = sorted({name for name in names if names.count(name) > 1})
+    if repeated:
+        raise ValueError(f"model.adapters: adapter names must be unique: {', '.join(repeated)}")
+    reloaded: dict[str, PromptAdapter] = {}
+    for adapter in wanted:
+        kept = loaded.get(adapter.name)
+        reloaded[adapter.name] = (kept if kept is not None and kept.path == adapter.path
+                                  else load_prompt_adapter(adapter, spec, device))
+    return reloaded
 
 
 def _read_settings(adapter: AdapterConfig, path: Path) -> dict[str, object]:

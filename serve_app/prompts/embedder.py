@@ -13,16 +13,22 @@ from __future__ import annotations
 
 import itertools
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from serve_app.config import ModelConfig, TransformConfig
-from serve_app.prompts.adapters import PromptAdapter, load_prompt_adapters
-from serve_app.prompts.checkpoint import load_input_embeddings, read_model_spec, select_device
+from serve_app.config import AdapterConfig, ModelConfig, TransformConfig
+from serve_app.errors import GatewayError
+from serve_app.prompts.adapters import PromptAdapter, load_prompt_adapters, reload_prompt_adapters
+from serve_app.prompts.checkpoint import (
+    ModelSpec,
+    load_input_embeddings,
+    read_model_spec,
+    select_device,
+)
 from serve_app.prompts.codec import EncodedPromptEmbeds, encode_prompt_embeds
 from serve_app.prompts.tenants import SHARED_TENANT
 from serve_app.prompts.transforms import PromptTransform, build_transform, client_row_contents
@@ -58,6 +64,16 @@ class EmbedRequest:
     tenant: str = SHARED_TENANT
     adapter: str | None = None
     """`model.adapters[].name`: its virtual tokens' rows lead each of the prompts."""
+
+
+def adapter_not_loaded(name: str) -> GatewayError:
+    """The error of a request whose adapter this Embedder replica does not hold: one the
+    ingress lists while a changed `model.adapters` reaches the replicas one by one. The
+    ingress has it, so it comes back soon or the ingress stops listing it: retry."""
+    return GatewayError(f"The model `{name}` (a prompt adapter) is not loaded on the "
+                        "Embedder; the adapter list is changing; retry shortly.", 503,
+                        param="model", code="adapter_not_loaded",
+                        headers={"Retry-After": "1"})
 
 
 def prompt_rows(prompt: PromptInput) -> int:
@@ -138,15 +154,18 @@ class EmbedderCore:
     def __init__(self, weight: torch.Tensor, transform: PromptTransform | None = None,
                  transform_client_embeds: bool = False,
                  adapters: dict[str, PromptAdapter] | None = None,
-                 transform_adapters: bool = True) -> None:
+                 transform_adapters: bool = True, spec: ModelSpec | None = None) -> None:
         if weight.dim() != 2:
             raise ValueError("the input-embedding weight must be (vocab, hidden)")
         self.weight = weight
         self.transform = transform
         self.transform_client_embeds = transform_client_embeds
-        self.adapters = adapters or {}
-        """The prompt adapters by name, their rows on the matrix's device."""
+        self.adapters: Mapping[str, PromptAdapter] = adapters or {}
+        """The prompt adapters by name, their rows on the matrix's device. `set_adapters`
+        replaces the mapping whole, so a batch that read it once sees one set."""
         self.transform_adapters = transform_adapters
+        self.spec = spec
+        """The served model's, which adapters are checked against (`set_adapters`)."""
 
     @classmethod
     def from_checkpoint(cls, model_dir: Path, config: ModelConfig,
@@ -157,7 +176,16 @@ class EmbedderCore:
         weight = load_input_embeddings(model_dir, spec.dtype, device)
         adapters = load_prompt_adapters(config.adapters, spec, weight.device)
         return cls(weight, build_transform(privacy, weight), privacy.apply_to_client_embeds,
-                   adapters, privacy.apply_to_adapters)
+                   adapters, privacy.apply_to_adapters, spec)
+
+    def set_adapters(self, wanted: list[AdapterConfig]) -> None:
+        """Serve the `wanted` adapters (`adapters.reload_prompt_adapters`): on a refusal
+        (`AdapterError`) the loaded set stays as it was."""
+        if self.spec is None:
+            raise ValueError("adapters are loaded against the model's spec: build the core "
+                             "with from_checkpoint")
+        self.adapters = reload_prompt_adapters(self.adapters, wanted, self.spec,
+                                               self.weight.device)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -170,11 +198,12 @@ class EmbedderCore:
 
     def embed_measured(
         self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None,
-        adapters: Sequence[str | None] | None = None,
+        adapters: Sequence[str | None] | None = None, *,
+        loaded: Mapping[str, PromptAdapter] | None = None,
     ) -> tuple[list[EncodedPromptEmbeds], BatchStats]:
         """`embed_batch`, and what the batch cost."""
         clock = StageClock(self.weight.device)
-        rows = self.rows(batch, tenants, adapters, clock=clock)
+        rows = self.rows(batch, tenants, adapters, clock=clock, loaded=loaded)
         encoded = [encode_prompt_embeds(prompt_rows) for prompt_rows in rows]
         clock.lap("encode")
         stats = BatchStats(prompts=len(batch), rows=sum(int(r.shape[0]) for r in rows),
@@ -184,41 +213,50 @@ class EmbedderCore:
 
     def embed_requests(
         self, requests: Sequence[EmbedRequest], max_prompts: int
-    ) -> tuple[list[list[EncodedPromptEmbeds]], list[BatchStats]]:
+    ) -> tuple[list[list[EncodedPromptEmbeds] | GatewayError], list[BatchStats]]:
         """Each request's prompts, encoded (`embed_measured`), and what each lookup cost.
         The requests' prompts are looked up together, at most `max_prompts` at a time: a
-        batch of requests can hold many more prompts than one lookup should."""
-        prompts = [prompt for request in requests for prompt in request.prompts]
-        tenants = [request.tenant for request in requests for _ in request.prompts]
-        adapters = [request.adapter for request in requests for _ in request.prompts]
+        batch of requests can hold many more prompts than one lookup should. A request
+        naming an adapter this core does not hold gets its error in place of its prompts
+        (`adapter_not_loaded`); the batch's other requests are answered."""
+        loaded = self.adapters  # one set for the whole batch, whatever set_adapters does
+        served = [request for request in requests
+                  if request.adapter is None or request.adapter in loaded]
+        prompts = [prompt for request in served for prompt in request.prompts]
+        tenants = [request.tenant for request in served for _ in request.prompts]
+        adapters = [request.adapter for request in served for _ in request.prompts]
         encoded: list[EncodedPromptEmbeds] = []
         stats: list[BatchStats] = []
         for start in range(0, len(prompts), max(1, max_prompts)):
             stop = start + max(1, max_prompts)
             part, cost = self.embed_measured(prompts[start:stop], tenants[start:stop],
-                                             adapters[start:stop])
+                                             adapters[start:stop], loaded=loaded)
             encoded += part
             stats.append(cost)
-        answers: list[list[EncodedPromptEmbeds]] = []
+        answers: list[list[EncodedPromptEmbeds] | GatewayError] = []
         for request in requests:
+            if request.adapter is not None and request.adapter not in loaded:
+                answers.append(adapter_not_loaded(request.adapter))
+                continue
             answers.append(encoded[:len(request.prompts)])
             del encoded[:len(request.prompts)]
         return answers, stats
 
     def rows(self, batch: Sequence[PromptInput], tenants: Sequence[str] | None = None,
              adapters: Sequence[str | None] | None = None, *,
-             clock: StageClock | None = None) -> list[torch.Tensor]:
+             clock: StageClock | None = None,
+             loaded: Mapping[str, PromptAdapter] | None = None) -> list[torch.Tensor]:
         """What goes upstream: each prompt's rows, transformed; one CPU tensor per prompt.
 
         `tenants` names each prompt's tenant, in the batch's order (`prompts.tenants`:
         `api_key_tenant(key)`, or `SHARED_TENANT`); None puts every prompt in the shared
         one. Only a keyed transform reads them. `adapters` names each prompt's prompt
-        adapter (or None), whose rows go first. With a `clock`, the lookup and transform
-        stages are timed on it."""
+        adapter (or None), whose rows go first, from `loaded` (by default the core's
+        adapters). With a `clock`, the lookup and transform stages are timed on it."""
         tenants = [SHARED_TENANT] * len(batch) if tenants is None else list(tenants)
         if len(tenants) != len(batch):
             raise ValueError("rows() takes one tenant per prompt")
-        leads = self._leads(adapters, len(batch))
+        leads = self._leads(adapters, len(batch), self.adapters if loaded is None else loaded)
         if self.transform is None or not any(map(self._transforms, batch, leads)):
             looked_up = self.lookup(batch, leads)
             if clock:
@@ -242,17 +280,18 @@ class EmbedderCore:
             clock.lap("transform")
         return out
 
-    def _leads(self, adapters: Sequence[str | None] | None,
-               prompts: int) -> list[PromptAdapter | None]:
+    @staticmethod
+    def _leads(adapters: Sequence[str | None] | None, prompts: int,
+               loaded: Mapping[str, PromptAdapter]) -> list[PromptAdapter | None]:
         """Each prompt's adapter, by its name."""
         if adapters is None:
             return [None] * prompts
         if len(adapters) != prompts:
             raise ValueError("rows() takes one adapter (or None) per prompt")
-        unknown = sorted({name for name in adapters if name and name not in self.adapters})
+        unknown = sorted({name for name in adapters if name and name not in loaded})
         if unknown:
             raise ValueError(f"no prompt adapter named {', '.join(unknown)} is loaded")
-        return [self.adapters[name] if name else None for name in adapters]
+        return [loaded[name] if name else None for name in adapters]
 
     def _transforms(self, prompt: PromptInput, lead: PromptAdapter | None = None) -> bool:
         """Whether the transform changes any of this prompt's rows."""

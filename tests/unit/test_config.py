@@ -119,11 +119,15 @@ def test_options_follow_the_config() -> None:
         "upstream": {"backends": [{"url": "http://a/v1", "max_in_flight": 8},
                                   {"url": "http://b/v1", "max_in_flight": 4}]},
         "embedding_models": [{"served_name": "e.1", "autoscaling": {"max_replicas": 3}}],
+        "model": {"adapters": [{"name": "tuned", "path": "/adapters/tuned"}]},
     })
     options = deployment_options(config)
-    assert options["Gateway"] == {"max_ongoing_requests": 15}
+    adapters = [{"name": "tuned", "path": "/adapters/tuned"}]
+    assert options["Gateway"] == {"max_ongoing_requests": 15,
+                                  "user_config": {"adapters": adapters}}
     assert options["Embedder"]["user_config"] == {"max_batch_size": 32,
-                                                  "batch_wait_timeout_s": 0.0}
+                                                  "batch_wait_timeout_s": 0.0,
+                                                  "adapters": adapters}
     assert options["Embedder"]["autoscaling_config"] == {
         "min_replicas": 2, "max_replicas": 6, "target_ongoing_requests": 16.0}
     assert options["Embedder"]["max_ongoing_requests"] > 16  # room beyond the target
