@@ -13,8 +13,9 @@ import asyncio
 from collections.abc import Sequence
 from typing import Any, Protocol
 
+from serve_app.errors import GatewayError
 from serve_app.prompts.codec import EncodedPromptEmbeds
-from serve_app.prompts.embedder import EmbedderCore, PromptInput
+from serve_app.prompts.embedder import EmbedderCore, EmbedRequest, PromptInput
 from serve_app.upstream.call import EventStream, UpstreamCall, UpstreamReply, split_stream
 from serve_app.upstream.dispatcher import DispatcherCore
 from serve_app.upstream.payloads import PromptDispatcher
@@ -50,8 +51,14 @@ class InProcessPipeline:
 
     async def _embed(self, prompts: Sequence[PromptInput], tenant: str,
                      adapter: str | None) -> list[EncodedPromptEmbeds]:
-        return await asyncio.to_thread(self.embedder.embed_batch, prompts,
-                                       [tenant] * len(prompts), [adapter] * len(prompts))
+        """The request's prompts in one lookup, or its error (an adapter the core does not
+        hold), as the Embedder deployment answers a request."""
+        [answer], _ = await asyncio.to_thread(
+            self.embedder.embed_requests, [EmbedRequest(tuple(prompts), tenant, adapter)],
+            len(prompts))
+        if isinstance(answer, GatewayError):
+            raise answer
+        return answer
 
     async def complete(self, call: UpstreamCall, prompts: Sequence[PromptInput],
                        tenant: str) -> UpstreamReply:
