@@ -89,7 +89,8 @@ class ModelConfig(StrictModel):
         description="Prompt-tuning and P-tuning adapters of this model: each one's virtual "
         "tokens lead every prompt of a request that names it. Each takes virtual tokens x "
         "hidden size x the dtype's bytes on the Embedder's device and in each ingress "
-        "replica's memory.",
+        "replica's memory. Also in the Embedder's and the Gateway's `user_config`: an "
+        "override there changes them in place (docs/adapters.md).",
     )
 
     @field_validator("source")

@@ -64,16 +64,17 @@ Secrets never sit in the file: it names the environment variables or files that 
 Serve's deployment options come from the same config. `deployment_options(config)` in
 [serve_app/deployments.py](../serve_app/deployments.py) derives them:
 
-- the Embedder's batching (its `user_config`) and autoscaling from `batching` and
+- the Embedder's `user_config` from `batching` and `model.adapters`, its autoscaling from
   `autoscaling`, and its `max_ongoing_requests`: 4 × `batching.max_batch_size`;
 - each Encoder's from its `embedding_models[].batching` and `.autoscaling`;
-- the Gateway's `max_ongoing_requests`: `limits.max_concurrent_requests` +
-  `limits.max_receiving_requests`;
+- the Gateway's `user_config` from `model.adapters`, and its `max_ongoing_requests`:
+  `limits.max_concurrent_requests` + `limits.max_receiving_requests`;
 - the Dispatcher's `max_ongoing_requests`: 4 × the sum of the backends' `max_in_flight`.
 
 A `deployments:` entry in `serve_config.yaml` overrides only Serve's own options, such as
 `ray_actor_options` or `num_replicas`. [fleet.md](fleet.md) shows how a `user_config`
-override changes the upstream fleet without a restart.
+override changes the upstream fleet without a restart, and [adapters.md](adapters.md) the
+prompt adapters.
 """
 
 
