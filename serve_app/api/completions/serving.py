@@ -130,7 +130,7 @@ class CompletionsService:
         names the tensor's path: `prompt_embeds`, or `prompt_embeds.1` in a `listed` one."""
         prompts: list[PromptInput] = []
         for index, text in enumerate(texts):
-            param = f"prompt_embeds.{index}" if listed else "prompt_embeds"
+            param = item_param("prompt_embeds", index, listed)
             tensor = self.served.decode(text, param)
             check_context(virtual + int(tensor.shape[0]), max_tokens,
                           self.served.spec.max_model_len, param)
